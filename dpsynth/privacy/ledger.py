@@ -1,0 +1,242 @@
+"""Durable, process-safe privacy ledger: per-dataset budgets, run admission, charges.
+
+One SQLite file holds every dataset's total budget, every run's admitted plan
+and every charge. Each call opens its own connection and does its
+read-check-write inside one ``BEGIN IMMEDIATE`` transaction, so concurrent
+processes and threads serialise on the file lock. ``synchronous=FULL`` makes
+each commit durable before the call returns: a crash can over-count what was
+spent (a charged step whose result was never used), never under-count.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sqlite3
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .accountants import epsilon
+from .events import Event, from_dict, merge, to_dict
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS datasets (
+    fingerprint TEXT PRIMARY KEY, epsilon REAL NOT NULL, delta REAL NOT NULL);
+CREATE TABLE IF NOT EXISTS runs (
+    run_id TEXT PRIMARY KEY, fingerprint TEXT NOT NULL REFERENCES datasets,
+    accountant TEXT NOT NULL, planned TEXT NOT NULL, status TEXT NOT NULL,
+    certificate TEXT);
+CREATE TABLE IF NOT EXISTS charges (
+    run_id TEXT NOT NULL REFERENCES runs, params TEXT NOT NULL, count INTEGER NOT NULL,
+    PRIMARY KEY (run_id, params));
+"""
+# Admission tolerates only float noise from re-ordering the composition.
+_REL_TOL = 1e-9
+
+
+@dataclass(frozen=True)
+class Budget:
+    """A dataset's total (epsilon, delta) privacy budget."""
+
+    epsilon: float
+    delta: float
+
+    def __post_init__(self) -> None:
+        if not (math.isfinite(self.epsilon) and self.epsilon > 0):
+            raise ValueError(f"epsilon must be finite and > 0, got {self.epsilon!r}")
+        if not 0 < self.delta < 1:
+            raise ValueError(f"delta must be in (0, 1), got {self.delta!r}")
+
+
+class BudgetExceeded(RuntimeError):
+    """Admitting a run or charging an event would exceed the privacy budget."""
+
+
+def _params(event: Event) -> str:
+    """Canonical JSON of an event without its count: the key charges are summed under."""
+    d = to_dict(event)
+    del d["count"]
+    return json.dumps(d, sort_keys=True)
+
+
+def _events(text: str) -> tuple[Event, ...]:
+    return tuple(from_dict(d) for d in json.loads(text))
+
+
+class Ledger:
+    """The privacy ledger stored at ``path`` (created with its parent directories).
+
+    Holds only the path, so it can be pickled to worker processes.
+    """
+
+    def __init__(self, path: str | Path, *, timeout: float = 60.0) -> None:
+        self.path = Path(path)
+        self.timeout = timeout
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with self._tx() as db:
+            for statement in _SCHEMA.split(";"):  # executescript() would commit mid-transaction
+                if statement.strip():
+                    db.execute(statement)
+
+    @contextmanager
+    def _tx(self, write: bool = True) -> Iterator[sqlite3.Connection]:
+        # Autocommit mode, so the BEGIN below is the only transaction; IMMEDIATE
+        # takes the write lock up front, making read-check-write atomic.
+        db = sqlite3.connect(self.path, timeout=self.timeout, isolation_level=None)
+        try:
+            db.execute("PRAGMA synchronous=FULL")
+            db.execute("BEGIN IMMEDIATE" if write else "BEGIN")
+            try:
+                yield db
+            except BaseException:
+                db.execute("ROLLBACK")
+                raise
+            db.execute("COMMIT")
+        finally:
+            db.close()
+
+    def set_budget(self, fingerprint: str, budget: Budget) -> None:
+        """Register a dataset's total budget. Fixed once set; re-setting it equal is a no-op."""
+        with self._tx() as db:
+            row = db.execute("SELECT epsilon, delta FROM datasets WHERE fingerprint=?",
+                             (fingerprint,)).fetchone()
+            if row is None:
+                db.execute("INSERT INTO datasets VALUES (?, ?, ?)",
+                           (fingerprint, budget.epsilon, budget.delta))
+            elif Budget(*row) != budget:
+                raise ValueError(f"dataset {fingerprint} already has total budget {Budget(*row)}; "
+                                 f"refusing to change it to {budget}")
+
+    def budget(self, fingerprint: str) -> Budget | None:
+        with self._tx(write=False) as db:
+            return self._budget(db, fingerprint)
+
+    def open_run(self, run_id: str, fingerprint: str, planned: Sequence[Event],
+                 accountant: str) -> None:
+        """Admit a run whose whole plan fits in the dataset's remaining budget, and reserve it.
+
+        The committed budget is every charge on the dataset plus the uncharged
+        rest of every open run's plan; since an open run's charges are covered
+        by its plan, that is: closed runs' charges + open runs' plans.
+        """
+        planned = merge(planned)
+        with self._tx() as db:
+            budget = self._budget(db, fingerprint)
+            if budget is None:
+                raise ValueError(f"dataset {fingerprint} has no budget; call set_budget first")
+            if db.execute("SELECT 1 FROM runs WHERE run_id=?", (run_id,)).fetchone():
+                raise ValueError(f"run {run_id!r} already exists")
+            committed: list[Event] = []
+            for rid, status, plan in db.execute(
+                    "SELECT run_id, status, planned FROM runs WHERE fingerprint=? ORDER BY rowid",
+                    (fingerprint,)):
+                committed += _events(plan) if status == "open" else self._charged(db, rid)
+            total = epsilon(committed + list(planned), budget.delta, accountant)
+            if total > budget.epsilon * (1 + _REL_TOL):
+                before = epsilon(committed, budget.delta, accountant)
+                raise BudgetExceeded(
+                    f"privacy budget exceeded for dataset {fingerprint[:12]}..: spent "
+                    f"eps={before:.2f} (charged + reserved), requested +{total - before:.2f}, "
+                    f"total eps={budget.epsilon:.2f} at delta={budget.delta:.2g}")
+            db.execute("INSERT INTO runs VALUES (?, ?, ?, ?, 'open', NULL)",
+                       (run_id, fingerprint, accountant,
+                        json.dumps([to_dict(e) for e in planned])))
+
+    def charge(self, run_id: str, event: Event) -> None:
+        """Durably record ``event`` for ``run_id``; call BEFORE releasing its result.
+
+        Refused with BudgetExceeded unless the run's remaining admitted plan
+        covers it, so a run can never spend more than it was admitted for.
+        """
+        key = _params(event)
+        with self._tx() as db:
+            row = db.execute("SELECT status, planned FROM runs WHERE run_id=?",
+                             (run_id,)).fetchone()
+            if row is None or row[0] != "open":
+                raise ValueError(f"run {run_id!r} is {'unknown' if row is None else 'closed'}")
+            plan = {_params(e): e.count for e in _events(row[1])}
+            done = db.execute("SELECT count FROM charges WHERE run_id=? AND params=?",
+                              (run_id, key)).fetchone()
+            done = done[0] if done else 0
+            if done + event.count > plan.get(key, 0):
+                raise BudgetExceeded(
+                    f"privacy budget exceeded for run {run_id!r}: {key} already charged "
+                    f"{done}x, requested +{event.count}, admitted plan allows "
+                    f"{plan.get(key, 0)}x")
+            db.execute("INSERT INTO charges VALUES (?, ?, ?) ON CONFLICT (run_id, params) "
+                       "DO UPDATE SET count = count + excluded.count",
+                       (run_id, key, event.count))
+
+    def close_run(self, run_id: str, certificate: dict | None = None) -> None:
+        """Close a run, releasing its unused reservation, and store its certificate.
+
+        Closing an already-closed run is a no-op if ``certificate`` is None or
+        equal to the stored one; a different certificate raises ValueError.
+        """
+        with self._tx() as db:
+            row = db.execute("SELECT status, certificate FROM runs WHERE run_id=?",
+                             (run_id,)).fetchone()
+            if row is None:
+                raise ValueError(f"run {run_id!r} is unknown")
+            stored = None if row[1] is None else json.loads(row[1])
+            if row[0] == "closed":
+                if certificate is not None and certificate != stored:
+                    raise ValueError(f"run {run_id!r} is already closed with another certificate")
+                return
+            db.execute("UPDATE runs SET status='closed', certificate=? WHERE run_id=?",
+                       (None if certificate is None else json.dumps(certificate), run_id))
+
+    def charged(self, run_id: str) -> tuple[Event, ...]:
+        """The run's charges, merged."""
+        with self._tx(write=False) as db:
+            if not db.execute("SELECT 1 FROM runs WHERE run_id=?", (run_id,)).fetchone():
+                raise ValueError(f"run {run_id!r} is unknown")
+            return self._charged(db, run_id)
+
+    def spent(self, fingerprint: str, accountant: str = "prv") -> float:
+        """Epsilon of every charge on the dataset, at the dataset's delta."""
+        with self._tx(write=False) as db:
+            budget = self._budget(db, fingerprint)
+            if budget is None:
+                raise ValueError(f"dataset {fingerprint} has no budget")
+            events = self._dataset_charges(db, fingerprint)
+        return epsilon(events, budget.delta, accountant)
+
+    def runs(self, fingerprint: str | None = None) -> list[dict[str, Any]]:
+        with self._tx(write=False) as db:
+            rows = db.execute(
+                "SELECT run_id, fingerprint, accountant, status, planned, certificate FROM runs "
+                "WHERE ?1 IS NULL OR fingerprint=?1 ORDER BY rowid", (fingerprint,)).fetchall()
+            return [{"run_id": rid, "fingerprint": fp, "accountant": acc, "status": status,
+                     "planned": _events(plan), "charged": self._charged(db, rid),
+                     "certificate": None if cert is None else json.loads(cert)}
+                    for rid, fp, acc, status, plan, cert in rows]
+
+    def datasets(self, accountant: str = "prv") -> list[dict[str, Any]]:
+        with self._tx(write=False) as db:
+            rows = [(fp, Budget(eps, delta), self._dataset_charges(db, fp)) for fp, eps, delta
+                    in db.execute("SELECT * FROM datasets ORDER BY rowid").fetchall()]
+        return [{"fingerprint": fp, "budget": b, "spent": epsilon(ev, b.delta, accountant)}
+                for fp, b, ev in rows]
+
+    @staticmethod
+    def _budget(db: sqlite3.Connection, fingerprint: str) -> Budget | None:
+        row = db.execute("SELECT epsilon, delta FROM datasets WHERE fingerprint=?",
+                         (fingerprint,)).fetchone()
+        return None if row is None else Budget(*row)
+
+    @staticmethod
+    def _charged(db: sqlite3.Connection, run_id: str) -> tuple[Event, ...]:
+        rows = db.execute("SELECT params, count FROM charges WHERE run_id=? ORDER BY rowid",
+                          (run_id,)).fetchall()
+        return tuple(from_dict({**json.loads(p), "count": n}) for p, n in rows)
+
+    @staticmethod
+    def _dataset_charges(db: sqlite3.Connection, fingerprint: str) -> tuple[Event, ...]:
+        rows = db.execute(
+            "SELECT c.params, c.count FROM charges c JOIN runs r USING (run_id) "
+            "WHERE r.fingerprint=? ORDER BY r.rowid, c.rowid", (fingerprint,)).fetchall()
+        return merge(from_dict({**json.loads(p), "count": n}) for p, n in rows)

@@ -1,0 +1,193 @@
+"""End to end through the real CLI: train -> certificate -> sample -> evaluate, and every bad-input path."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from dpsynth.cli import main
+from dpsynth.config import load_config
+from dpsynth.data import prepare
+from dpsynth.privacy import Ledger, epsilon, from_dict
+from dpsynth.privacy.certificate import REQUIRED
+
+
+def cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "dpsynth", *args], capture_output=True, text=True, timeout=900)
+
+
+def sets(overrides: list[str]) -> list[str]:
+    return [a for o in overrides for a in ("--set", o)]
+
+
+def run_in_process(capsys, *args: str) -> tuple[int, str, str]:
+    with pytest.raises(SystemExit) as exit_info:
+        main(list(args))
+    out, err = capsys.readouterr()
+    return exit_info.value.code, out, err
+
+
+def overrides_dict(overrides: list[str]) -> dict[str, str]:
+    return dict(o.split("=", 1) for o in overrides)
+
+
+def test_tiny_pipeline_end_to_end(tiny_job, tmp_path):
+    res = cli("run", "--quiet", *sets(tiny_job))
+    assert res.returncode == 0, res.stderr
+    run_dir = Path(overrides_dict(tiny_job)["output_dir"])
+    cert = json.loads((run_dir / "certificate.json").read_text())
+    assert all(k in cert for k in REQUIRED)
+    assert cert["steps"] == 6 and cert["max_grad_norm"] == 1.0 and cert["accountant"] == "prv"
+    cfg = load_config(None, tiny_job)
+    splits = prepare(cfg.data)
+    assert cert["dataset_fingerprint"] == splits.fingerprint
+    assert cert["delta"] == pytest.approx(1 / splits.dataset_size**1.1)
+    # the certified epsilon is what the charged events cost, and within the target
+    events = [from_dict(e) for e in cert["events"]]
+    assert sum(getattr(e, "count", 1) for e in events if type(e).__name__ == "SampledGaussian") == 6
+    assert any(type(e).__name__ == "Gaussian" for e in events)  # the DP label histogram is charged too
+    assert 0 < cert["epsilon"] <= cfg.privacy.epsilon
+    assert cert["epsilon"] == pytest.approx(epsilon(events, cert["delta"], "prv"), rel=1e-9)
+    ledger = Ledger(cfg.privacy.ledger)
+    assert ledger.spent(splits.fingerprint) == pytest.approx(cert["epsilon"], rel=1e-6)
+    # adapter, corpus, corpus certificate, evaluation
+    assert (run_dir / "adapter" / "adapter_model.safetensors").is_file()
+    rows = [json.loads(line) for line in (run_dir / "synthetic.jsonl").read_text().splitlines()]
+    assert len(rows) == 12 and {r["label"] for r in rows} <= set(splits.labels) and all(r["text"] for r in rows)
+    corpus_cert = json.loads((run_dir / "synthetic.jsonl.certificate.json").read_text())
+    assert corpus_cert["epsilon"] == cert["epsilon"] and corpus_cert["corpus"]["examples"] == 12
+    ev = json.loads((run_dir / "evaluation.json").read_text())
+    assert 0 <= ev["synthetic"]["accuracy"] <= 1 and ev["real"]["accuracy"] > 0.9  # the toy task is easy on real data
+    assert "epsilon spent" in res.stdout and "test accuracy, trained on synthetic" in res.stdout
+
+    # idempotent: the same job again reuses the certified adapter and spends nothing more
+    again = cli("run", "--quiet", *sets(tiny_job))
+    assert again.returncode == 0, again.stderr
+    assert ledger.spent(splits.fingerprint) == pytest.approx(cert["epsilon"], rel=1e-6)
+    assert len(ledger.runs(splits.fingerprint)) == 1
+
+    # sampling again is free and exact, in CSV with a user label mix
+    res = cli("sample", str(run_dir), "-n", "7", "--set", "format=csv", "--set", "label_proportions={pos: 1, neg: 0}", "--quiet")
+    assert res.returncode == 0, res.stderr
+    import pandas as pd
+    df = pd.read_csv(run_dir / "synthetic.csv", keep_default_na=False)
+    assert len(df) == 7 and set(df["label"]) == {"pos"}
+    assert len(ledger.runs(splits.fingerprint)) == 1
+
+
+def test_second_run_over_the_dataset_budget_is_refused(tiny_job, tmp_path, capsys):
+    first = run_in_process(capsys, "train", "--quiet", *sets(tiny_job))
+    assert first[0] == 0, first[2]
+    other = tmp_path / "second"
+    code, out, err = run_in_process(capsys, "train", "--quiet", *sets(tiny_job), "--output", str(other))
+    assert code == 2
+    assert "budget exceeded" in err and "spent" in err and "requested" in err and "total" in err
+    assert not (other / "certificate.json").exists() and not (other / "adapter").exists()
+
+
+def test_training_sees_only_the_train_split(tiny_job, monkeypatch):
+    import dpsynth.train.driver as driver
+
+    seen: list[str] = []
+    real_encode = driver.encode
+
+    def spy(tok, prefix, text, max_length):
+        seen.append(text)
+        return real_encode(tok, prefix, text, max_length)
+
+    monkeypatch.setattr(driver, "encode", spy)
+    cfg = load_config(None, tiny_job)
+    driver.train(cfg, show_progress=False)
+    splits = prepare(cfg.data)
+    assert sorted(seen) == sorted(ex.text for ex in splits.train)
+    assert not set(seen) & {ex.text for ex in splits.validation + splits.test}
+
+
+@pytest.fixture()
+def encoder_dir(tmp_path):
+    """A DistilBERT config: an encoder with no causal-LM head in transformers."""
+    from transformers import DistilBertConfig
+
+    path = tmp_path / "distilbert"
+    DistilBertConfig(vocab_size=100, dim=8, n_layers=1, n_heads=1, hidden_dim=8).save_pretrained(path)
+    return path
+
+
+@pytest.mark.parametrize("case", ["missing_file", "missing_column", "empty", "rare_label", "epsilon", "delta", "not_causal_lm",
+                                  "unknown_key", "batch_over_n"])
+def test_bad_input_is_one_line_nonzero_and_leaves_nothing(case, tiny_job, tmp_path, capsys, encoder_dir):
+    ov = overrides_dict(tiny_job)
+    run_dir = Path(ov["output_dir"])
+    if case == "missing_file":
+        ov["data.source"], want = str(tmp_path / "nope.csv"), "data.source: file not found"
+    elif case == "missing_column":
+        ov["data.text_column"], want = "body", "data.text_column: column 'body' not in"
+    elif case == "empty":
+        (tmp_path / "empty.csv").write_text("review,sentiment\n")
+        ov["data.source"], want = str(tmp_path / "empty.csv"), "no usable"
+    elif case == "rare_label":
+        rows = [json.loads(x) for x in Path(ov["data.source"]).read_text().splitlines()]
+        rows += [{"review": f"odd one {i}", "sentiment": "meh"} for i in range(5)]
+        Path(ov["data.source"]).write_text("".join(json.dumps(r) + "\n" for r in rows))
+        want = "label 'meh' has"
+    elif case == "epsilon":
+        ov["privacy.epsilon"], want = "0", "privacy.epsilon"
+    elif case == "delta":
+        ov["privacy.delta"], want = "0.01", "privacy.delta: 0.01 is not below 1/N"
+    elif case == "not_causal_lm":
+        ov["model.base"], want = str(encoder_dir), "is not a causal LM"
+    elif case == "unknown_key":
+        ov["training.epocs"], want = "2", "training.epocs: unknown key"
+    elif case == "batch_over_n":
+        ov["training.batch_size"], want = "100000", "training.batch_size"
+    code, out, err = run_in_process(capsys, "run", "--quiet", *sets([f"{k}={v}" for k, v in ov.items()]))
+    assert code == 2
+    lines = [line for line in err.strip().splitlines() if line.startswith("error:")]
+    assert len(lines) == 1 and want in lines[0], err
+    assert "Traceback" not in err
+    assert not (run_dir / "certificate.json").exists() and not (run_dir / "adapter").exists()
+    assert not list(run_dir.glob("synthetic.*"))
+
+
+def test_cli_error_exit_code_in_a_real_process(tmp_path):
+    res = cli("train", "--set", f"data.source={tmp_path / 'missing.csv'}", "--set", f"privacy.ledger={tmp_path / 'l.sqlite'}",
+              "--output", str(tmp_path / "r"))
+    assert res.returncode == 2 and res.stderr.count("error:") == 1 and "file not found" in res.stderr
+    res = cli("sample", str(tmp_path))
+    assert res.returncode == 2 and "not a dpsynth run directory" in res.stderr
+
+
+def test_help_lists_commands():
+    res = cli("--help")
+    assert res.returncode == 0
+    for command in ("train", "sample", "evaluate", "run", "config"):
+        assert command in res.stdout
+
+
+def test_uncertified_run_cannot_be_sampled(tiny_job, capsys):
+    run_dir = Path(overrides_dict(tiny_job)["output_dir"])
+    run_dir.mkdir(parents=True)
+    (run_dir / "config.yaml").write_text(yaml.safe_dump(load_config(None, tiny_job).model_dump(mode="json")))
+    code, _, err = run_in_process(capsys, "sample", str(run_dir))
+    assert code == 2 and "no certificate.json" in err
+
+
+@pytest.mark.slow
+def test_real_bundled_model_and_data(tmp_path):
+    run_dir = tmp_path / "real"
+    overrides = ["data.max_examples=800", "training.batch_size=16", "training.steps=4", "sampling.num_examples=16",
+                 "sampling.batch_size=8", "sampling.max_new_tokens=24", f"privacy.ledger={tmp_path / 'ledger.sqlite'}"]
+    res = cli("run", "--quiet", "--output", str(run_dir), *sets(overrides))
+    assert res.returncode == 0, res.stderr[-3000:]
+    cert = json.loads((run_dir / "certificate.json").read_text())
+    assert cert["base_model"]["name"] == "smollm2-135m-instruct" and len(cert["base_model"]["sha256"]) == 64
+    assert cert["dataset"]["name"] == "rotten_tomatoes" and cert["steps"] == 4 and 0 < cert["epsilon"] <= 8.0
+    rows = [json.loads(line) for line in (run_dir / "synthetic.jsonl").read_text().splitlines()]
+    assert len(rows) == 16 and {r["label"] for r in rows} <= {"fresh", "rotten"}
+    ev = json.loads((run_dir / "evaluation.json").read_text())
+    assert ev["real"]["accuracy"] > 0.6 and ev["test_examples"] == 80
