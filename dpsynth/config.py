@@ -60,6 +60,8 @@ class LoraConfig(_Section):
     alpha: PositiveFloat = 16.0
     dropout: float = Field(0.0, ge=0.0, lt=1.0)
     target_modules: tuple[str, ...] = ("q_proj", "v_proj")
+    last_layers: PositiveInt | None = None
+    """Adapt only the top N transformer blocks: backward then stops there (much faster on CPU)."""
 
     @field_validator("target_modules")
     @classmethod

@@ -121,8 +121,15 @@ def wrap_lora(model, cfg: LoraConfig):
     missing = [m for m in cfg.target_modules if m not in names]
     if missing:
         raise ModelError(f"lora.target_modules: {', '.join(missing)} not found in the base model")
+    layers = None
+    if cfg.last_layers is not None:
+        total = model.config.num_hidden_layers
+        if cfg.last_layers > total:
+            raise ModelError(f"lora.last_layers: {cfg.last_layers} exceeds the model's {total} layers")
+        layers = list(range(total - cfg.last_layers, total))
     peft_cfg = PeftLoraConfig(
-        r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout, target_modules=list(cfg.target_modules), bias="none", task_type="CAUSAL_LM"
+        r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout, target_modules=list(cfg.target_modules), bias="none",
+        task_type="CAUSAL_LM", layers_to_transform=layers,
     )
     return get_peft_model(model, peft_cfg)
 

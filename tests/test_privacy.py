@@ -6,7 +6,7 @@ import json
 import math
 import multiprocessing
 import sqlite3
-from concurrent.futures import ThreadPoolExecutor
+import threading
 
 import dp_accounting
 import pytest
@@ -299,17 +299,19 @@ def test_charges_are_durable(tmp_path):
 def test_spent_is_epsilon_of_charged_events(ledger):
     ledger.set_budget(FP, Budget(8.0, DELTA))
     ledger.set_budget("other", Budget(8.0, DELTA))
-    ledger.open_run("a", FP, [Gaussian(5.0), TRAIN], "pld")
-    ledger.open_run("b", FP, [SampledGaussian(2.0, 0.02, 400)], "pld")
-    ledger.open_run("c", "other", [TRAIN], "pld")
+    ledger.open_run("a", FP, [Gaussian(5.0), TRAIN], "rdp")
+    ledger.open_run("b", FP, [SampledGaussian(2.0, 0.02, 400)], "rdp")
+    ledger.open_run("c", "other", [TRAIN], "rdp")
     ledger.charge("a", Gaussian(5.0))
     ledger.charge("a", SampledGaussian(1.0, 0.01, 600))
     ledger.charge("b", SampledGaussian(2.0, 0.02, 400))
     ledger.charge("c", SampledGaussian(1.0, 0.01, 1000))
-    expected = epsilon([Gaussian(5.0), SampledGaussian(1.0, 0.01, 600), SampledGaussian(2.0, 0.02, 400)], DELTA, "pld")
-    assert ledger.spent(FP, "pld") == pytest.approx(expected, rel=1e-12)
-    assert ledger.spent(FP, "pld") < epsilon([Gaussian(5.0), TRAIN, SampledGaussian(2.0, 0.02, 400)], DELTA, "pld")
-    datasets = {d["fingerprint"]: d for d in ledger.datasets("pld")}
+    charged = [Gaussian(5.0), SampledGaussian(1.0, 0.01, 600), SampledGaussian(2.0, 0.02, 400)]
+    assert ledger.spent(FP) == pytest.approx(epsilon(charged, DELTA), rel=1e-12)  # default: prv
+    expected = epsilon(charged, DELTA, "rdp")
+    assert ledger.spent(FP, "rdp") == pytest.approx(expected, rel=1e-12)
+    assert expected < epsilon([Gaussian(5.0), TRAIN, SampledGaussian(2.0, 0.02, 400)], DELTA, "rdp")
+    datasets = {d["fingerprint"]: d for d in ledger.datasets("rdp")}
     assert datasets[FP]["spent"] == pytest.approx(expected, rel=1e-12)
     assert datasets["other"]["budget"] == Budget(8.0, DELTA)
 
@@ -337,34 +339,42 @@ def test_laplace_plan_under_prv_is_refused(ledger):
     ledger.open_run("r", FP, [Laplace(1.0), TRAIN], "pld")
 
 
-def _charge_steps(path, run_id: str, attempts: int) -> int:
-    """Worker: try `attempts` one-step charges; return how many the ledger accepted."""
-    ledger, accepted = Ledger(path), 0
-    for _ in range(attempts):
-        try:
-            ledger.charge(run_id, SampledGaussian(1.0, 0.01))
-            accepted += 1
-        except BudgetExceeded:
-            pass
-    return accepted
+def _charge_worker(path, runs: list[str], attempts: int, barrier, results) -> None:
+    """Worker: after the barrier, try `attempts` one-step charges on each run; report acceptances."""
+    ledger, accepted = Ledger(path), dict.fromkeys(runs, 0)
+    barrier.wait(timeout=60)
+    for run_id in runs:
+        for _ in range(attempts):
+            try:
+                ledger.charge(run_id, SampledGaussian(1.0, 0.01))
+                accepted[run_id] += 1
+            except BudgetExceeded:
+                pass
+    results.put(accepted)
 
 
 def test_concurrent_charges_are_neither_lost_nor_double_counted(tmp_path):
     path = tmp_path / "ledger.sqlite"
     ledger = Ledger(path)
     ledger.set_budget(FP, Budget(100.0, DELTA))
-    runs = [f"r{i}" for i in range(4)]
+    runs = [f"r{i}" for i in range(12)]
     for run_id in runs:
-        ledger.open_run(run_id, FP, [SampledGaussian(1.0, 0.01, 100)], "rdp")
-    # Each run gets 120 attempts against a plan of 100, from one process and one thread at once,
-    # so both the counts and the plan limit are contended.
-    ctx = multiprocessing.get_context("spawn")
-    with ctx.Pool(4) as pool:
-        procs = pool.starmap_async(_charge_steps, [(path, r, 60) for r in runs])
-        with ThreadPoolExecutor(4) as threads:
-            thread_accepted = list(threads.map(_charge_steps, [path] * 4, runs, [60] * 4))
-        proc_accepted = procs.get(timeout=120)
-    for run_id, p, t in zip(runs, proc_accepted, thread_accepted):
-        assert p + t == 100, run_id
-        assert ledger.charged(run_id) == (SampledGaussian(1.0, 0.01, 100),)
-    assert ledger.spent(FP, "rdp") == pytest.approx(epsilon([SampledGaussian(1.0, 0.01, 400)], DELTA, "rdp"))
+        ledger.open_run(run_id, FP, [SampledGaussian(1.0, 0.01, 10)], "rdp")
+    # 4 processes and 4 threads, released together, each try 4 steps on every run: 32 attempts
+    # race for each plan of 10, so both the counts and the plan limit are contended.
+    # fork: the worker need not be importable by module name (pytest import modes vary)
+    ctx = multiprocessing.get_context("fork")
+    barrier, results = ctx.Barrier(8), ctx.Queue()
+    args = (path, runs, 4, barrier, results)
+    workers = [ctx.Process(target=_charge_worker, args=args) for _ in range(4)]
+    workers += [threading.Thread(target=_charge_worker, args=args) for _ in range(4)]
+    for w in workers:
+        w.start()
+    reports = [results.get(timeout=120) for _ in workers]
+    for w in workers:
+        w.join(timeout=30)
+    assert all(w.exitcode == 0 for w in workers[:4])
+    for run_id in runs:
+        assert sum(r[run_id] for r in reports) == 10, run_id  # every acceptance is recorded, none beyond plan
+        assert ledger.charged(run_id) == (SampledGaussian(1.0, 0.01, 10),)
+    assert ledger.spent(FP, "rdp") == pytest.approx(epsilon([SampledGaussian(1.0, 0.01, 120)], DELTA, "rdp"))

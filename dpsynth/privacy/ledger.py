@@ -92,7 +92,8 @@ class Ledger:
             try:
                 yield db
             except BaseException:
-                db.execute("ROLLBACK")
+                if db.in_transaction:  # SQLite may already have rolled back (e.g. disk full)
+                    db.execute("ROLLBACK")
                 raise
             db.execute("COMMIT")
         finally:
@@ -101,13 +102,12 @@ class Ledger:
     def set_budget(self, fingerprint: str, budget: Budget) -> None:
         """Register a dataset's total budget. Fixed once set; re-setting it equal is a no-op."""
         with self._tx() as db:
-            row = db.execute("SELECT epsilon, delta FROM datasets WHERE fingerprint=?",
-                             (fingerprint,)).fetchone()
-            if row is None:
+            existing = self._budget(db, fingerprint)
+            if existing is None:
                 db.execute("INSERT INTO datasets VALUES (?, ?, ?)",
                            (fingerprint, budget.epsilon, budget.delta))
-            elif Budget(*row) != budget:
-                raise ValueError(f"dataset {fingerprint} already has total budget {Budget(*row)}; "
+            elif existing != budget:
+                raise ValueError(f"dataset {fingerprint} already has total budget {existing}; "
                                  f"refusing to change it to {budget}")
 
     def budget(self, fingerprint: str) -> Budget | None:
@@ -132,10 +132,10 @@ class Ledger:
             committed: list[Event] = []
             for rid, status, plan in db.execute(
                     "SELECT run_id, status, planned FROM runs WHERE fingerprint=? ORDER BY rowid",
-                    (fingerprint,)):
+                    (fingerprint,)).fetchall():
                 committed += _events(plan) if status == "open" else self._charged(db, rid)
             total = epsilon(committed + list(planned), budget.delta, accountant)
-            if total > budget.epsilon * (1 + _REL_TOL):
+            if not total <= budget.epsilon * (1 + _REL_TOL):  # written so NaN refuses
                 before = epsilon(committed, budget.delta, accountant)
                 raise BudgetExceeded(
                     f"privacy budget exceeded for dataset {fingerprint[:12]}..: spent "
