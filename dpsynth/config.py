@@ -60,7 +60,7 @@ class LoraConfig(_Section):
     alpha: PositiveFloat = 16.0
     dropout: float = Field(0.0, ge=0.0, lt=1.0)
     target_modules: tuple[str, ...] = ("q_proj", "v_proj")
-    last_layers: PositiveInt | None = None
+    last_layers: PositiveInt | None = 8
     """Adapt only the top N transformer blocks: backward then stops there (much faster on CPU)."""
 
     @field_validator("target_modules")
@@ -85,10 +85,10 @@ class PrivacyConfig(_Section):
 class TrainingConfig(_Section):
     batch_size: PositiveInt = 64
     """Expected batch size; Poisson sampling rate q = batch_size / N."""
-    epochs: PositiveFloat = 1.0
+    epochs: PositiveFloat = 0.25
     steps: PositiveInt | None = None
     """Number of DP-SGD steps; overrides epochs (steps = epochs / q)."""
-    learning_rate: PositiveFloat = 2e-3
+    learning_rate: PositiveFloat = 5e-3
     max_grad_norm: PositiveFloat = 1.0
     noise_multiplier: float | None = Field(None, ge=0.0)
     """Fixed sigma instead of calibrating to privacy.epsilon; the plan is still refused if it overspends."""
@@ -98,10 +98,10 @@ class TrainingConfig(_Section):
 
 
 class SamplingConfig(_Section):
-    num_examples: PositiveInt = 1000
+    num_examples: PositiveInt = 500
     temperature: PositiveFloat = 1.0
     top_p: float = Field(0.95, gt=0.0, le=1.0)
-    max_new_tokens: PositiveInt = 48
+    max_new_tokens: PositiveInt = 40
     batch_size: PositiveInt = 64
     seed: int = 0
     label_proportions: Literal["dp", "uniform"] | dict[str, float] = "dp"

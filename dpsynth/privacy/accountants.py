@@ -14,6 +14,7 @@ Three accountants:
 
 from __future__ import annotations
 
+import logging
 import math
 import warnings
 from collections.abc import Iterable
@@ -22,6 +23,10 @@ import numpy as np
 from dp_accounting import pld, rdp
 
 from .events import Event, Gaussian, Laplace, SampledGaussian, merge, to_dp_event
+
+# dp_accounting's RDP logs (via absl) each order it drops for not converging; dropping an
+# order only loosens the bound, so these are noise to a user.
+logging.getLogger("absl").setLevel(logging.ERROR)
 
 ACCOUNTANTS = ("prv", "pld", "rdp")
 

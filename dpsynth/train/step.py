@@ -5,12 +5,16 @@ Plain torch + peft + opacus: no Ray, no vLLM, so a bare GPU box can run and benc
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from opacus.grad_sample.utils import prepare_module
 from opacus.optimizers import DPOptimizer
+
+# Opacus's backward hooks fire on module outputs when the frozen layers below need no input grads: expected.
+warnings.filterwarnings("ignore", message="Full backward hook is firing when gradients are computed with respect to module outputs")
 
 
 @dataclass(frozen=True)
