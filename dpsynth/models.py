@@ -124,9 +124,7 @@ def wrap_lora(model, cfg: LoraConfig):
     layers = None
     if cfg.last_layers is not None:
         total = model.config.num_hidden_layers
-        if cfg.last_layers > total:
-            raise ModelError(f"lora.last_layers: {cfg.last_layers} exceeds the model's {total} layers")
-        layers = list(range(total - cfg.last_layers, total))
+        layers = list(range(max(0, total - cfg.last_layers), total))  # more than the model has = all of them
     peft_cfg = PeftLoraConfig(
         r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout, target_modules=list(cfg.target_modules), bias="none",
         task_type="CAUSAL_LM", layers_to_transform=layers,
