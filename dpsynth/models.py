@@ -78,9 +78,13 @@ def resolve_base(base: str) -> str:
     return str(path) if path.exists() else base
 
 
-def load_base(cfg: ModelConfig):
-    """Load (model, tokenizer, base_info) with the tokenizer padding on the left for generation."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+def base_info(cfg: ModelConfig) -> dict:
+    """What a certificate says about the base model: its name and the sha256 of its weights."""
+    return {"name": cfg.base, "sha256": weights_digest(resolve_base(cfg.base))}
+
+
+def load_tokenizer(cfg: ModelConfig):
+    from transformers import AutoTokenizer
 
     where = resolve_base(cfg.base)
     try:
@@ -91,6 +95,15 @@ def load_base(cfg: ModelConfig):
         raise ModelError(f"model.base: tokenizer of '{cfg.base}' has no EOS token")
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token  # pad == eos is fine: we mask by attention mask, never by pad id
+    return tok
+
+
+def load_base(cfg: ModelConfig):
+    """Load (model, tokenizer, base_info)."""
+    from transformers import AutoModelForCausalLM
+
+    tok = load_tokenizer(cfg)
+    where = resolve_base(cfg.base)
     model = AutoModelForCausalLM.from_pretrained(where, dtype=getattr(torch, cfg.dtype))
     return model, tok, {"name": cfg.base, "sha256": weights_digest(where)}
 

@@ -1,4 +1,4 @@
-"""Plan, admit, run and certify one DP-LoRA training run (single process).
+"""Plan, admit, run (on Ray Train) and certify one DP-LoRA training run.
 
 Order matters for privacy: the plan is admitted by the ledger before any private data is
 touched, each step is charged before its noisy update is applied, and the certificate's
@@ -7,11 +7,15 @@ epsilon is recomputed from the charged events.
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import os
+import shutil
+import threading
 import uuid
 from collections import Counter
+from contextlib import contextmanager, suppress
 from pathlib import Path
 
 import numpy as np
@@ -22,11 +26,11 @@ from dpsynth.config import JobConfig
 from dpsynth.data import Splits, format_prefix, prepare
 from dpsynth.errors import UserError
 from dpsynth.io import atomic_dir, atomic_write_json, atomic_write_text
-from dpsynth.models import load_base, wrap_lora
-from dpsynth.privacy import Budget, Gaussian, Ledger, SampledGaussian, calibrate_noise_multiplier, epsilon, to_dict
+from dpsynth.models import base_info, load_tokenizer
+from dpsynth.privacy import Budget, Gaussian, SampledGaussian, calibrate_noise_multiplier, epsilon, to_dict
 from dpsynth.privacy.certificate import code_version, now, read_certificate, write_certificate
 from dpsynth.progress import progress_bar
-from dpsynth.train.step import DPLoRAStep, collate, encode
+from dpsynth.train.worker import STATE
 
 log = logging.getLogger(__name__)
 
@@ -113,73 +117,186 @@ def _reuse_existing(cfg: JobConfig, run_dir: Path) -> bool:
     return True
 
 
+def ensure_ray(address: str | None) -> None:
+    """Join the configured cluster (or RAY_ADDRESS), else start Ray in-process: one code path everywhere."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    address = address or os.environ.get("RAY_ADDRESS")
+    ray.init(address=address, include_dashboard=False, log_to_driver=False, logging_level=logging.WARNING,
+             configure_logging=False)
+
+
+def _scaling(cfg: JobConfig):
+    from ray.train import ScalingConfig
+    from ray.train.torch import TorchConfig
+
+    s = cfg.scaling
+    if s.deepspeed_stage == 3:
+        # ZeRO-3 partitions the LoRA weights themselves; Opacus's per-example hooks and our surrogate
+        # gradient would then see empty shards, so the clipping bound could not be enforced.
+        raise UserError("scaling.deepspeed_stage: ZeRO stage 3 cannot keep the per-example clipping guarantee "
+                        "for partitioned LoRA weights; use stage 0, 1 or 2 (the frozen base is not trained anyway)")
+    if s.bf16 and s.deepspeed_stage is None:
+        raise UserError("scaling.bf16: bf16 training runs under DeepSpeed; set scaling.deepspeed_stage too")
+    backend = s.backend if s.backend != "auto" else ("nccl" if s.use_gpu else "gloo")
+    resources = dict(s.resources_per_worker) if s.resources_per_worker else None
+    return (ScalingConfig(num_workers=s.num_workers, use_gpu=s.use_gpu, resources_per_worker=resources),
+            TorchConfig(backend=backend))
+
+
+def _storage(cfg: JobConfig, run_dir: Path) -> Path:
+    """This job's private scratch (checkpoints, seeds): never part of what is released."""
+    root = Path(cfg.scaling.storage_path or run_dir / ".checkpoints").expanduser().resolve()
+    return root / run_dir.name
+
+
+def _resume_state(storage: Path, cfg: JobConfig, ledger) -> dict | None:
+    """A previous attempt of this very job whose ledger run is still open: continue it, don't start over."""
+    path = storage / "dpsynth-run.json"
+    if not path.is_file():
+        return None
+    state = json.loads(path.read_text())
+    if state.get("config_hash") != cfg.training_hash():
+        return None
+    open_runs = {r["run_id"] for r in ledger.runs() if r["status"] == "open"}
+    return state if state["run_id"] in open_runs else None
+
+
+def loop_config(cfg: JobConfig, splits: Splits, *, run_id: str, ledger_path, sigma: float, q: float, steps: int,
+                sampler_seed: int, noise_seed: int, **extra) -> dict:
+    """Everything a worker needs; the train split travels with it (validation/test never do)."""
+    return {"cfg": cfg.model_dump(mode="json"), "examples": [(ex.text, ex.label) for ex in splits.train],
+            "dataset_name": splits.name, "run_id": run_id, "ledger": str(ledger_path), "sigma": sigma, "q": q,
+            "steps": steps, "sampler_seed": sampler_seed, "noise_seed": noise_seed, **extra}
+
+
+def fit(cfg: JobConfig, config: dict, storage: Path):
+    """Run the worker loop as a Ray Train TorchTrainer; return its Result (with the final checkpoint)."""
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig
+    from ray.train.torch import TorchTrainer
+
+    from dpsynth.train.worker import train_loop
+
+    scaling, torch_config = _scaling(cfg)
+    trainer = TorchTrainer(
+        train_loop, train_loop_config=config, scaling_config=scaling, torch_config=torch_config,
+        run_config=RunConfig(name=config["run_id"], storage_path=str(storage),
+                             failure_config=FailureConfig(max_failures=cfg.scaling.max_failures),
+                             checkpoint_config=CheckpointConfig(num_to_keep=2)),
+    )
+    result = trainer.fit()
+    if result.checkpoint is None:
+        raise RuntimeError(f"training run {config['run_id']} produced no checkpoint")
+    return result
+
+
 def train(cfg: JobConfig, *, show_progress: bool = True) -> Path:
-    """DP-LoRA fine-tune on the train split; write adapter + certificate into cfg.output_dir."""
-    run_dir = Path(cfg.output_dir)
+    """DP-LoRA fine-tune on the train split with Ray Train; write adapter + certificate into cfg.output_dir."""
+    from dpsynth.privacy.service import LedgerClient
+
+    run_dir = Path(cfg.output_dir).expanduser().resolve()
     if _reuse_existing(cfg, run_dir):
         return run_dir
     splits = prepare(cfg.data)
     n = len(splits.train)
-    ledger = Ledger(cfg.privacy.ledger)
-    delta = resolve_delta(cfg, splits, ledger.budget(splits.fingerprint))
+    base = base_info(cfg.model)
+    load_tokenizer(cfg.model)  # a bad model fails here, in one line, before any worker starts
     check_labels(splits, cfg.training.batch_size)
+    _scaling(cfg)  # refuse a configuration that cannot keep the guarantee before anything starts
+    ensure_ray(cfg.scaling.address)
+    ledger = LedgerClient(cfg.privacy.ledger)
+    delta = resolve_delta(cfg, splits, ledger.budget(splits.fingerprint))
     events, sigma, q, steps = plan(cfg, n, delta)
     try:
         ledger.set_budget(splits.fingerprint, Budget(cfg.privacy.dataset_epsilon or cfg.privacy.epsilon, delta))
     except ValueError as e:
         raise UserError(f"privacy: {e}") from None
 
-    torch.manual_seed(cfg.training.seed)  # fixes LoRA init only; batches and noise use fresh entropy below
-    model, tok, base_info = load_base(cfg.model)
-    model = wrap_lora(model, cfg.lora)
-    encoded = [encode(tok, format_prefix(cfg.model.prefix_template, splits.name, ex.label), ex.text, cfg.model.max_length)
-               for ex in splits.train]
-
-    run_id = f"{run_dir.name}-{uuid.uuid4().hex[:8]}"
-    ledger.open_run(run_id, splits.fingerprint, events, cfg.privacy.accountant)
+    storage = _storage(cfg, run_dir)
+    state = _resume_state(storage, cfg, ledger)
+    if state is None:
+        state = {"run_id": f"{run_dir.name}-{uuid.uuid4().hex[:8]}", "config_hash": cfg.training_hash(),
+                 # batch membership and noise are part of the mechanism: fresh OS entropy, kept only in private storage
+                 "sampler_seed": int.from_bytes(os.urandom(7), "little"), "noise_seed": int.from_bytes(os.urandom(7), "little")}
+        ledger.open_run(state["run_id"], splits.fingerprint, events, cfg.privacy.accountant)
+        atomic_write_json(storage / "dpsynth-run.json", state)
+    else:
+        log.info("resuming ledger run %s from %s", state["run_id"], storage)
+    run_id = state["run_id"]
     certificate = None
     try:
         label_dist = None
         if cfg.sampling.label_proportions == "dp":
-            ledger.charge(run_id, events[0])
+            done = sum(e.count for e in ledger.charged(run_id) if isinstance(e, Gaussian))
+            if not done:
+                ledger.charge(run_id, events[0])
             label_dist = dp_label_histogram([ex.label for ex in splits.train], splits.labels, cfg.sampling.label_noise_multiplier)
 
-        sampler = poisson_sampler(n, q, steps)
-        noise = torch.Generator().manual_seed(int.from_bytes(os.urandom(8), "little"))
-        step = DPLoRAStep(model, noise_multiplier=sigma, max_grad_norm=cfg.training.max_grad_norm,
-                          expected_batch_size=cfg.training.batch_size, learning_rate=cfg.training.learning_rate,
-                          grad_sample_mode=cfg.training.grad_sample_mode, noise_generator=noise)
-        metrics = []
-        log.info("training %d steps: q=%.5f sigma=%.4f C=%g delta=%.3g (N=%d)", steps, q, sigma, cfg.training.max_grad_norm, delta, n)
-        with progress_bar("DP-LoRA training", total=steps, enabled=show_progress) as advance:
-            for i, idx in enumerate(sampler, start=1):
-                ledger.charge(run_id, SampledGaussian(sigma, q))  # before the noisy update exists
-                loss = step(collate([encoded[j] for j in idx], tok.pad_token_id))
-                metrics.append({"step": i, "batch_size": len(idx), "loss": loss})
-                if i % cfg.training.log_every == 0 or i == steps:
-                    log.info("step %d/%d loss %.4f batch %d", i, steps, loss, len(idx))
-                advance(f"loss {loss:.3f}")
+        log.info("training %d steps on %d worker(s): q=%.5f sigma=%.4f C=%g delta=%.3g (N=%d)", steps,
+                 cfg.scaling.num_workers, q, sigma, cfg.training.max_grad_norm, delta, n)
+        config = loop_config(cfg, splits, run_id=run_id, ledger_path=ledger.path, sigma=sigma, q=q, steps=steps,
+                             sampler_seed=state["sampler_seed"], noise_seed=state["noise_seed"])
+        with _ledger_progress(ledger, run_id, steps, show_progress):
+            result = fit(cfg, config, storage)
 
         charged = list(ledger.charged(run_id))
-        certificate = {
-            "run_id": run_id, "created": now(), "config_hash": cfg.training_hash(),
-            "epsilon": epsilon(charged, delta, cfg.privacy.accountant), "delta": delta, "accountant": cfg.privacy.accountant,
-            "noise_multiplier": sigma, "sampling_rate": q, "steps": steps, "max_grad_norm": cfg.training.max_grad_norm,
-            "expected_batch_size": cfg.training.batch_size, "events": [to_dict(e) for e in charged],
-            "label_histogram_noise_multiplier": cfg.sampling.label_noise_multiplier if label_dist else None,
-            "dataset_fingerprint": splits.fingerprint, "dataset": {"name": splits.name, "train_examples": n},
-            "base_model": base_info, "lora": cfg.lora.model_dump(mode="json"), "code_version": code_version(),
-        }
-        run_dir.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(run_dir / "config.yaml", cfg.to_yaml())
-        with atomic_dir(run_dir / "adapter") as tmp:
-            model.save_pretrained(tmp)
-            tok.save_pretrained(tmp)
-        atomic_write_json(run_dir / "metrics.json", {"train": metrics})
+        steps_charged = sum(e.count for e in charged if isinstance(e, SampledGaussian))
+        with result.checkpoint.as_directory() as ckpt:
+            ckpt = Path(ckpt)
+            history = json.loads((ckpt / STATE).read_text())["history"]
+            certificate = {
+                "run_id": run_id, "created": now(), "config_hash": cfg.training_hash(),
+                "epsilon": epsilon(charged, delta, cfg.privacy.accountant), "delta": delta, "accountant": cfg.privacy.accountant,
+                "noise_multiplier": sigma, "sampling_rate": q, "steps": steps_charged,
+                "steps_applied": history[-1]["step"] if history else 0, "max_grad_norm": cfg.training.max_grad_norm,
+                "expected_batch_size": cfg.training.batch_size, "events": [to_dict(e) for e in charged],
+                "label_histogram_noise_multiplier": cfg.sampling.label_noise_multiplier if label_dist else None,
+                "dataset_fingerprint": splits.fingerprint, "dataset": {"name": splits.name, "train_examples": n},
+                "base_model": base, "lora": cfg.lora.model_dump(mode="json"), "code_version": code_version(),
+                "workers": cfg.scaling.num_workers, "deepspeed_stage": cfg.scaling.deepspeed_stage,
+            }
+            run_dir.mkdir(parents=True, exist_ok=True)
+            atomic_write_text(run_dir / "config.yaml", cfg.to_yaml())
+            with atomic_dir(run_dir / "adapter") as tmp:
+                shutil.copytree(ckpt / "adapter", tmp, dirs_exist_ok=True)
+        atomic_write_json(run_dir / "metrics.json", {"train": history})
         atomic_write_json(run_dir / "labels.json", list(splits.labels))
         if label_dist is not None:
             atomic_write_json(run_dir / "label_distribution.json", label_dist)
         write_certificate(run_dir / "certificate.json", certificate)  # last: its presence marks a complete run
     finally:
+        # An exception ends the run (its charges stay spent); only a hard crash of this driver leaves it
+        # open, and then re-running the same job resumes it from its last checkpoint.
         ledger.close_run(run_id, certificate)
+    shutil.rmtree(storage, ignore_errors=True)
+    with suppress(OSError):
+        storage.parent.rmdir()  # the default root inside the run dir, if nothing else lives there
     return run_dir
+
+
+@contextmanager
+def _ledger_progress(ledger, run_id: str, steps: int, enabled: bool):
+    """Progress from the ledger itself: a step is counted the moment it is charged."""
+    stop = threading.Event()
+
+    def poll(advance):
+        seen = 0
+        while not stop.wait(1.0):
+            try:
+                now_charged = sum(e.count for e in ledger.charged(run_id) if isinstance(e, SampledGaussian))
+            except Exception:  # the bar must never take training down
+                continue
+            if now_charged > seen:
+                advance(f"step {now_charged}/{steps}", now_charged - seen)
+                seen = now_charged
+
+    with progress_bar("DP-LoRA training (Ray Train)", total=steps, enabled=enabled) as advance:
+        t = threading.Thread(target=poll, args=(advance,), daemon=True)
+        t.start()
+        try:
+            yield
+        finally:
+            stop.set()
+            t.join()

@@ -80,25 +80,56 @@ def trainable(model) -> list[torch.nn.Parameter]:
     return [p for p in model.parameters() if p.requires_grad]
 
 
+def make_optimizer(params, name: str, learning_rate: float) -> torch.optim.Optimizer:
+    if name == "sgd":  # tests compare updates exactly; AdamW's first step is scale-free (~lr*sign(g))
+        return torch.optim.SGD(params, lr=learning_rate)
+    return torch.optim.AdamW(params, lr=learning_rate, weight_decay=0.0)
+
+
 class DPLoRAStep:
-    """One DP-SGD step (Abadi et al. 2016) on the trainable (LoRA) parameters.
+    """One DP-SGD step (Abadi et al. 2016) on the trainable (LoRA) parameters, on 1..W workers.
 
     Per-example gradients come from Opacus grad-sample hooks; DPOptimizer clips each example's
     gradient to `max_grad_norm` jointly over all trainable parameters ("flat" clipping), sums,
     adds N(0, sigma^2 C^2) once, and divides by the *expected* batch size (Poisson sampling makes
     the real size random; dividing by it would leak it).
+
+    With W > 1 workers each holds a shard of the global Poisson batch. Opacus's
+    DistributedDPOptimizer adds the noise on rank 0 only and all-reduces the sums, so the noise
+    enters exactly once; each worker divides by the expected global batch / W and the all-reduce
+    averages over W, which is (sum of clipped + noise) / expected global batch.
+
+    Under DeepSpeed the same DP gradient is computed first (per-example backward through
+    `torch.autograd.grad`, which fires Opacus's module hooks but not DeepSpeed's gradient hooks),
+    then handed to the engine as the gradient of a surrogate loss sum(p * g): DeepSpeed averages
+    it over workers and applies the optimizer, ZeRO-partitioned or not.
     """
 
-    def __init__(self, model, *, noise_multiplier: float, max_grad_norm: float, expected_batch_size: int,
-                 learning_rate: float, grad_sample_mode: str = "hooks", noise_generator: torch.Generator | None = None):
+    def __init__(self, model, *, noise_multiplier: float, max_grad_norm: float, expected_batch_size: float,
+                 learning_rate: float, grad_sample_mode: str = "hooks", noise_generator: torch.Generator | None = None,
+                 optimizer: str = "adamw", deepspeed_config: dict | None = None):
+        import torch.distributed as dist
+
+        from opacus.optimizers import DistributedDPOptimizer
+
+        world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
         model.train()  # Opacus captures activations only in train mode
         self.module = prepare_module(model, grad_sample_mode, batch_first=True, loss_reduction="mean")
         self.params = trainable(model)
-        self.optimizer = DPOptimizer(
-            torch.optim.AdamW(self.params, lr=learning_rate, weight_decay=0.0),
-            noise_multiplier=noise_multiplier, max_grad_norm=max_grad_norm,
-            expected_batch_size=expected_batch_size, loss_reduction="mean", generator=noise_generator,
-        )
+        self.engine = None
+        if deepspeed_config is not None:
+            import deepspeed
+
+            self.engine, inner, _, _ = deepspeed.initialize(model=self.module, model_parameters=self.params,
+                                                            optimizer=make_optimizer(self.params, optimizer, learning_rate),
+                                                            config=deepspeed_config)
+            inner_opt = torch.optim.SGD(self.params, lr=0.0)  # never stepped: DPOptimizer only clips and noises here
+        else:
+            inner_opt = make_optimizer(self.params, optimizer, learning_rate)
+        dp_cls = DistributedDPOptimizer if world > 1 else DPOptimizer
+        self.optimizer = dp_cls(inner_opt, noise_multiplier=noise_multiplier, max_grad_norm=max_grad_norm,
+                                expected_batch_size=expected_batch_size / world, loss_reduction="mean",
+                                generator=noise_generator)
 
     def __call__(self, batch: Batch) -> float:
         if len(batch) == 0:  # an empty Poisson draw still takes a (pure-noise) step: skipping would change the mechanism
@@ -107,9 +138,19 @@ class DPLoRAStep:
             loss = float("nan")
         else:
             losses = per_example_loss(self.module, batch)
-            losses.mean().backward()
+            if self.engine is None:
+                losses.mean().backward()
+            else:
+                torch.autograd.grad(losses.mean(), self.params)  # fills p.grad_sample only
             loss = losses.detach().mean().item()
-        self.optimizer.step()
+        if self.engine is None:
+            self.optimizer.step()
+        else:
+            self.optimizer.pre_step()  # p.grad = (local clipped sum [+ noise on rank 0]) / (expected batch / W)
+            grads = [p.grad.detach().clone() for p in self.params]
+            self.optimizer.zero_grad(set_to_none=True)
+            self.engine.backward(sum((p * g.to(p.dtype)).sum() for p, g in zip(self.params, grads)))
+            self.engine.step()
         self.optimizer.zero_grad(set_to_none=True)
         return loss
 
@@ -117,15 +158,20 @@ class DPLoRAStep:
 class PlainLoRAStep:
     """The same step without privacy: the reference for tests and the DP-overhead benchmark."""
 
-    def __init__(self, model, *, expected_batch_size: int, learning_rate: float):
+    def __init__(self, model, *, expected_batch_size: int, learning_rate: float, optimizer: str = "adamw"):
         model.train()
         self.model = model
         self.expected_batch_size = expected_batch_size
-        self.optimizer = torch.optim.AdamW(trainable(model), lr=learning_rate, weight_decay=0.0)
+        self.optimizer = make_optimizer(trainable(model), optimizer, learning_rate)
 
     def __call__(self, batch: Batch) -> float:
+        import torch.distributed as dist
+
         losses = per_example_loss(self.model, batch)
-        (losses.sum() / self.expected_batch_size).backward()
+        (losses.sum() / self.expected_batch_size).backward()  # this shard's share of the global mean
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            for p in trainable(self.model):
+                dist.all_reduce(p.grad, op=dist.ReduceOp.SUM)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         return losses.detach().mean().item()

@@ -1,0 +1,121 @@
+"""The central accountant: one named Ray actor per ledger file per cluster.
+
+Every training worker, run, tuning trial and DP label count charges the same actor, which
+serialises the calls (one at a time) onto the durable SQLite `Ledger`. The actor is pinned
+to the node that created it, because that is where the ledger path is meaningful (put it on
+shared storage for a cluster whose head may move). A restarted actor simply reopens the file:
+every charge was committed before the call returned.
+
+Ray is imported lazily so that dpsynth.privacy itself needs no Ray.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+from typing import Any
+
+from .events import Event
+from .ledger import Budget, BudgetExceeded, Ledger
+
+NAMESPACE = "dpsynth"
+
+
+class LedgerActor:
+    """Actor body: a thin, serialised front of `Ledger` that never raises across the wire for refusals."""
+
+    def __init__(self, path: str) -> None:
+        self.ledger = Ledger(path)
+
+    def path(self) -> str:
+        return str(self.ledger.path)
+
+    def call(self, method: str, *args, **kwargs) -> tuple[str, Any]:
+        """("ok", result) or (exception class name, message): refusals must survive the trip intact."""
+        try:
+            return "ok", getattr(self.ledger, method)(*args, **kwargs)
+        except (BudgetExceeded, ValueError) as e:
+            return type(e).__name__, str(e)
+
+    def try_charge(self, run_id: str, event: Event) -> bool:
+        """Charge if the run's admitted plan still covers it; False (nothing charged) otherwise."""
+        try:
+            self.ledger.charge(run_id, event)
+            return True
+        except BudgetExceeded:
+            return False
+
+
+def actor_name(path: str | Path) -> str:
+    resolved = str(Path(path).expanduser().resolve())
+    return "ledger-" + hashlib.sha256(resolved.encode()).hexdigest()[:16]
+
+
+def ledger_actor(path: str | Path):
+    """Get or create the cluster's ledger actor for `path` (Ray must already be initialised)."""
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    path = str(Path(path).expanduser().resolve())
+    Actor = ray.remote(LedgerActor)
+    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+    # num_cpus=0: the accountant must never wait behind training workers for a CPU.
+    return Actor.options(name=actor_name(path), namespace=NAMESPACE, get_if_exists=True, lifetime="detached",
+                         num_cpus=0, max_restarts=-1, max_task_retries=0, scheduling_strategy=here).remote(path)
+
+
+class LedgerClient:
+    """The `Ledger` interface, served by the cluster's ledger actor. Picklable: ships to workers."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path).expanduser().resolve()
+        self._actor = None
+
+    @property
+    def actor(self):
+        if self._actor is None:
+            self._actor = ledger_actor(self.path)
+        return self._actor
+
+    def __getstate__(self) -> dict:
+        return {"path": self.path, "_actor": None}
+
+    def _call(self, method: str, *args, **kwargs):
+        import ray
+
+        status, value = ray.get(self.actor.call.remote(method, *args, **kwargs))
+        if status == "ok":
+            return value
+        raise (BudgetExceeded if status == "BudgetExceeded" else ValueError)(value)
+
+    def try_charge(self, run_id: str, event: Event) -> bool:
+        import ray
+
+        return ray.get(self.actor.try_charge.remote(run_id, event))
+
+    def set_budget(self, fingerprint: str, budget: Budget) -> None:
+        return self._call("set_budget", fingerprint, budget)
+
+    def budget(self, fingerprint: str) -> Budget | None:
+        return self._call("budget", fingerprint)
+
+    def open_run(self, run_id: str, fingerprint: str, planned, accountant: str) -> None:
+        return self._call("open_run", run_id, fingerprint, list(planned), accountant)
+
+    def charge(self, run_id: str, event: Event) -> None:
+        return self._call("charge", run_id, event)
+
+    def close_run(self, run_id: str, certificate: dict | None = None) -> None:
+        return self._call("close_run", run_id, certificate)
+
+    def charged(self, run_id: str) -> tuple[Event, ...]:
+        return self._call("charged", run_id)
+
+    def spent(self, fingerprint: str, accountant: str = "prv") -> float:
+        return self._call("spent", fingerprint, accountant)
+
+    def runs(self, fingerprint: str | None = None) -> list[dict[str, Any]]:
+        return self._call("runs", fingerprint)
+
+    def datasets(self, accountant: str = "prv") -> list[dict[str, Any]]:
+        return self._call("datasets", accountant)
