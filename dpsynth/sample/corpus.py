@@ -1,4 +1,4 @@
-"""Label-conditioned sampling of a synthetic corpus from a certified adapter.
+"""Corpus bookkeeping shared by every engine: label counts, prompts, seeds, exact generation, serialisation.
 
 Everything here is post-processing of the DP adapter (and the DP label histogram), so it
 spends no privacy. It never reads the private data.
@@ -6,25 +6,19 @@ spends no privacy. It never reads the private data.
 
 from __future__ import annotations
 
+import asyncio
 import csv
 import hashlib
 import io
 import json
-import logging
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 
-import torch
 import yaml
 
 from dpsynth.config import JobConfig, SamplingConfig
-from dpsynth.data import format_prefix
 from dpsynth.errors import UserError
-from dpsynth.io import atomic_write_json, atomic_write_text
-from dpsynth.models import load_adapter
-from dpsynth.privacy.certificate import now, read_certificate
 from dpsynth.progress import progress_bar
-
-log = logging.getLogger(__name__)
 
 
 def load_run_config(run_dir: Path) -> JobConfig:
@@ -59,23 +53,15 @@ def resolve_proportions(run_dir: Path, labels: tuple[str, ...], spec) -> dict[st
     return dict(spec)
 
 
-class TransformersEngine:
-    """Batched `generate` with HF transformers: the engine that runs everywhere."""
+def jobs_for(counts: dict[str, int]) -> list[tuple[str, int]]:
+    """One (label, index) job per example: the unit that is generated, retried and de-duplicated."""
+    return [(label, i) for label, n in counts.items() for i in range(n)]
 
-    name = "transformers"
 
-    def __init__(self, model, tokenizer):
-        self.model, self.tok = model, tokenizer
-
-    @torch.inference_mode()
-    def generate(self, prompt: str, n: int, params: SamplingConfig) -> list[str]:
-        ids = self.tok(prompt, add_special_tokens=False, return_tensors="pt").input_ids.repeat(n, 1)
-        out = self.model.generate(
-            input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=True, temperature=params.temperature,
-            top_p=params.top_p, max_new_tokens=params.max_new_tokens, pad_token_id=self.tok.pad_token_id,
-            eos_token_id=self.tok.eos_token_id,
-        )
-        return [t.strip() for t in self.tok.batch_decode(out[:, ids.shape[1]:], skip_special_tokens=True)]
+def example_seed(seed: int, label: str, index: int, attempt: int = 0) -> int:
+    """Per-example sampling seed: the corpus depends on (seed, label, index), not on batching or replicas."""
+    digest = hashlib.sha256(f"{seed}\x00{label}\x00{index}\x00{attempt}".encode()).digest()
+    return int.from_bytes(digest[:4], "little") & 0x7FFFFFFF
 
 
 def generate_corpus(engine, prompts: dict[str, str], counts: dict[str, int], params: SamplingConfig,
@@ -96,36 +82,49 @@ def generate_corpus(engine, prompts: dict[str, str], counts: dict[str, int], par
     return rows
 
 
-def serialize(rows: list[dict], fmt: str) -> str:
+async def stream_jobs(generate: Callable[[str, int], Awaitable[tuple[str, int]]], jobs: list[tuple[str, int]], seed: int,
+                      *, max_attempts: int = 20, max_in_flight: int = 256) -> AsyncIterator[dict]:
+    """Run every job concurrently (the engine batches them) and yield rows as they finish.
+
+    `generate(label, seed) -> (text, completion_tokens)`. Empty texts are redrawn with the
+    next attempt's seed, so each job yields exactly one non-empty row.
+    """
+    gate = asyncio.Semaphore(max_in_flight)
+
+    async def run(label: str, index: int) -> dict:
+        async with gate:
+            tokens = 0
+            for attempt in range(max_attempts):
+                text, used = await generate(label, example_seed(seed, label, index, attempt))
+                tokens += used
+                if text.strip():
+                    return {"text": text.strip(), "label": label, "index": index, "tokens": tokens}
+        raise RuntimeError(f"label '{label}': {max_attempts} empty generations in a row; the adapter may be broken")
+
+    tasks = [asyncio.ensure_future(run(label, index)) for label, index in jobs]
+    try:
+        for next_done in asyncio.as_completed(tasks):
+            yield await next_done
+    finally:
+        for t in tasks:
+            t.cancel()  # a client that went away stops its generations (the engine aborts them)
+
+
+def serialize_row(row: dict, fmt: str, header: bool = False) -> str:
+    """One corpus row as a JSONL line or CSV record (with the CSV header first when asked)."""
     if fmt == "jsonl":
-        return "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
+        return json.dumps({"text": row["text"], "label": row["label"]}, ensure_ascii=False) + "\n"
     buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=["text", "label"])
-    writer.writeheader()
-    writer.writerows(rows)
+    writer = csv.DictWriter(buf, fieldnames=["text", "label"], extrasaction="ignore")
+    if header:
+        writer.writeheader()
+    writer.writerow(row)
     return buf.getvalue()
 
 
-def sample(run_dir: Path, params: SamplingConfig | None = None, *, show_progress: bool = True) -> Path:
-    """Write `synthetic.{jsonl,csv}` and its certificate into run_dir; return the corpus path."""
-    run_dir = Path(run_dir)
-    cert = read_certificate(run_dir / "certificate.json")  # only certified adapters are sampled
-    cfg = load_run_config(run_dir)
-    params = params or cfg.sampling
-    labels = tuple(sorted(json.loads((run_dir / "labels.json").read_text())))
-    counts = label_counts(labels, resolve_proportions(run_dir, labels, params.label_proportions), params.num_examples)
-    torch.manual_seed(params.seed)
-    model, tok = load_adapter(run_dir, cfg.model)
-    engine = TransformersEngine(model, tok)
-    log.info("sampling %d examples with the %s engine: %s", params.num_examples, engine.name, counts)
-    prompts = {lab: format_prefix(cfg.model.prefix_template, cert["dataset"]["name"], lab) for lab in labels}
-    rows = generate_corpus(engine, prompts, counts, params, show_progress)
-    body = serialize(rows, params.format)
-    corpus = run_dir / f"synthetic.{params.format}"
-    atomic_write_text(corpus, body)
-    atomic_write_json(run_dir / f"synthetic.{params.format}.certificate.json", {
-        **cert, "corpus": {"file": corpus.name, "sha256": hashlib.sha256(body.encode()).hexdigest(), "examples": len(rows),
-                           "label_counts": counts, "engine": engine.name, "sampling": params.model_dump(mode="json"),
-                           "created": now()},
-    })
-    return corpus
+def serialize(rows: list[dict], fmt: str) -> str:
+    if fmt == "jsonl":
+        return "".join(serialize_row(r, fmt) for r in rows)
+    if not rows:
+        return "text,label\r\n"
+    return "".join(serialize_row(r, fmt, header=i == 0) for i, r in enumerate(rows))

