@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import sys
 from pathlib import Path
@@ -59,6 +60,17 @@ def _summary(run_dir: Path, evaluation: dict | None = None) -> None:
         for src in ("real", "synthetic"):
             m = evaluation[src]
             table.add_row(f"test accuracy, trained on {src}", f"{m['accuracy']:.3f}  (macro-F1 {m['macro_f1']:.3f})")
+        dp_real = evaluation.get("utility", {}).get(evaluation.get("classifier"), {}).get("dp_real")
+        if dp_real:
+            table.add_row("test accuracy, real with DP-SGD", f"{dp_real['accuracy']:.3f}  (same epsilon)")
+        mauve = evaluation.get("fidelity", {}).get("mauve", {}).get("synthetic_vs_test", {}).get("mauve")
+        if mauve is not None:
+            table.add_row("MAUVE, synthetic vs real test", f"{mauve:.3f}")
+        privacy = evaluation.get("privacy")
+        if privacy:
+            table.add_row("membership inference AUC", f"{privacy['generator']['loss']['auc']:.3f} (generator loss), "
+                          f"{privacy['corpus_nearest_neighbour']['auc']:.3f} (corpus only)")
+            table.add_row("empirical epsilon lower bound", f"{privacy['empirical_epsilon']['lower_bound']:.3f}  (certified {cert['epsilon']:.3f})")
     Console().print(table)
 
 
@@ -92,12 +104,40 @@ def sample(run_dir: RunArg, num_examples: Annotated[Optional[int], typer.Option(
     console.print(f"wrote {path}")
 
 
+def _evaluation_config(run_dir: Path, overrides: list[str] | None, full: bool = False):
+    from dpsynth.evaluate import FULL_SUITE
+    from dpsynth.sample import load_run_config
+
+    sets = [s if s.startswith("evaluation.") else f"evaluation.{s}" for s in (overrides or [])]
+    base = load_run_config(run_dir).model_dump(mode="json")
+    return load_config(None, [*(FULL_SUITE if full else ()), *sets], base=base).evaluation
+
+
+EvalSetOpt = Annotated[Optional[list[str]], typer.Option("--set", "-s", help="Override an evaluation key, e.g. audit_epsilons=[1,inf].")]
+
+
 @app.command()
-def evaluate(run_dir: RunArg) -> None:
-    """Classifier trained on real vs synthetic data, tested on the real test split."""
+def evaluate(run_dir: RunArg, set_: EvalSetOpt = None, quiet: QuietOpt = False) -> None:
+    """Utility, fidelity and privacy audit of the synthetic corpus; writes evaluation.json."""
     from dpsynth.evaluate import evaluate as run_evaluation
 
-    _summary(run_dir, run_evaluation(run_dir))
+    ev = _evaluation_config(run_dir, set_)
+    _log_to(run_dir)
+    _summary(run_dir, run_evaluation(run_dir, ev, show_progress=not quiet))
+
+
+@app.command()
+def report(run_dir: RunArg, full: Annotated[bool, typer.Option("--full", help="Add the expensive parts: zero-shot floor, "
+           "fine-tuned transformer, canary audit runs at epsilon 1, 3, 8, inf (hours on a CPU).")] = False,
+           set_: EvalSetOpt = None, quiet: QuietOpt = False) -> None:
+    """Evaluate and write report.html (self-contained) + report.json into the run directory."""
+    from dpsynth.evaluate import report as write_report
+
+    ev = _evaluation_config(run_dir, set_, full)
+    _log_to(run_dir)
+    html_path, json_path = write_report(run_dir, ev, show_progress=not quiet)
+    _summary(run_dir, json.loads(json_path.read_text()))
+    console.print(f"wrote {html_path} and {json_path}")
 
 
 @app.command()

@@ -28,9 +28,10 @@ from dpsynth.errors import UserError
 from dpsynth.io import atomic_dir, atomic_write_json, atomic_write_text
 from dpsynth.models import base_info, load_tokenizer
 from dpsynth.privacy import Budget, Gaussian, SampledGaussian, calibrate_noise_multiplier, epsilon, to_dict
+from dpsynth.privacy.certificate import FORMAT as CERTIFICATE_FORMAT
 from dpsynth.privacy.certificate import code_version, now, read_certificate, write_certificate
 from dpsynth.progress import progress_bar
-from dpsynth.train.worker import STATE
+from dpsynth.train.worker import STATE, latest_checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -165,15 +166,15 @@ def _resume_state(storage: Path, cfg: JobConfig, ledger) -> dict | None:
 
 
 def loop_config(cfg: JobConfig, splits: Splits, *, run_id: str, ledger_path, sigma: float, q: float, steps: int,
-                sampler_seed: int, noise_seed: int, **extra) -> dict:
+                sampler_seed: int, noise_seed: int, scratch: Path, **extra) -> dict:
     """Everything a worker needs; the train split travels with it (validation/test never do)."""
     return {"cfg": cfg.model_dump(mode="json"), "examples": [(ex.text, ex.label) for ex in splits.train],
             "dataset_name": splits.name, "run_id": run_id, "ledger": str(ledger_path), "sigma": sigma, "q": q,
-            "steps": steps, "sampler_seed": sampler_seed, "noise_seed": noise_seed, **extra}
+            "steps": steps, "sampler_seed": sampler_seed, "noise_seed": noise_seed, "scratch": str(scratch), **extra}
 
 
-def fit(cfg: JobConfig, config: dict, storage: Path):
-    """Run the worker loop as a Ray Train TorchTrainer; return its Result (with the final checkpoint)."""
+def fit(cfg: JobConfig, config: dict) -> Path:
+    """Run the worker loop as a Ray Train TorchTrainer; return the final checkpoint directory."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig
     from ray.train.torch import TorchTrainer
 
@@ -182,14 +183,15 @@ def fit(cfg: JobConfig, config: dict, storage: Path):
     scaling, torch_config = _scaling(cfg)
     trainer = TorchTrainer(
         train_loop, train_loop_config=config, scaling_config=scaling, torch_config=torch_config,
-        run_config=RunConfig(name=config["run_id"], storage_path=str(storage),
+        run_config=RunConfig(name=config["run_id"], storage_path=str(Path(config["scratch"]) / "ray"),
                              failure_config=FailureConfig(max_failures=cfg.scaling.max_failures),
                              checkpoint_config=CheckpointConfig(num_to_keep=2)),
     )
     result = trainer.fit()
-    if result.checkpoint is None:
+    ckpt = latest_checkpoint(config["scratch"])
+    if ckpt is None:
         raise RuntimeError(f"training run {config['run_id']} produced no checkpoint")
-    return result
+    return ckpt
 
 
 def train(cfg: JobConfig, *, show_progress: bool = True) -> Path:
@@ -237,31 +239,31 @@ def train(cfg: JobConfig, *, show_progress: bool = True) -> Path:
         log.info("training %d steps on %d worker(s): q=%.5f sigma=%.4f C=%g delta=%.3g (N=%d)", steps,
                  cfg.scaling.num_workers, q, sigma, cfg.training.max_grad_norm, delta, n)
         config = loop_config(cfg, splits, run_id=run_id, ledger_path=ledger.path, sigma=sigma, q=q, steps=steps,
-                             sampler_seed=state["sampler_seed"], noise_seed=state["noise_seed"])
+                             sampler_seed=state["sampler_seed"], noise_seed=state["noise_seed"], scratch=storage)
         with _ledger_progress(ledger, run_id, steps, show_progress):
-            result = fit(cfg, config, storage)
+            ckpt = fit(cfg, config)
 
         charged = list(ledger.charged(run_id))
         steps_charged = sum(e.count for e in charged if isinstance(e, SampledGaussian))
-        with result.checkpoint.as_directory() as ckpt:
-            ckpt = Path(ckpt)
-            history = json.loads((ckpt / STATE).read_text())["history"]
-            certificate = {
-                "run_id": run_id, "created": now(), "config_hash": cfg.training_hash(),
-                "epsilon": epsilon(charged, delta, cfg.privacy.accountant), "delta": delta, "accountant": cfg.privacy.accountant,
-                "noise_multiplier": sigma, "sampling_rate": q, "steps": steps_charged,
-                "steps_applied": history[-1]["step"] if history else 0, "max_grad_norm": cfg.training.max_grad_norm,
-                "expected_batch_size": cfg.training.batch_size, "events": [to_dict(e) for e in charged],
-                "label_histogram_noise_multiplier": cfg.sampling.label_noise_multiplier if label_dist else None,
-                "dataset_fingerprint": splits.fingerprint, "dataset": {"name": splits.name, "train_examples": n},
-                "base_model": base, "lora": cfg.lora.model_dump(mode="json"), "code_version": code_version(),
-                "workers": cfg.scaling.num_workers, "deepspeed_stage": cfg.scaling.deepspeed_stage,
-            }
-            run_dir.mkdir(parents=True, exist_ok=True)
-            atomic_write_text(run_dir / "config.yaml", cfg.to_yaml())
-            with atomic_dir(run_dir / "adapter") as tmp:
-                shutil.copytree(ckpt / "adapter", tmp, dirs_exist_ok=True)
-        atomic_write_json(run_dir / "metrics.json", {"train": history})
+        final = json.loads((ckpt / STATE).read_text())
+        history = final["history"]
+        certificate = {
+            "format": CERTIFICATE_FORMAT, "run_id": run_id, "created": now(), "config_hash": cfg.training_hash(),
+            "epsilon": epsilon(charged, delta, cfg.privacy.accountant), "delta": delta, "accountant": cfg.privacy.accountant,
+            "noise_multiplier": sigma, "sampling_rate": q, "steps": steps_charged,
+            "steps_applied": history[-1]["step"] if history else 0, "max_grad_norm": cfg.training.max_grad_norm,
+            "expected_batch_size": cfg.training.batch_size, "events": [to_dict(e) for e in charged],
+            "label_histogram_noise_multiplier": cfg.sampling.label_noise_multiplier if label_dist else None,
+            "dataset_fingerprint": splits.fingerprint, "dataset": {"name": splits.name, "train_examples": n},
+            "base_model": base, "lora": cfg.lora.model_dump(mode="json"), "code_version": code_version(),
+            "workers": cfg.scaling.num_workers, "deepspeed_stage": cfg.scaling.deepspeed_stage,
+        }
+        run_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(run_dir / "config.yaml", cfg.to_yaml())
+        with atomic_dir(run_dir / "adapter") as tmp:
+            shutil.copytree(ckpt / "adapter", tmp, dirs_exist_ok=True)
+        atomic_write_json(run_dir / "metrics.json", {"train": history, "restarts": final["restarts"],
+                                                     "worker_nodes": final["worker_nodes"]})
         atomic_write_json(run_dir / "labels.json", list(splits.labels))
         if label_dist is not None:
             atomic_write_json(run_dir / "label_distribution.json", label_dist)

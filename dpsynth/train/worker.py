@@ -6,20 +6,22 @@ One step, on every worker:
   2. all workers draw the same global Poisson batch from a shared seed and take their shard;
   3. DPLoRAStep: per-example clipping, one noise draw (rank 0), all-reduce, optimizer step.
 A checkpoint (adapter, optimizer, step, RNG state, ledger run id) goes to the run storage every
-`scaling.checkpoint_every` steps; a restarted worker group resumes from the latest one.
+`scaling.checkpoint_every` steps; a restarted worker group (Ray Train FailureConfig), or a re-run
+of the same job after the driver itself died, resumes from the latest one.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import tempfile
+import shutil
 from pathlib import Path
 
 import torch
 
 from dpsynth.config import JobConfig
 from dpsynth.data import format_prefix
+from dpsynth.io import atomic_write_text
 from dpsynth.models import load_base, wrap_lora
 from dpsynth.privacy import SampledGaussian
 from dpsynth.train.step import DPLoRAStep, PlainLoRAStep, collate, encode, trainable
@@ -27,6 +29,13 @@ from dpsynth.train.step import DPLoRAStep, PlainLoRAStep, collate, encode, train
 log = logging.getLogger(__name__)
 
 STATE = "state.json"
+LATEST = "LATEST"
+
+
+def latest_checkpoint(scratch: str | Path) -> Path | None:
+    """The newest complete checkpoint under a job's scratch dir (LATEST is written only once all ranks are done)."""
+    pointer = Path(scratch) / "ckpt" / LATEST
+    return pointer.parent / pointer.read_text().strip() if pointer.is_file() else None
 
 
 def _dist():
@@ -98,45 +107,51 @@ def train_loop(config: dict) -> None:
                              optimizer=optimizer)
         inner = step.optimizer
 
-    start, history = 0, []
+    start, history, restarts = 0, [], 0
     nodes = [None] * world
     if _dist() is not None:
         _dist().all_gather_object(nodes, ray.get_runtime_context().get_node_id())
     else:
         nodes = [ray.get_runtime_context().get_node_id()]
-    ckpt = ray.train.get_checkpoint()
-    if ckpt:
-        with ckpt.as_directory() as d:
-            d = Path(d)
-            state = json.loads((d / STATE).read_text())
-            if state["run_id"] != run_id:
-                raise RuntimeError(f"checkpoint belongs to ledger run {state['run_id']}, not {run_id}")
-            set_peft_model_state_dict(model, load_file(str(d / "adapter" / "adapter_model.safetensors"), device=str(device)))
-            if ds_cfg is not None:
-                inner.load_checkpoint(str(d / "deepspeed"), tag="latest_dp", load_module_strict=False)
-            else:
-                inner.load_state_dict(torch.load(d / "optimizer.pt", map_location=device, weights_only=True))
-            if (d / f"noise_rng_{rank}.pt").exists():
-                noise.set_state(torch.load(d / f"noise_rng_{rank}.pt", weights_only=True))
-            start, history = state["step"], state["history"]
+    # Our own checkpoints on the run storage, not Ray's registry: a worker can die before the
+    # controller has registered its last report, and a resumed run must not start over.
+    ckpt = latest_checkpoint(config["scratch"])
+    if ckpt is not None:
+        state = json.loads((ckpt / STATE).read_text())
+        if state["run_id"] != run_id:
+            raise RuntimeError(f"checkpoint {ckpt} belongs to ledger run {state['run_id']}, not {run_id}")
+        set_peft_model_state_dict(model, load_file(str(ckpt / "adapter" / "adapter_model.safetensors"), device=str(device)))
+        if ds_cfg is not None:
+            inner.load_checkpoint(str(ckpt / "deepspeed"), tag="dp", load_module_strict=False)
+        else:
+            inner.load_state_dict(torch.load(ckpt / "optimizer.pt", map_location=device, weights_only=True))
+        noise.set_state(torch.load(ckpt / f"noise_rng_{rank}.pt", weights_only=True))
+        start, history, restarts = state["step"], state["history"], state["restarts"] + 1
         log.info("rank %d resumed from step %d of run %s", rank, start, run_id)
 
     ledger = LedgerClient(config["ledger"]) if config.get("private", True) else None
 
     def save(i: int) -> None:
-        with tempfile.TemporaryDirectory() as tmp:
-            d = Path(tmp)
-            if ds_cfg is not None:  # collective: every rank writes its optimizer partition
-                inner.save_checkpoint(str(d / "deepspeed"), tag="latest_dp")
-            torch.save(noise.get_state(), d / f"noise_rng_{rank}.pt")
-            if rank == 0:
-                model.save_pretrained(d / "adapter")  # peft format: the driver certifies it as is
-                tok.save_pretrained(d / "adapter")
-                if ds_cfg is None:
-                    torch.save(inner.state_dict(), d / "optimizer.pt")
-                (d / STATE).write_text(json.dumps({"run_id": run_id, "step": i, "history": history, "worker_nodes": nodes}))
-            ray.train.report({"step": i, "loss": history[-1]["loss"] if history else float("nan")},
-                             checkpoint=ray.train.Checkpoint.from_directory(tmp))
+        root = Path(config["scratch"]) / "ckpt"
+        d = root / f"step-{i:08d}"
+        d.mkdir(parents=True, exist_ok=True)
+        if ds_cfg is not None:  # collective: every rank writes its optimizer partition
+            inner.save_checkpoint(str(d / "deepspeed"), tag="dp")
+        torch.save(noise.get_state(), d / f"noise_rng_{rank}.pt")
+        if rank == 0:
+            model.save_pretrained(d / "adapter")  # peft format: the driver certifies it as is
+            tok.save_pretrained(d / "adapter")
+            if ds_cfg is None:
+                torch.save(inner.state_dict(), d / "optimizer.pt")
+            (d / STATE).write_text(json.dumps({"run_id": run_id, "step": i, "history": history, "worker_nodes": nodes,
+                                               "restarts": restarts}))
+        if _dist() is not None:
+            _dist().barrier()  # every rank's files are on disk before LATEST points at them
+        if rank == 0:
+            atomic_write_text(root / LATEST, d.name)
+            for old in sorted(root.glob("step-*"))[:-2]:
+                shutil.rmtree(old, ignore_errors=True)
+        ray.train.report({"step": i, "loss": history[-1]["loss"] if history else float("nan")})
 
     from opacus.utils.uniform_sampler import UniformWithReplacementSampler
 
