@@ -35,6 +35,13 @@ app = FastAPI(title="dpsynth", description="DP synthetic text from certified ada
 RETRYABLE = (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError, ReplicaUnavailableError,
              DeploymentUnavailableError, BackPressureError)
 _DONE = object()
+_ACTIVE: list = []  # this replica's Gateway (one per replica process), for the middleware
+
+
+def _register(gateway) -> None:
+    # A module-level function is pickled by reference, so this runs against the real module in the replica
+    # (the deployment class itself is pickled by value, together with a copy of `app`).
+    _ACTIVE[:] = [gateway]
 
 
 class ApiError(Exception):
@@ -69,10 +76,13 @@ class Guard:
         self.asgi = asgi
 
     async def __call__(self, scope, receive, send):
-        gw = getattr(app.state, "gateway", None)
+        gw = _ACTIVE[0] if _ACTIVE else None
         if scope["type"] != "http" or gw is None:
             return await self.asgi(scope, receive, send)
-        path, started, status = scope["path"], time.monotonic(), [500]
+        path, root = scope["path"], scope.get("root_path", "")
+        if root and path.startswith(root):  # an application under a route prefix
+            path = path[len(root):]
+        started, status = time.monotonic(), [500]
         if path != "/healthz" and gw.token is not None:
             given = dict(scope["headers"]).get(b"authorization", b"").decode("latin-1")
             if not hmac.compare_digest(given.encode(), f"Bearer {gw.token}".encode()):
@@ -120,7 +130,7 @@ class Gateway:
         self.tokens = metrics.Counter("dpsynth_generated_tokens", "Tokens generated", ("endpoint", "adapter"))
         self.examples = metrics.Counter("dpsynth_corpus_examples", "Corpus examples streamed", ("adapter",))
         self.retries = metrics.Counter("dpsynth_chunk_retries", "Corpus chunks retried after a replica failure")
-        app.state.gateway = self
+        _register(self)
 
     def count(self, path: str, status: int, seconds: float | None = None) -> None:
         endpoint = path if path in ("/v1/corpus", "/v1/completions", "/v1/models", "/healthz") else "other"
@@ -249,8 +259,7 @@ class Gateway:
         longest = max(len(p) for p in prompts)
         if longest + max_tokens > self.cfg.max_model_len:
             raise ApiError(400, f"prompt: {longest} tokens + max_tokens {max_tokens} exceed the context {self.cfg.max_model_len}")
-        # temperature 0 means greedy in OpenAI's API; a tiny temperature is greedy in effect for every engine.
-        params = {"temperature": max(req.temperature if req.temperature is not None else 1.0, 1e-5),
+        params = {"temperature": req.temperature if req.temperature is not None else 1.0,  # 0 = greedy
                   "top_p": req.top_p or 1.0, "max_tokens": max_tokens}
         rid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
         if req.stream:

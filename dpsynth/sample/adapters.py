@@ -60,7 +60,11 @@ class CertifiedAdapter:
 
 
 def _stored_matches(stored: dict | None, cert: dict) -> bool:
-    return stored is not None and stored == {k: v for k, v in cert.items() if k != "format"}
+    """Same certificate, whether or not either copy carries the file-format tag."""
+    def strip(c: dict) -> dict:
+        return {k: v for k, v in c.items() if k != "format"}
+
+    return stored is not None and strip(stored) == strip(cert)
 
 
 def verify_in_ledger(cert: dict, ledger_path: Path, where: str) -> None:

