@@ -81,8 +81,10 @@ class Sampler:
                 t.cancel()
 
     async def healthy(self) -> dict:
+        import os
+
         await self.engine.check_health()
-        return {"engine": self.engine.name}
+        return {"engine": self.engine.name, "replica_pid": os.getpid()}
 
     async def check_health(self) -> None:
         """Ray Serve calls this periodically; a dead engine gets the replica replaced."""

@@ -40,6 +40,23 @@ def tiny_model_dir(tmp_path_factory, bundled_model_dir) -> str:
     return str(out)
 
 
+@pytest.fixture(scope="session")
+def vllm_tiny_model_dir(tmp_path_factory, bundled_model_dir) -> str:
+    """Like tiny_model_dir but with 64-wide attention heads, the smallest vLLM's CPU attention accepts."""
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    tok = AutoTokenizer.from_pretrained(bundled_model_dir)
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+                      num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=256,
+                      bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.eos_token_id,
+                      tie_word_embeddings=True)
+    torch.manual_seed(0)
+    out = tmp_path_factory.mktemp("tiny-llama-vllm")
+    LlamaForCausalLM(cfg).save_pretrained(out)
+    tok.save_pretrained(out)
+    return str(out)
+
+
 WORDS = {
     "pos": "great wonderful superb moving delightful brilliant charming joyful".split(),
     "neg": "awful boring dull tedious clumsy dreadful lifeless messy".split(),
