@@ -91,21 +91,26 @@ def test_second_run_over_the_dataset_budget_is_refused(tiny_job, tmp_path, capsy
 
 
 def test_training_sees_only_the_train_split(tiny_job, monkeypatch):
+    """Everything the Ray Train workers receive is in their loop config: its texts are the train split's."""
     import dpsynth.train.driver as driver
 
-    seen: list[str] = []
-    real_encode = driver.encode
+    shipped: list[dict] = []
+    real_fit = driver.fit
 
-    def spy(tok, prefix, text, max_length):
-        seen.append(text)
-        return real_encode(tok, prefix, text, max_length)
+    def spy(cfg, config):
+        shipped.append(config)
+        return real_fit(cfg, config)
 
-    monkeypatch.setattr(driver, "encode", spy)
+    monkeypatch.setattr(driver, "fit", spy)
     cfg = load_config(None, tiny_job)
     driver.train(cfg, show_progress=False)
     splits = prepare(cfg.data)
+    (config,) = shipped
+    seen = [text for text, _ in config["examples"]]
     assert sorted(seen) == sorted(ex.text for ex in splits.train)
-    assert not set(seen) & {ex.text for ex in splits.validation + splits.test}
+    held_out = {ex.text for ex in splits.validation + splits.test}
+    assert held_out and not set(seen) & held_out
+    assert not any(text in json.dumps({k: v for k, v in config.items() if k != "examples"}) for text in held_out)
 
 
 @pytest.fixture()
