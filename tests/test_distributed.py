@@ -232,3 +232,19 @@ def test_two_node_cluster_places_workers_on_both_nodes(tiny_job, tmp_path):
     finally:
         ray.shutdown()
         cluster.shutdown()
+
+
+def test_ledger_issues_certificates_from_charges_not_plans(local_ray, tmp_path):
+    client = LedgerClient(tmp_path / "ledger.sqlite")
+    client.set_budget("fp", Budget(100.0, 1e-5))
+    client.open_run("r", "fp", [SampledGaussian(1.0, 0.01, 50)], "pld")
+    for _ in range(7):  # the run ends early: the certificate must say 7 steps, not the planned 50
+        client.charge("r", SampledGaussian(1.0, 0.01))
+    cert = client.certify("r", 1e-5, {"note": "kept"})
+    assert cert["steps"] == 7 and cert["accountant"] == "pld" and cert["note"] == "kept"
+    assert cert["epsilon"] == pytest.approx(epsilon([SampledGaussian(1.0, 0.01, 7)], 1e-5, "pld"))
+    assert cert["epsilon"] < epsilon([SampledGaussian(1.0, 0.01, 50)], 1e-5, "pld")
+    (run,) = client.runs()
+    assert run["status"] == "closed" and run["certificate"] == cert
+    with pytest.raises(ValueError, match="already closed"):
+        client.certify("r", 1e-5, {})

@@ -189,6 +189,22 @@ class Ledger:
             db.execute("UPDATE runs SET status='closed', certificate=? WHERE run_id=?",
                        (None if certificate is None else json.dumps(certificate), run_id))
 
+    def certify(self, run_id: str, delta: float, fields: dict) -> dict:
+        """Issue the run's certificate: its epsilon, events and step count come from the charges on
+        record (never from the plan), under the run's own accountant; then close the run with it."""
+        from .events import SampledGaussian
+
+        with self._tx(write=False) as db:
+            row = db.execute("SELECT accountant, status FROM runs WHERE run_id=?", (run_id,)).fetchone()
+            if row is None or row[1] != "open":
+                raise ValueError(f"run {run_id!r} is {'unknown' if row is None else 'already closed'}")
+            charged = self._charged(db, run_id)
+        certificate = {**fields, "run_id": run_id, "delta": delta, "accountant": row[0],
+                       "epsilon": epsilon(charged, delta, row[0]), "events": [to_dict(e) for e in charged],
+                       "steps": sum(e.count for e in charged if isinstance(e, SampledGaussian))}
+        self.close_run(run_id, certificate)
+        return certificate
+
     def charged(self, run_id: str) -> tuple[Event, ...]:
         """The run's charges, merged."""
         with self._tx(write=False) as db:

@@ -108,6 +108,9 @@ class LedgerClient:
     def close_run(self, run_id: str, certificate: dict | None = None) -> None:
         return self._call("close_run", run_id, certificate)
 
+    def certify(self, run_id: str, delta: float, fields: dict) -> dict:
+        return self._call("certify", run_id, delta, fields)
+
     def charged(self, run_id: str) -> tuple[Event, ...]:
         return self._call("charged", run_id)
 

@@ -27,7 +27,7 @@ from dpsynth.data import Splits, format_prefix, prepare
 from dpsynth.errors import UserError
 from dpsynth.io import atomic_dir, atomic_write_json, atomic_write_text
 from dpsynth.models import base_info, load_tokenizer
-from dpsynth.privacy import Budget, Gaussian, SampledGaussian, calibrate_noise_multiplier, epsilon, to_dict
+from dpsynth.privacy import Budget, Gaussian, SampledGaussian, calibrate_noise_multiplier, epsilon
 from dpsynth.privacy.certificate import FORMAT as CERTIFICATE_FORMAT
 from dpsynth.privacy.certificate import code_version, now, read_certificate, write_certificate
 from dpsynth.progress import progress_bar
@@ -243,21 +243,18 @@ def train(cfg: JobConfig, *, show_progress: bool = True) -> Path:
         with _ledger_progress(ledger, run_id, steps, show_progress):
             ckpt = fit(cfg, config)
 
-        charged = list(ledger.charged(run_id))
-        steps_charged = sum(e.count for e in charged if isinstance(e, SampledGaussian))
         final = json.loads((ckpt / STATE).read_text())
         history = final["history"]
-        certificate = {
-            "format": CERTIFICATE_FORMAT, "run_id": run_id, "created": now(), "config_hash": cfg.training_hash(),
-            "epsilon": epsilon(charged, delta, cfg.privacy.accountant), "delta": delta, "accountant": cfg.privacy.accountant,
-            "noise_multiplier": sigma, "sampling_rate": q, "steps": steps_charged,
-            "steps_applied": history[-1]["step"] if history else 0, "max_grad_norm": cfg.training.max_grad_norm,
-            "expected_batch_size": cfg.training.batch_size, "events": [to_dict(e) for e in charged],
+        # The ledger issues the certificate: epsilon from the charges on record, and the run closes with it.
+        certificate = ledger.certify(run_id, delta, {
+            "format": CERTIFICATE_FORMAT, "created": now(), "config_hash": cfg.training_hash(),
+            "noise_multiplier": sigma, "sampling_rate": q, "steps_applied": history[-1]["step"] if history else 0,
+            "max_grad_norm": cfg.training.max_grad_norm, "expected_batch_size": cfg.training.batch_size,
             "label_histogram_noise_multiplier": cfg.sampling.label_noise_multiplier if label_dist else None,
             "dataset_fingerprint": splits.fingerprint, "dataset": {"name": splits.name, "train_examples": n},
             "base_model": base, "lora": cfg.lora.model_dump(mode="json"), "code_version": code_version(),
             "workers": cfg.scaling.num_workers, "deepspeed_stage": cfg.scaling.deepspeed_stage,
-        }
+        })
         run_dir.mkdir(parents=True, exist_ok=True)
         atomic_write_text(run_dir / "config.yaml", cfg.to_yaml())
         with atomic_dir(run_dir / "adapter") as tmp:
@@ -271,7 +268,8 @@ def train(cfg: JobConfig, *, show_progress: bool = True) -> Path:
     finally:
         # An exception ends the run (its charges stay spent); only a hard crash of this driver leaves it
         # open, and then re-running the same job resumes it from its last checkpoint.
-        ledger.close_run(run_id, certificate)
+        if certificate is None:
+            ledger.close_run(run_id, None)
     shutil.rmtree(storage, ignore_errors=True)
     with suppress(OSError):
         storage.parent.rmdir()  # the default root inside the run dir, if nothing else lives there

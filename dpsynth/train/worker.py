@@ -14,7 +14,9 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import shutil
+import time
 from pathlib import Path
 
 import torch
@@ -85,6 +87,11 @@ def train_loop(config: dict) -> None:
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     cfg = JobConfig.model_validate(config["cfg"])
     device = ray.train.torch.get_device()
+    if device.type == "cpu":
+        # Ray pins OMP_NUM_THREADS to the worker's CPU reservation (default 1); unless the user reserved
+        # CPUs explicitly, share this node's cores among its workers so one local worker uses them all.
+        cpus = (cfg.scaling.resources_per_worker or {}).get("CPU") or (os.cpu_count() or 1) / ctx.get_local_world_size()
+        torch.set_num_threads(max(1, int(cpus)))
     torch.manual_seed(cfg.training.seed)  # LoRA init only; batches and noise come from the seeds below
     model, tok, _ = load_base(cfg.model)
     model = wrap_lora(model.to(device), cfg.lora)  # on its device before wrapping (opacus issue 820)
@@ -161,13 +168,14 @@ def train_loop(config: dict) -> None:
     for i, idx in enumerate(sampler, start=1):
         if i <= start:
             continue  # the batch stream is replayed from its seed so a resumed run draws the same batches
+        t0 = time.perf_counter()
         allowed = ledger.try_charge(run_id, SampledGaussian(sigma, q)) if (ledger and rank == 0) else True
         if not _broadcast_flag(allowed, device):  # before any noisy update of step i exists
             log.warning("ledger: run %s has no admitted steps left at step %d (steps charged before a failure)", run_id, i)
             break
         shard = [encoded[j] for j in idx[rank::world]]
         loss = step(collate(shard, tok.pad_token_id, device))
-        history.append({"step": i, "batch_size": len(idx), "loss": loss})
+        history.append({"step": i, "batch_size": len(idx), "loss": loss, "seconds": time.perf_counter() - t0})
         if i % cfg.training.log_every == 0 and rank == 0:
             log.info("step %d/%d loss %.4f batch %d", i, steps, loss, len(idx))
         if i % cfg.scaling.checkpoint_every == 0 or i == steps:
