@@ -1,0 +1,68 @@
+"""Reading certified synthetic corpora, and the zero-shot corpus (baseline (d))."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import torch
+
+from dpsynth.config import SamplingConfig
+from dpsynth.data import Example
+from dpsynth.errors import UserError
+from dpsynth.io import atomic_write_json, atomic_write_text
+
+log = logging.getLogger(__name__)
+
+
+def read_corpus(path: Path) -> list[Example]:
+    import pandas as pd
+
+    path = Path(path)
+    df = pd.read_json(path, lines=True) if path.suffix == ".jsonl" else pd.read_csv(path, keep_default_na=False)
+    if len(df) == 0:
+        return []
+    return [Example(str(t), str(lab)) for t, lab in zip(df["text"], df["label"])]
+
+
+def find_corpus(run_dir: Path) -> Path:
+    run_dir = Path(run_dir)
+    for fmt in ("jsonl", "csv"):
+        if (run_dir / f"synthetic.{fmt}.certificate.json").is_file():
+            return run_dir / f"synthetic.{fmt}"
+    raise UserError(f"{run_dir}: no certified synthetic corpus (run `dpsynth sample {run_dir}` first)")
+
+
+def split_counts(labels: list[str], total: int) -> dict[str, int]:
+    base, extra = divmod(total, len(labels))
+    return {lab: base + (i < extra) for i, lab in enumerate(labels)}
+
+
+def zero_shot_corpus(path: Path, base: str, dataset: str, labels: list[str], n: int, prompt: str,
+                     params: SamplingConfig, show_progress: bool = False) -> list[Example]:
+    """`n` texts (uniform over labels) from the public base model with no adapter: no private data is
+    read, only the dataset name and label names (public, as for the generator). Kurakin et al. 2023's
+    floor. Cached at `path` with the settings that made it."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from dpsynth.models import resolve_base
+    from dpsynth.sample import TransformersEngine, generate_corpus
+
+    meta = {"base": base, "dataset": dataset, "labels": labels, "n": n, "prompt": prompt,
+            "sampling": params.model_dump(mode="json")}
+    meta_path = path.with_suffix(".meta.json")
+    if path.is_file() and meta_path.is_file() and json.loads(meta_path.read_text()) == meta:
+        return read_corpus(path)
+    where = resolve_base(base)
+    tok = AutoTokenizer.from_pretrained(where)
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    model = AutoModelForCausalLM.from_pretrained(where, dtype=torch.float32).eval()
+    torch.manual_seed(params.seed)
+    prompts = {lab: prompt.format(dataset=dataset, label=lab) for lab in labels}
+    log.info("zero-shot corpus: %d texts from the base model, no adapter", n)
+    rows = generate_corpus(TransformersEngine(model, tok), prompts, split_counts(labels, n), params, show_progress)
+    atomic_write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+    atomic_write_json(meta_path, meta)
+    return [Example(r["text"], r["label"]) for r in rows]

