@@ -202,9 +202,57 @@ class ServeConfig(_Section):
         return v
 
 
+ClassifierName = Literal["tfidf_logreg", "minilm_logreg", "transformer"]
+
+
 class EvaluationConfig(_Section):
-    classifier: Literal["tfidf_logreg"] = "tfidf_logreg"
+    """What `dpsynth evaluate` / `dpsynth run` / `dpsynth report` compute (see dpsynth/evaluate/).
+
+    Defaults are the quick suite (a few minutes on 2 CPU cores); `dpsynth report --full` turns on
+    the expensive parts (zero-shot floor, fine-tuned transformer, audit runs over epsilon with canaries).
+    """
+
+    classifier: ClassifierName = "tfidf_logreg"
+    """Headline classifier: its real/synthetic scores are the summary table's."""
+    classifiers: tuple[ClassifierName, ...] = ("tfidf_logreg", "minilm_logreg")
+    """Downstream classifiers in the utility table (`transformer` fine-tunes MiniLM: minutes)."""
     seed: int = 0
+    max_real_examples: PositiveInt | None = 2000
+    """Seeded subset of the real train split for the MiniLM/transformer classifiers (embedding cost); null = all."""
+    dp_baseline: bool = True
+    """(c): each classifier DP-SGD-trained on the real data at the run's certified epsilon/delta (Opacus, Poisson)."""
+    dp_baseline_epochs: PositiveFloat = 5.0
+    dp_baseline_batch_size: PositiveInt = 256
+    zero_shot_examples: int = Field(0, ge=0)
+    """(d): size of a zero-shot corpus from the base model without adapter (no private data); 0 skips it."""
+    zero_shot_prompt: str = "Write one short text from the {dataset} dataset with the label '{label}':\n"
+    tuning: bool = True
+    """Rank correlation of classifier hyperparameter rankings tuned on synthetic vs real data."""
+    mauve: bool = True
+    attack_examples: PositiveInt = 200
+    """Members and non-members (each) scored by the membership-inference attacks."""
+    audit_epsilons: tuple[PositiveFloat | Literal["inf"], ...] = ()
+    """Extra training runs on a canary-augmented copy of the data, one per epsilon (`inf`: no noise): the
+    privacy-utility curve and the DP-vs-non-DP audit. Each has its own ledger under <run>/evaluation/audit/
+    (a different dataset fingerprint: never charged to the real dataset's budget). Minutes to hours each."""
+    audit_overrides: tuple[str, ...] = ()
+    """`key=value` config overrides for the audit runs only (e.g. training.epochs=1)."""
+    canary_repetitions: tuple[PositiveInt, ...] = (1, 4, 16)
+    canaries_per_repetition: PositiveInt = 3
+    canary_candidates: PositiveInt = 1000
+    """Random secrets scored to estimate each canary's rank (exposure; Carlini et al. 2019)."""
+    transformer_epochs: PositiveFloat = 1.0
+    transformer_layers: PositiveInt = 2
+    """Top MiniLM layers fine-tuned (with the head) by the `transformer` classifier."""
+    samples_per_label: int = Field(5, ge=0)
+    """Synthetic examples per label shown in the report."""
+
+    @field_validator("zero_shot_prompt")
+    @classmethod
+    def _prompt_names_label(cls, v: str) -> str:
+        if "{label}" not in v:
+            raise ValueError("must contain '{label}'")
+        return v
 
 
 class JobConfig(_Section):
