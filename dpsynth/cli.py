@@ -174,6 +174,18 @@ def serve_cmd(
     serve_forever(cfg)
 
 
+@app.command("tune")
+def tune_cmd(config: ConfigOpt = None, set_: SetOpt = None, output: OutOpt = None, quiet: QuietOpt = False) -> None:
+    """Private search over clipping norm and learning rate (Ray Tune); the whole search fits privacy.epsilon."""
+    from dpsynth.tuning import search
+
+    cfg = _config(config, set_, output)
+    _log_to(cfg.output_dir)
+    run_dir = search(cfg, show_progress=not quiet)
+    _summary(run_dir)
+    console.print(f"trials: {run_dir / 'trials.csv'}, {run_dir / 'trials.png'}")
+
+
 @app.command("budget")
 def budget(ledger: Annotated[Optional[Path], typer.Option(help="Ledger file (default: privacy.ledger, i.e. DPSYNTH_LEDGER or ~/.dpsynth/ledger.sqlite).")] = None,
            runs: Annotated[bool, typer.Option("--runs/--no-runs", help="Also list every run and its certificate.")] = True) -> None:

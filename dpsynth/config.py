@@ -21,6 +21,13 @@ class ConfigError(UserError):
     """A config that cannot run; the message names the offending key."""
 
 
+def _posix_path(v, why: str):
+    """Refuse `scheme://...` where a filesystem path is needed: Path() would silently make it a local relative path."""
+    if isinstance(v, str) and "://" in v:
+        raise ValueError(f"{v!r} is a URI; {why}")
+    return v
+
+
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True, allow_inf_nan=False)
 
@@ -81,6 +88,12 @@ class PrivacyConfig(_Section):
     """Total budget registered for this dataset in the ledger the first time it is used (default: epsilon)."""
     ledger: Path = Field(default_factory=lambda: Path(os.environ.get("DPSYNTH_LEDGER", "~/.dpsynth/ledger.sqlite")).expanduser())
 
+    @field_validator("ledger", mode="before")
+    @classmethod
+    def _ledger_on_posix(cls, v):
+        return _posix_path(v, "the ledger is a SQLite file: it needs a POSIX filesystem (local disk, NFS, a Kubernetes PVC), "
+                              "not an object store")
+
 
 class TrainingConfig(_Section):
     batch_size: PositiveInt = 64
@@ -117,11 +130,49 @@ class ScalingConfig(_Section):
     bf16: bool = False
     """bf16 training under DeepSpeed."""
 
+    @field_validator("storage_path", mode="before")
+    @classmethod
+    def _storage_on_posix(cls, v):
+        return _posix_path(v, "checkpoints need a path every node can reach (NFS, a Kubernetes PVC, or a bucket mounted "
+                              "with gcsfuse / s3fs); object-store URIs are not supported")
+
     @field_validator("resources_per_worker")
     @classmethod
     def _non_negative(cls, v):
         if v is not None and any((not math.isfinite(x)) or x < 0 for x in v.values()):
             raise ValueError("resource amounts must be finite and >= 0")
+        return v
+
+
+class TuneConfig(_Section):
+    """A private hyperparameter search (Papernot & Steinke 2022): random search over C and lr, a random
+    number of trials, the whole search charged to the budget in privacy.epsilon."""
+
+    max_grad_norm: tuple[PositiveFloat, PositiveFloat] = (0.1, 10.0)
+    """Log-uniform range of the clipping norm C."""
+    learning_rate: tuple[PositiveFloat, PositiveFloat] = (1e-4, 2e-2)
+    """Log-uniform range of the learning rate."""
+    mean_trials: float = Field(3.0, gt=1.0)
+    """E[K], the mean number of trials; K itself is random and secret."""
+    distribution: Literal["truncated_negative_binomial", "poisson"] = "truncated_negative_binomial"
+    shape: PositiveFloat = 1.0
+    """Shape eta of the truncated negative binomial (1 = geometric)."""
+    scheduler: Literal["fifo", "asha"] = "fifo"
+    """Early stopping (asha) decides on private metrics that this accounting does not cover: refused."""
+    score_noise_multiplier: PositiveFloat = 20.0
+    """Gaussian noise std, in units of score_loss_clip, of each trial's summed validation loss."""
+    score_loss_clip: PositiveFloat = 10.0
+    score_examples: PositiveInt = 256
+    """Validation examples a trial is scored on (a seeded subset)."""
+    max_noise_multiplier: PositiveFloat = 50.0
+    """A search needing more per-trial noise than this is refused as useless."""
+    max_concurrent_trials: PositiveInt = 1
+
+    @field_validator("max_grad_norm", "learning_rate")
+    @classmethod
+    def _range(cls, v):
+        if v[0] > v[1]:
+            raise ValueError("must be [low, high] with low <= high")
         return v
 
 
@@ -262,6 +313,7 @@ class JobConfig(_Section):
     privacy: PrivacyConfig = PrivacyConfig()
     training: TrainingConfig = TrainingConfig()
     scaling: ScalingConfig = ScalingConfig()
+    tune: TuneConfig = TuneConfig()
     sampling: SamplingConfig = SamplingConfig()
     evaluation: EvaluationConfig = EvaluationConfig()
     output_dir: Path = Path("runs/demo")

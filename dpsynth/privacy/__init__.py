@@ -2,7 +2,7 @@
 
 from .accountants import ACCOUNTANTS, epsilon
 from .calibration import calibrate_noise_multiplier
-from .events import Event, Gaussian, Laplace, SampledGaussian, from_dict, merge, to_dict, to_dp_event
+from .events import Event, Gaussian, Laplace, RepeatAndSelect, SampledGaussian, from_dict, merge, to_dict, to_dp_event
 from .ledger import Budget, BudgetExceeded, Ledger
 
 __all__ = [
@@ -13,6 +13,7 @@ __all__ = [
     "Gaussian",
     "Laplace",
     "Ledger",
+    "RepeatAndSelect",
     "SampledGaussian",
     "calibrate_noise_multiplier",
     "epsilon",

@@ -22,7 +22,7 @@ from collections.abc import Iterable
 import numpy as np
 from dp_accounting import pld, rdp
 
-from .events import Event, Gaussian, Laplace, SampledGaussian, merge, to_dp_event
+from .events import Event, Gaussian, Laplace, RepeatAndSelect, SampledGaussian, merge, to_dp_event
 
 # dp_accounting's RDP logs (via absl) each order it drops for not converging; dropping an
 # order only loosens the bound, so these are noise to a user.
@@ -61,7 +61,14 @@ def epsilon(events: Iterable[Event], delta: float, accountant: str = "prv") -> f
     return eps
 
 
+def _rdp_only(events: tuple[Event, ...], accountant: str) -> None:
+    if any(isinstance(e, RepeatAndSelect) for e in events):
+        raise ValueError(f"accountant {accountant!r} cannot account a private hyperparameter search "
+                         "(RepeatAndSelect, Papernot & Steinke 2022); use 'rdp'")
+
+
 def _pld(events: tuple[Event, ...], delta: float) -> float:
+    _rdp_only(events, "pld")
     acc = pld.PLDAccountant()  # add/remove adjacency, pessimistic estimate
     for event in events:
         acc.compose(to_dp_event(event))
@@ -79,6 +86,7 @@ def _prv(events: tuple[Event, ...], delta: float) -> float:
     # Imported lazily: Opacus pulls in torch, which the ledger's callers may not need.
     from opacus.accountants import PRVAccountant
 
+    _rdp_only(events, "prv")
     history = []
     for event in events:
         match event:

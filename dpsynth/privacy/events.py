@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import dp_accounting
+from dp_accounting import dp_event
 
 
 def _check_noise(value: Any) -> float:
@@ -89,12 +90,42 @@ class Laplace:
         object.__setattr__(self, "count", _check_count(self.count))
 
 
-Event = SampledGaussian | Gaussian | Laplace
+@dataclass(frozen=True)
+class RepeatAndSelect:
+    """Run a trial mechanism a random number K of times and release only the best one.
+
+    Papernot & Steinke 2022, "Hyperparameter Tuning with Renyi Differential Privacy" (ICLR):
+    K ~ Poisson(mean) (``shape = inf``) or a truncated negative binomial with shape ``shape``
+    (``shape = 1``: geometric, never 0). ``trial`` is the composition of what one trial releases
+    (its training steps and its noisy score). Accounted with RDP only.
+    """
+
+    trial: tuple
+    mean: float
+    shape: float
+    count: int = 1
+
+    def __post_init__(self) -> None:
+        trial = tuple(from_dict(e) if isinstance(e, dict) else e for e in self.trial)
+        if not trial or any(isinstance(e, RepeatAndSelect) or type(e) not in _KIND_OF for e in trial):
+            raise ValueError("trial must be a non-empty sequence of basic privacy events")
+        object.__setattr__(self, "trial", trial)
+        if not (math.isfinite(self.mean) and self.mean > 0):
+            raise ValueError(f"mean number of trials must be finite and > 0, got {self.mean!r}")
+        if not (self.shape >= 0 or self.shape == math.inf):
+            raise ValueError(f"shape must be >= 0 or inf, got {self.shape!r}")
+        object.__setattr__(self, "mean", float(self.mean))
+        object.__setattr__(self, "shape", float(self.shape))
+        object.__setattr__(self, "count", _check_count(self.count))
+
+
+Event = SampledGaussian | Gaussian | Laplace | RepeatAndSelect
 
 _KINDS: dict[str, type] = {
     "sampled_gaussian": SampledGaussian,
     "gaussian": Gaussian,
     "laplace": Laplace,
+    "repeat_and_select": RepeatAndSelect,
 }
 _KIND_OF = {cls: kind for kind, cls in _KINDS.items()}
 
@@ -108,6 +139,10 @@ def _kind(event: Event) -> str:
 
 def to_dict(event: Event) -> dict[str, Any]:
     """JSON-ready dict of ``event``, tagged with its ``"kind"``."""
+    if isinstance(event, RepeatAndSelect):
+        shape = event.shape if math.isfinite(event.shape) else "inf"  # JSON has no infinity
+        return {"kind": _kind(event), "trial": [to_dict(e) for e in event.trial], "mean": event.mean, "shape": shape,
+                "count": event.count}
     return {"kind": _kind(event), **dataclasses.asdict(event)}
 
 
@@ -126,6 +161,9 @@ def from_dict(d: dict[str, Any]) -> Event:
     required = {f.name for f in dataclasses.fields(cls) if f.default is dataclasses.MISSING}
     if missing := required - set(fields):
         raise ValueError(f"missing field(s) for {kind!r}: {sorted(missing)}")
+    if cls is RepeatAndSelect:
+        fields["shape"] = math.inf if fields["shape"] == "inf" else fields["shape"]
+        fields["trial"] = tuple(from_dict(e) for e in fields["trial"])
     return cls(**fields)
 
 
@@ -140,6 +178,9 @@ def to_dp_event(event: Event) -> dp_accounting.DpEvent:
             mechanism = dp_accounting.GaussianDpEvent(sigma)
         case Laplace(noise_multiplier=b, count=n):
             mechanism = dp_accounting.LaplaceDpEvent(b)
+        case RepeatAndSelect(trial=trial, mean=mean, shape=shape, count=n):
+            mechanism = dp_event.RepeatAndSelectDpEvent(
+                dp_accounting.ComposedDpEvent([to_dp_event(e) for e in trial]), mean, shape)
         case _:
             raise TypeError(f"not a privacy event: {event!r}")
     return dp_accounting.SelfComposedDpEvent(mechanism, n)

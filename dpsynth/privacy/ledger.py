@@ -192,7 +192,7 @@ class Ledger:
     def certify(self, run_id: str, delta: float, fields: dict) -> dict:
         """Issue the run's certificate: its epsilon, events and step count come from the charges on
         record (never from the plan), under the run's own accountant; then close the run with it."""
-        from .events import SampledGaussian
+        from .events import RepeatAndSelect, SampledGaussian
 
         with self._tx(write=False) as db:
             row = db.execute("SELECT accountant, status FROM runs WHERE run_id=?", (run_id,)).fetchone()
@@ -201,7 +201,9 @@ class Ledger:
             charged = self._charged(db, run_id)
         certificate = {**fields, "run_id": run_id, "delta": delta, "accountant": row[0],
                        "epsilon": epsilon(charged, delta, row[0]), "events": [to_dict(e) for e in charged],
-                       "steps": sum(e.count for e in charged if isinstance(e, SampledGaussian))}
+                       "steps": sum(e.count for e in charged if isinstance(e, SampledGaussian))
+                       + sum(e.count * t.count for e in charged if isinstance(e, RepeatAndSelect)
+                             for t in e.trial if isinstance(t, SampledGaussian))}
         self.close_run(run_id, certificate)
         return certificate
 

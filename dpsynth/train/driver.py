@@ -194,6 +194,22 @@ def fit(cfg: JobConfig, config: dict) -> Path:
     return ckpt
 
 
+def write_release(run_dir: Path, cfg: JobConfig, ckpt: Path, splits: Splits, label_dist: dict | None,
+                  certificate: dict) -> None:
+    """The released run directory, each file atomic; the certificate last: its presence marks a complete run."""
+    final = json.loads((ckpt / STATE).read_text())
+    run_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(run_dir / "config.yaml", cfg.to_yaml())
+    with atomic_dir(run_dir / "adapter") as tmp:
+        shutil.copytree(ckpt / "adapter", tmp, dirs_exist_ok=True)
+    atomic_write_json(run_dir / "metrics.json", {"train": final["history"], "restarts": final["restarts"],
+                                                 "worker_nodes": final["worker_nodes"]})
+    atomic_write_json(run_dir / "labels.json", list(splits.labels))
+    if label_dist is not None:
+        atomic_write_json(run_dir / "label_distribution.json", label_dist)
+    write_certificate(run_dir / "certificate.json", certificate)
+
+
 def train(cfg: JobConfig, *, show_progress: bool = True) -> Path:
     """DP-LoRA fine-tune on the train split with Ray Train; write adapter + certificate into cfg.output_dir."""
     from dpsynth.privacy.service import LedgerClient
@@ -255,16 +271,7 @@ def train(cfg: JobConfig, *, show_progress: bool = True) -> Path:
             "base_model": base, "lora": cfg.lora.model_dump(mode="json"), "code_version": code_version(),
             "workers": cfg.scaling.num_workers, "deepspeed_stage": cfg.scaling.deepspeed_stage,
         })
-        run_dir.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(run_dir / "config.yaml", cfg.to_yaml())
-        with atomic_dir(run_dir / "adapter") as tmp:
-            shutil.copytree(ckpt / "adapter", tmp, dirs_exist_ok=True)
-        atomic_write_json(run_dir / "metrics.json", {"train": history, "restarts": final["restarts"],
-                                                     "worker_nodes": final["worker_nodes"]})
-        atomic_write_json(run_dir / "labels.json", list(splits.labels))
-        if label_dist is not None:
-            atomic_write_json(run_dir / "label_distribution.json", label_dist)
-        write_certificate(run_dir / "certificate.json", certificate)  # last: its presence marks a complete run
+        write_release(run_dir, cfg, ckpt, splits, label_dist, certificate)
     finally:
         # An exception ends the run (its charges stay spent); only a hard crash of this driver leaves it
         # open, and then re-running the same job resumes it from its last checkpoint.

@@ -25,7 +25,7 @@ from dpsynth.config import JobConfig
 from dpsynth.data import format_prefix
 from dpsynth.io import atomic_write_text
 from dpsynth.models import load_base, wrap_lora
-from dpsynth.privacy import SampledGaussian
+from dpsynth.privacy import RepeatAndSelect, SampledGaussian
 from dpsynth.train.step import DPLoRAStep, PlainLoRAStep, collate, encode, trainable
 
 log = logging.getLogger(__name__)
@@ -137,6 +137,12 @@ def train_loop(config: dict) -> None:
         log.info("rank %d resumed from step %d of run %s", rank, start, run_id)
 
     ledger = LedgerClient(config["ledger"]) if config.get("private", True) else None
+    if ledger is not None and config.get("covered_by"):
+        # A search trial: its steps are covered by the search's RepeatAndSelect charge, which must
+        # already be on record; then it charges nothing per step.
+        if rank == 0 and not any(isinstance(e, RepeatAndSelect) for e in ledger.charged(config["covered_by"])):
+            raise RuntimeError(f"trial of search {config['covered_by']}: the search's cost is not charged; refusing to train")
+        ledger = None
 
     def save(i: int) -> None:
         root = Path(config["scratch"]) / "ckpt"
