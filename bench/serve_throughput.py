@@ -16,8 +16,10 @@ import os
 import platform
 import subprocess
 import sys
+import tempfile
 import time
 from datetime import date
+from pathlib import Path
 
 
 def _adapter(run: str):
@@ -151,18 +153,22 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     ap.add_argument("--json", help="also write the results here")
     ap.add_argument("--phase", choices=list(PHASES), help=argparse.SUPPRESS)
+    ap.add_argument("--phase-out", help=argparse.SUPPRESS)
     args = ap.parse_args()
-    if args.phase:
-        print(json.dumps(PHASES[args.phase](args)))
+    if args.phase:  # engines log to stdout too, so the result goes to a file
+        result = PHASES[args.phase](args)
+        with open(args.phase_out, "w") as fh:
+            json.dump(result, fh)
         return
     _merged(args.run)  # merge once, outside every timed phase
     results = {}
     for phase in ("offline", "serve", "transformers"):
-        cmd = [sys.executable, __file__, *sys.argv[1:], "--phase", phase]
-        proc = subprocess.run(cmd, capture_output=True, text=True)
-        if proc.returncode:
-            sys.exit(f"phase {phase} failed:\n{proc.stderr[-4000:]}")
-        results[phase] = json.loads(proc.stdout.strip().splitlines()[-1])
+        with tempfile.NamedTemporaryFile(suffix=".json") as out:
+            cmd = [sys.executable, __file__, *sys.argv[1:], "--phase", phase, "--phase-out", out.name]
+            proc = subprocess.run(cmd, capture_output=True, text=True)
+            if proc.returncode:
+                sys.exit(f"phase {phase} failed:\n{proc.stderr[-4000:]}")
+            results[phase] = json.loads(Path(out.name).read_text())
         print(f"{phase}: {json.dumps(results[phase])}", file=sys.stderr)
 
     def tps(x: dict) -> float:

@@ -23,7 +23,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from dpsynth.config import load_config
+from dpsynth.config import SamplingConfig, load_config
 from dpsynth.errors import UserError
 
 from conftest import make_rows
@@ -180,10 +180,10 @@ def test_corpus_csv_and_seed_reproducibility(client):
 
 def test_corpus_streams_rows_as_they_are_generated(server):
     with httpx.Client(base_url=server, timeout=300) as c:
-        with c.stream("POST", "/v1/corpus", json={"adapter": "alpha", "num_examples": 200, "max_tokens": 24}) as resp:
+        with c.stream("POST", "/v1/corpus", json={"adapter": "alpha", "num_examples": 120, "max_tokens": 16}) as resp:
             assert resp.status_code == 200
             stamps = [time.monotonic() for _ in resp.iter_lines()]
-    assert len(stamps) == 200
+    assert len(stamps) == 120
     assert stamps[-1] - stamps[0] > 0.05  # the first rows arrived before the last were generated
 
 
@@ -317,9 +317,9 @@ def test_sample_with_vllm_runs_as_a_ray_data_job(runs):
     from dpsynth.sample import load_run_config, sample
 
     run_dir = runs["dirs"]["beta"]
-    params = load_run_config(run_dir).sampling.model_copy(
-        update={"engine": "vllm", "num_examples": 30, "label_proportions": {"pos": 2, "neg": 1}, "max_new_tokens": 6,
-                "batch_size": 8})
+    params = SamplingConfig.model_validate({
+        **load_run_config(run_dir).sampling.model_dump(), "engine": "vllm", "num_examples": 30,
+        "label_proportions": {"pos": 2, "neg": 1}, "max_new_tokens": 6, "batch_size": 8})
     path = sample(run_dir, params, show_progress=False)
     rows = [json.loads(line) for line in path.read_text().splitlines()]
     assert len(rows) == 30 and sum(r["label"] == "pos" for r in rows) == 20 and all(r["text"] for r in rows)

@@ -143,7 +143,8 @@ class AsyncTransformersEngine:
             await asyncio.sleep(0.005)  # let concurrent callers join this batch
             key = self.pending[0][0]
             batch = [p for p in self.pending if p[0] == key and not p[3].done()][: self.max_batch]
-            self.pending = [p for p in self.pending if p not in batch and not p[3].done()]
+            taken = {id(p) for p in batch}
+            self.pending = [p for p in self.pending if id(p) not in taken and not p[3].done()]
             if not batch:
                 continue
             try:
