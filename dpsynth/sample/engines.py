@@ -74,8 +74,12 @@ def vllm_lora_rank(ranks: list[int]) -> int:
 def vllm_engine_kwargs(model_dir: str, *, dtype: str, lora_ranks: list[int] | None, max_model_len: int,
                        max_num_seqs: int, enforce_eager: bool, seed: int = 0) -> dict:
     """Engine arguments shared by the offline (LLM) and online (AsyncLLM) vLLM engines."""
+    # No chunked prefill: on CPU, a seeded request whose prompt is split across steps crashes the engine
+    # ("CPU Generator does not use offset": rewinding its sampled token needs a CUDA generator). Our prompts
+    # are short, so whole-prompt prefill costs nothing.
     kw = dict(model=model_dir, dtype=dtype, max_model_len=max_model_len, max_num_seqs=max_num_seqs, seed=seed,
-              enforce_eager=enforce_eager, disable_log_stats=True)
+              enforce_eager=enforce_eager, disable_log_stats=True, enable_chunked_prefill=False,
+              max_num_batched_tokens=max(2048, max_model_len))
     if lora_ranks:
         kw.update(enable_lora=True, max_lora_rank=vllm_lora_rank(lora_ranks), max_loras=len(lora_ranks),
                   max_cpu_loras=len(lora_ranks))
