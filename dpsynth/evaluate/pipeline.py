@@ -23,7 +23,7 @@ from dpsynth.evaluate.audit import audit_runs, privacy_audit
 from dpsynth.evaluate.classifiers import Context, metrics, predict
 from dpsynth.evaluate.corpora import find_corpus, read_corpus, zero_shot_corpus
 from dpsynth.evaluate.embed import Embedder
-from dpsynth.evaluate.utility import SOURCES, tuning_rank_correlation, utility_table
+from dpsynth.evaluate.utility import SOURCES, subset, tuning_rank_correlation, utility_table
 from dpsynth.io import atomic_write_json
 from dpsynth.privacy.certificate import read_certificate
 
@@ -144,6 +144,7 @@ def evaluate(run_dir: Path, ev: EvaluationConfig | None = None, *, show_progress
             tune_train, val = real[cut:], real[:cut]
         else:
             tune_train = real
+        tune_train = subset(tune_train, ev.max_real_examples, ev.seed)  # 2 x 8 fits: keep the real side cheap too
         result["tuning"] = timed("tuning", tuning_rank_correlation, tune_train, val, synthetic, test, ev.seed)
     result["fidelity"] = timed("fidelity", fidelity_section, synthetic, real, test, zero_shot, embedder, ev, ctx)
     result["privacy"] = timed("privacy", privacy_audit, run_dir, cfg, splits, synthetic, embedder, ev)
