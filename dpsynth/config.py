@@ -280,7 +280,7 @@ class EvaluationConfig(_Section):
     tuning: bool = True
     """Rank correlation of classifier hyperparameter rankings tuned on synthetic vs real data."""
     mauve: bool = True
-    attack_examples: PositiveInt = 200
+    attack_examples: PositiveInt = 128
     """Members and non-members (each) scored by the membership-inference attacks."""
     audit_epsilons: tuple[PositiveFloat | Literal["inf"], ...] = ()
     """Extra training runs on a canary-augmented copy of the data, one per epsilon (`inf`: no noise): the
