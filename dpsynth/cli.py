@@ -50,9 +50,14 @@ def _summary(run_dir: Path, evaluation: dict | None = None) -> None:
     table = Table(title=f"dpsynth run {run_dir}", show_header=False)
     table.add_row("epsilon spent", f"{cert['epsilon']:.4f}  ({cert['accountant']} accountant)")
     table.add_row("delta", f"{cert['delta']:.3g}")
-    table.add_row("mechanism", f"{cert['steps']} steps, q={cert['sampling_rate']:.5f}, sigma={cert['noise_multiplier']:.4f}, C={cert['max_grad_norm']}")
+    if cert.get("generator") == "in_context":
+        table.add_row("mechanism", f"in-context {cert['mechanism']}: {cert['token_steps']} token steps charged, noise multiplier "
+                      f"{cert['noise_multiplier']:.4f} (scale {cert['noise_scale']:.4f} votes)")
+    else:
+        table.add_row("mechanism", f"{cert['steps']} steps, q={cert['sampling_rate']:.5f}, sigma={cert['noise_multiplier']:.4f}, C={cert['max_grad_norm']}")
     table.add_row("certificate", str(run_dir / "certificate.json"))
-    table.add_row("adapter", str(run_dir / "adapter"))
+    if (run_dir / "adapter").exists():
+        table.add_row("adapter", str(run_dir / "adapter"))
     for fmt in ("jsonl", "csv"):
         if (run_dir / f"synthetic.{fmt}").exists():
             table.add_row("synthetic corpus", str(run_dir / f"synthetic.{fmt}"))
@@ -68,8 +73,8 @@ def _summary(run_dir: Path, evaluation: dict | None = None) -> None:
             table.add_row("MAUVE, synthetic vs real test", f"{mauve:.3f}")
         privacy = evaluation.get("privacy")
         if privacy:
-            table.add_row("membership inference AUC", f"{privacy['generator']['loss']['auc']:.3f} (generator loss), "
-                          f"{privacy['corpus_nearest_neighbour']['auc']:.3f} (corpus only)")
+            gen_auc = f"{privacy['generator']['loss']['auc']:.3f} (generator loss), " if privacy.get("generator") else ""
+            table.add_row("membership inference AUC", f"{gen_auc}{privacy['corpus_nearest_neighbour']['auc']:.3f} (corpus only)")
             table.add_row("empirical epsilon lower bound", f"{privacy['empirical_epsilon']['lower_bound']:.3f}  (certified {cert['epsilon']:.3f})")
     Console().print(table)
 
@@ -82,6 +87,17 @@ def train(config: ConfigOpt = None, set_: SetOpt = None, output: OutOpt = None, 
     cfg = _config(config, set_, output)
     _log_to(cfg.output_dir)
     _summary(run_training(cfg, show_progress=not quiet))
+
+
+@app.command()
+def generate(config: ConfigOpt = None, set_: SetOpt = None, output: OutOpt = None, quiet: QuietOpt = False) -> None:
+    """Training-free DP few-shot generation (noisy votes of in-context groups; the `incontext` section): corpus +
+    certificate, every token charged to the ledger."""
+    from dpsynth.sample.incontext import generate as run_generation
+
+    cfg = _config(config, set_, output)
+    _log_to(cfg.output_dir)
+    _summary(run_generation(cfg, show_progress=not quiet))
 
 
 @app.command()
@@ -149,8 +165,13 @@ def run(config: ConfigOpt = None, set_: SetOpt = None, output: OutOpt = None, qu
 
     cfg = _config(config, set_, output)
     _log_to(cfg.output_dir)
-    run_dir = run_training(cfg, show_progress=not quiet)
-    run_sampling(run_dir, cfg.sampling, show_progress=not quiet)
+    if cfg.generator == "in_context":
+        from dpsynth.sample.incontext import generate as run_generation
+
+        run_dir = run_generation(cfg, show_progress=not quiet)
+    else:
+        run_dir = run_training(cfg, show_progress=not quiet)
+        run_sampling(run_dir, cfg.sampling, show_progress=not quiet)
     _summary(run_dir, run_evaluation(run_dir))
 
 

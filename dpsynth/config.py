@@ -253,6 +253,42 @@ class ServeConfig(_Section):
         return v
 
 
+class InContextConfig(_Section):
+    """`generator: in_context` / `dpsynth generate`: training-free DP few-shot generation (Tang et al. 2024, ICLR).
+
+    Per label, the train split is cut into `groups` disjoint groups; for each output token every group votes its
+    next-token distribution given its own in-context examples, the votes are summed, noised (Laplace or Gaussian)
+    and the token is the noisy argmax. Every token step is charged; see dpsynth/sample/incontext.py.
+    """
+
+    num_examples: PositiveInt = 100
+    """Synthetic examples to generate (split over labels by sampling.label_proportions)."""
+    max_new_tokens: PositiveInt = 24
+    """Token steps per example; each example is charged all of them (EOS only saves compute)."""
+    groups: PositiveInt = 16
+    """Disjoint groups per label (fixed, not data-dependent: one example then changes one group's vote)."""
+    examples_per_group: PositiveInt = 4
+    """In-context examples per group (a group uses at most this many of the examples hashed to it)."""
+    mechanism: Literal["gaussian", "laplace"] = "gaussian"
+    noise_multiplier: PositiveFloat | None = None
+    """Per-token noise over sensitivity (sigma / sqrt(2) or b / 2); default: calibrated to privacy.epsilon."""
+    temperature: PositiveFloat = 1.0
+    """Temperature of each group's next-token distribution."""
+    top_k: int = Field(0, ge=0)
+    """Clip each vote to its top-k tokens (renormalised); 0 = the whole candidate set."""
+    candidates: int = Field(100, ge=0)
+    """Noisy argmax over the public model's top-N tokens (no private data in its prompt); 0 = the whole vocabulary."""
+    public_fallback: bool = False
+    """Release the public model's token when a noisy count of agreeing groups passes the threshold (costs one
+    more charged event per token; improves utility, never saves budget)."""
+    fallback_threshold: float = Field(0.5, gt=0.0, le=1.0)
+    """Fraction of groups that must (noisily) agree with the public model's top token."""
+    fallback_noise_multiplier: PositiveFloat = 4.0
+    """Noise of the agreement count (sensitivity 1), in the mechanism's own family."""
+    seed: int = 0
+    """Seeds the group assignment and the generation order (the DP noise always uses fresh OS entropy)."""
+
+
 ClassifierName = Literal["tfidf_logreg", "minilm_logreg", "transformer"]
 
 
@@ -316,6 +352,9 @@ class JobConfig(_Section):
     tune: TuneConfig = TuneConfig()
     sampling: SamplingConfig = SamplingConfig()
     evaluation: EvaluationConfig = EvaluationConfig()
+    generator: Literal["dp_lora", "in_context"] = "dp_lora"
+    """`dp_lora`: DP fine-tune then sample (train/sample); `in_context`: training-free DP few-shot generation."""
+    incontext: InContextConfig = InContextConfig()
     output_dir: Path = Path("runs/demo")
 
     def training_hash(self) -> str:

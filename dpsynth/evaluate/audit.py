@@ -126,6 +126,11 @@ def privacy_audit(run_dir: Path, cfg: JobConfig, splits: Splits, synthetic: list
     nonmembers = _pick([ex for ex in splits.test + splits.validation if ex.text not in canary_texts], ev.attack_examples, ev.seed + 1)
     result: dict = {"certified_epsilon": cert["epsilon"], "delta": delta, "members": len(members), "nonmembers": len(nonmembers)}
 
+    if not (Path(run_dir) / "adapter").is_dir():
+        # a training-free (in-context) run has no trained generator to attack: only the released corpus
+        result["generator"] = {}
+        result["generator_note"] = "no adapter (in-context run): corpus attacks only"
+        return _corpus_attacks(result, splits, synthetic, members, nonmembers, embedder, ev, delta, cert)
     # generator: loss threshold, and calibrated by the public base model (the adapter switched off)
     model, tok = load_adapter(Path(run_dir), cfg.model)
     prefix_of = lambda label: format_prefix(cfg.model.prefix_template, cert["dataset"]["name"], label)  # noqa: E731
@@ -143,7 +148,11 @@ def privacy_audit(run_dir: Path, cfg: JobConfig, splits: Splits, synthetic: list
                               "by_count": exposure_by_count(rows), "each": rows,
                               "secrets_in_corpus": sum(any(c.secret in ex.text for ex in synthetic) for c in canaries if c.repetitions)}
     del model
+    return _corpus_attacks(result, splits, synthetic, members, nonmembers, embedder, ev, delta, cert)
 
+
+def _corpus_attacks(result: dict, splits: Splits, synthetic, members, nonmembers, embedder: Embedder,
+                    ev: EvaluationConfig, delta: float, cert: dict) -> dict:
     # the released corpus only: nearest synthetic neighbour, verbatim overlap
     syn_emb = embedder([ex.text for ex in synthetic])
     nn = attacks.nearest_neighbour_scores(embedder([ex.text for ex in members + nonmembers]), syn_emb)

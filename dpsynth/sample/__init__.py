@@ -31,6 +31,11 @@ def sample(run_dir: Path, params: SamplingConfig | None = None, *, show_progress
     """Write `synthetic.{jsonl,csv}` and its certificate into run_dir; return the corpus path."""
     run_dir = Path(run_dir)
     cert = read_certificate(run_dir / "certificate.json")  # only certified adapters are sampled
+    if cert.get("generator") == "in_context":
+        from dpsynth.errors import UserError
+
+        raise UserError(f"{run_dir}: an in-context (training-free) run has no adapter to sample for free; every new "
+                        "example costs privacy: run `dpsynth generate` again with a new output directory")
     cfg = load_run_config(run_dir)
     params = params or cfg.sampling
     labels = tuple(sorted(json.loads((run_dir / "labels.json").read_text())))

@@ -1,0 +1,248 @@
+"""Training-free DP few-shot generation (dpsynth/sample/incontext.py): sensitivity, noise, accounting, ledger, e2e."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+
+import dp_accounting
+import numpy as np
+import pytest
+import torch
+from scipy.stats import norm
+
+from conftest import make_rows
+from dpsynth.config import InContextConfig, load_config
+from dpsynth.data import Example
+from dpsynth.privacy import Budget, Gaussian, Laplace, Ledger, epsilon
+from dpsynth.sample.incontext import (SENSITIVITY_L1, SENSITIVITY_L2, GroupVoter, assign_groups, calibrate, choose_token,
+                                      clip_votes, example_events, generate_rows, noise_scale, plan_events, pure_epsilon,
+                                      sample_noise)
+
+LABELS = ("neg", "pos")
+
+
+def examples(n: int, seed: int = 0) -> list[Example]:
+    return [Example(r["review"], r["sentiment"]) for r in make_rows(n, seed)]
+
+
+@pytest.fixture(scope="module")
+def voter(tiny_model_dir):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    return GroupVoter(model, tok, "[{dataset}][{label}]: ", "reviews", max_length=32, cache=False)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    # tiny matmuls: one thread is much faster than two on a shared, loaded 2-core machine
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+# --- sensitivity ---------------------------------------------------------------------------------------
+
+def changed_groups(a, b) -> list[tuple[str, int]]:
+    return [(lab, g) for lab in LABELS for g in range(len(a[lab])) if a[lab][g] != b[lab][g]]
+
+
+def test_one_example_changes_at_most_one_group():
+    data = examples(200)
+    base = assign_groups(data, LABELS, groups=8, per_group=30, seed=3)  # room for every record: the add shows up
+    assert all(len({id(ex) for g in gs for ex in g}) == sum(map(len, gs)) for gs in base.values())  # disjoint
+    assert all(ex.label == lab for lab, gs in base.items() for g in gs for ex in g)  # label-homogeneous
+    added = Example("an entirely new and private review", "pos")
+    assert len(changed_groups(base, assign_groups(data + [added], LABELS, 8, 30, 3))) == 1
+    for i in (0, 57, 199):  # remove one
+        assert len(changed_groups(base, assign_groups(data[:i] + data[i + 1:], LABELS, 8, 30, 3))) == 1
+    # with a per-group cap an insertion may displace a member, still inside one group only
+    capped = assign_groups(data, LABELS, 8, 3, 3)
+    for k in range(20):
+        other = assign_groups(data + [Example(f"new private text {k}", LABELS[k % 2])], LABELS, 8, 3, 3)
+        assert len(changed_groups(capped, other)) <= 1
+
+
+def test_neighbouring_datasets_change_one_vote_by_at_most_the_sensitivity(voter):
+    data = examples(120)
+    neighbour = data + [Example("awful dreadful messy plot, a private sentence", "neg")]
+    votes = []
+    for d in (data, neighbour):
+        groups = assign_groups(d, LABELS, groups=12, per_group=8, seed=0)["neg"]
+        logits = voter.start(voter.prompts("neg", groups))
+        cand = logits[-1].topk(50).indices  # the public row: no private data
+        votes.append((logits[-1], clip_votes(logits[:-1, cand], temperature=1.0), clip_votes(logits[:-1, cand], 1.0, top_k=5)))
+    (pub_a, va, ka), (pub_b, vb, kb) = votes
+    assert torch.equal(pub_a, pub_b)
+    for x, y in ((va, vb), (ka, kb)):
+        assert torch.allclose(x.sum(-1), torch.ones(len(x), dtype=x.dtype))  # each vote: L1 norm 1
+        diff = [i for i in range(len(x)) if not torch.equal(x[i], y[i])]
+        assert len(diff) == 1
+        assert float((x - y).abs().sum()) <= SENSITIVITY_L1 + 1e-9
+        assert float(torch.linalg.vector_norm(x.sum(0) - y.sum(0))) <= SENSITIVITY_L2 + 1e-9
+
+
+def test_kv_cache_matches_recomputation(tiny_model_dir, voter):
+    cached = GroupVoter(voter.model, voter.tok, voter.template, voter.dataset, voter.max_length, cache=True)
+    rows = voter.prompts("pos", assign_groups(examples(60), LABELS, 4, 3, 0)["pos"])  # different lengths: left padding
+    assert len({len(r) for r in rows}) > 1
+    a, b = voter.start(rows), cached.start(rows)
+    for token in (11, 532, 2010):
+        assert torch.allclose(a, b, atol=1e-4)
+        a, b = voter.step(token), cached.step(token)
+    assert torch.allclose(a, b, atol=1e-4)
+
+
+# --- noise ---------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("mechanism,nm", [("laplace", 0.5), ("laplace", 3.0), ("gaussian", 0.7), ("gaussian", 5.0)])
+def test_noise_scale_matches_mechanism(mechanism, nm):
+    scale = noise_scale(mechanism, nm)
+    assert scale == pytest.approx(nm * (2.0 if mechanism == "laplace" else math.sqrt(2.0)))
+    x = sample_noise(200_000, mechanism, scale, torch.Generator().manual_seed(1)).numpy()
+    assert abs(x.mean()) < 0.02 * scale
+    if mechanism == "laplace":  # Laplace(b): E|X| = b, std = sqrt(2) b
+        assert np.abs(x).mean() == pytest.approx(scale, rel=0.01)
+        assert x.std() == pytest.approx(math.sqrt(2) * scale, rel=0.01)
+    else:
+        assert x.std() == pytest.approx(scale, rel=0.01)
+        assert np.abs(x).mean() == pytest.approx(scale * math.sqrt(2 / math.pi), rel=0.01)
+
+
+@pytest.mark.parametrize("mechanism,accountant", [("laplace", "pld"), ("gaussian", "pld"), ("gaussian", "rdp")])
+def test_calibrated_noise_meets_epsilon(mechanism, accountant):
+    ic = InContextConfig(mechanism=mechanism, max_new_tokens=10)
+    nm = calibrate(ic, 3.0, 1e-5, accountant, examples=20)
+    eps = epsilon(plan_events(ic, nm, 20), 1e-5, accountant)
+    assert 0.99 * 3.0 <= eps <= 3.0
+    assert epsilon(plan_events(ic, nm * 0.98, 20), 1e-5, accountant) > 3.0  # and it is the least such noise
+    if mechanism == "laplace":
+        assert eps <= pure_epsilon(plan_events(ic, nm, 20))  # (eps, delta) never above the pure-DP bound
+        assert pure_epsilon([Laplace(0.5, 40)]) == pytest.approx(80.0)
+
+
+def test_fallback_is_charged_every_token():
+    ic = InContextConfig(public_fallback=True, fallback_noise_multiplier=4.0, max_new_tokens=7)
+    assert example_events(ic, 2.0) == [Gaussian(2.0, 7), Gaussian(4.0, 7)]
+
+
+# --- accounting against dp_accounting --------------------------------------------------------------------
+
+def analytic_gaussian_epsilon(mu: float, delta: float) -> float:
+    """Exact eps of a Gaussian mechanism with mu = sensitivity/sigma (Balle & Wang 2018, Thm 8)."""
+    d = lambda e: norm.cdf(-e / mu + mu / 2) - math.exp(e) * norm.cdf(-e / mu - mu / 2)  # noqa: E731
+    lo, hi = 0.0, 100.0
+    for _ in range(200):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if d(mid) > delta else (lo, mid)
+    return hi
+
+
+@pytest.mark.parametrize("mechanism", ["laplace", "gaussian"])
+def test_certificate_epsilon_matches_dp_accounting(tmp_path, mechanism):
+    nm, steps, delta = (8.0 if mechanism == "laplace" else 6.0), 60, 1e-5
+    ic = InContextConfig(mechanism=mechanism, max_new_tokens=6)
+    ledger = Ledger(tmp_path / "ledger.sqlite")
+    ledger.set_budget("fp", Budget(50.0, delta))
+    ledger.open_run("r", "fp", plan_events(ic, nm, steps // 6), "pld")
+    for _ in range(steps // 6):
+        for e in example_events(ic, nm):
+            ledger.charge("r", e)
+    cert = ledger.certify("r", delta, {})
+    # the reference: every token as its own dp_accounting event, composed one by one
+    one = dp_accounting.LaplaceDpEvent(nm) if mechanism == "laplace" else dp_accounting.GaussianDpEvent(nm)
+    pld = dp_accounting.pld.PLDAccountant()
+    rdp = dp_accounting.rdp.RdpAccountant()
+    for _ in range(steps):
+        pld.compose(one)
+        rdp.compose(one)
+    assert cert["epsilon"] == pytest.approx(pld.get_epsilon(delta), rel=1e-6)
+    assert cert["epsilon"] <= rdp.get_epsilon(delta)
+    if mechanism == "gaussian":  # N Gaussians at sigma = composed Gaussian at sigma/sqrt(N): closed form
+        assert cert["epsilon"] == pytest.approx(analytic_gaussian_epsilon(math.sqrt(steps) / nm, delta), rel=0.01)
+    else:
+        assert cert["epsilon"] <= steps / nm  # the pure-DP basic-composition bound
+
+
+# --- the ledger stops generation -------------------------------------------------------------------------
+
+def test_ledger_stops_generation_when_the_plan_is_spent(tmp_path, voter):
+    ic = InContextConfig(max_new_tokens=5, groups=3, examples_per_group=2, candidates=20)
+    nm = 4.0
+    ledger = Ledger(tmp_path / "ledger.sqlite")
+    ledger.set_budget("fp", Budget(100.0, 1e-5))
+    ledger.open_run("r", "fp", plan_events(ic, nm, 3), "rdp")  # admitted for 3 examples
+
+    def charge(events):
+        try:
+            for e in events:
+                ledger.charge("r", e)
+        except Exception:
+            return False
+        return True
+
+    groups = assign_groups(examples(60), LABELS, 3, 2, 0)
+    rows, stats = generate_rows(voter, groups, {"neg": 4, "pos": 4}, ic, nm, charge, torch.Generator().manual_seed(0))
+    charged = sum(e.count for e in ledger.charged("r"))
+    assert stats["stopped_by_ledger"] and stats["examples_charged"] == 3
+    assert charged == stats["token_steps_charged"] == 15
+    assert stats["token_steps_computed"] <= charged and stats["tokens_released"] <= charged
+    assert len(rows) + stats["empty"] == 3
+    assert {r["label"] for r in rows} <= set(LABELS)
+
+
+def test_public_fallback_picks_the_public_token_when_groups_agree():
+    ic = InContextConfig(public_fallback=True, fallback_noise_multiplier=0.01, candidates=10)
+    logits = torch.full((5, 100), -5.0)
+    logits[:, 42] = 10.0  # every group and the public row agree on 42
+    logits[-1, 42] = 9.0
+    token, public = choose_token(logits[:-1], logits[-1], ic, 1.0, torch.Generator().manual_seed(0))
+    assert (token, public) == (42, True)
+    logits[-1, 7] = 12.0  # the public model now prefers 7, the groups still 42: the noisy argmax decides
+    token, public = choose_token(logits[:-1], logits[-1], ic, 0.01, torch.Generator().manual_seed(0))
+    assert (token, public) == (42, False)
+
+
+# --- end to end ------------------------------------------------------------------------------------------
+
+def test_cli_generate_then_evaluate(tmp_path, tiny_model_dir, jsonl_dataset):
+    run = tmp_path / "fewshot"
+    sets = [f"data.source={jsonl_dataset}", "data.text_column=review", "data.label_column=sentiment",
+            f"model.base={tiny_model_dir}", f"privacy.ledger={tmp_path / 'ledger.sqlite'}", "privacy.epsilon=4",
+            "privacy.accountant=pld", "incontext.mechanism=laplace", "incontext.num_examples=6",
+            "incontext.max_new_tokens=6", "incontext.groups=4", "incontext.examples_per_group=2",
+            "sampling.label_proportions=uniform"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "-m", "dpsynth", "generate", "-q", "-o", str(run),
+                           *[a for s in sets for a in ("--set", s)]], capture_output=True, text=True, timeout=600, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    cert = json.loads((run / "certificate.json").read_text())
+    corpus_cert = json.loads((run / "synthetic.jsonl.certificate.json").read_text())
+    assert cert["generator"] == "in_context" and cert["mechanism"] == "laplace" and cert["accountant"] == "pld"
+    assert 0 < cert["epsilon"] <= 4.0 and cert["epsilon"] <= cert["pure_dp_epsilon"]
+    assert cert["token_steps"] == 36 and sum(e["count"] for e in cert["events"]) == 36
+    assert corpus_cert["epsilon"] == cert["epsilon"] and corpus_cert["corpus"]["examples"] >= 1
+    rows = [json.loads(line) for line in (run / "synthetic.jsonl").read_text().splitlines()]
+    assert rows and {r["label"] for r in rows} <= {"pos", "neg"}
+    for name in ("config.yaml", "labels.json", "metrics.json"):
+        assert (run / name).is_file()
+    # the same job again reuses the certified corpus instead of spending again
+    again = subprocess.run([sys.executable, "-m", "dpsynth", "generate", "-q", "-o", str(run),
+                            *[a for s in sets for a in ("--set", s)]], capture_output=True, text=True, timeout=600, env=env)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert len(Ledger(tmp_path / "ledger.sqlite").runs()) == 1
+
+    # the evaluation package treats it like a DP-LoRA run (corpus attacks only: there is no adapter)
+    from dpsynth.evaluate import evaluate
+
+    ev = load_config(None, ["evaluation.classifiers=[tfidf_logreg]", "evaluation.dp_baseline=false",
+                            "evaluation.tuning=false", "evaluation.mauve=false", "evaluation.attack_examples=10"]).evaluation
+    result = evaluate(run, ev)
+    assert result["epsilon"] == cert["epsilon"] and result["privacy"]["generator"] == {}
+    assert "corpus_nearest_neighbour" in result["privacy"]
