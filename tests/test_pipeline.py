@@ -170,7 +170,7 @@ def test_cli_error_exit_code_in_a_real_process(tmp_path):
 def test_help_lists_commands():
     res = cli("--help")
     assert res.returncode == 0
-    for command in ("train", "sample", "evaluate", "run", "config"):
+    for command in ("train", "sample", "evaluate", "report", "run", "config"):
         assert command in res.stdout
 
 

@@ -77,7 +77,8 @@ def tuning_rank_correlation(real_train: list[Example], real_val: list[Example], 
 
     real_scores = [acc(real_train, real_val, h) for h in grid]
     syn_scores = [acc(syn_train, syn_val, h) for h in grid]
-    rho = stats.spearmanr(real_scores, syn_scores).statistic
+    constant = len(set(real_scores)) < 2 or len(set(syn_scores)) < 2  # a ranking of ties: rho undefined
+    rho = np.nan if constant else stats.spearmanr(real_scores, syn_scores).statistic
     pick_real, pick_syn = grid[int(np.argmax(real_scores))], grid[int(np.argmax(syn_scores))]
     return {
         "spearman_rho": None if np.isnan(rho) else float(rho), "grid": grid, "real_validation_accuracy": real_scores,
