@@ -221,3 +221,31 @@ def test_report_with_canary_runs_end_to_end(tiny_job, tmp_path, capsys):
         main(["report", str(run_dir), "--quiet", *[a for s in sets for a in ("--set", s)]])
     assert ex.value.code == 0
     assert ledgers == {p: len(Ledger(Path(points[p]["ledger"])).runs(points[p]["dataset_fingerprint"])) for p in points} == {"1": 1, "inf": 1}
+
+
+def test_transformer_classifier_fine_tunes_and_dp_fine_tunes_with_opacus():
+    """MiniLM with its top blocks + head: learns the toy task plainly and under DP-SGD (only those blocks get
+    per-example gradients), at the calibrated epsilon."""
+    from dpsynth.evaluate.classifiers import predict
+
+    train, test = toy(200, seed=1), toy(60, seed=2)
+    truth, texts = [e.label for e in test], [e.text for e in test]
+    ctx = Context(seed=0, transformer_epochs=2)
+    assert metrics(truth, predict("transformer", train, texts, ctx))["accuracy"] > 0.9
+    pred, info = dp_predict("transformer", train, texts, target_epsilon=8.0, delta=1e-4, accountant="prv", ctx=ctx,
+                            epochs=3, batch_size=50)
+    assert 7.5 < info.epsilon <= 8.0 and info.steps == 12 and info.sampling_rate == 0.25
+    assert metrics(truth, pred)["accuracy"] > 0.8
+
+
+def test_zero_shot_corpus_from_the_base_model_is_uniform_and_cached(tiny_model_dir, tmp_path):
+    from dpsynth.config import SamplingConfig
+    from dpsynth.evaluate.corpora import zero_shot_corpus
+
+    params = SamplingConfig(max_new_tokens=6, batch_size=5)
+    rows = zero_shot_corpus(tmp_path / "zs.jsonl", tiny_model_dir, "toy", ["neg", "pos"], 7, "A {label} text from {dataset}:\n", params)
+    assert len(rows) == 7 and [e.label for e in rows].count("neg") == 4 and all(e.text for e in rows)
+    meta = json.loads((tmp_path / "zs.meta.json").read_text())
+    assert meta["prompt"] == "A {label} text from {dataset}:\n" and meta["base"] == tiny_model_dir
+    assert zero_shot_corpus(tmp_path / "zs.jsonl", tiny_model_dir, "toy", ["neg", "pos"], 7, "A {label} text from {dataset}:\n",
+                            params) == rows  # cached
