@@ -78,6 +78,18 @@ def resolve_base(base: str) -> str:
     return str(path) if path.exists() else base
 
 
+def adapter_digest(adapter_dir: Path) -> str:
+    """sha256 of the LoRA weights file: the certificate pins exactly which adapter it certifies."""
+    return hashlib.sha256((Path(adapter_dir) / "adapter_model.safetensors").read_bytes()).hexdigest()
+
+
+def check_adapter(run_dir: Path, certificate: dict) -> None:
+    """Refuse adapter files that are not the ones the certificate was issued for."""
+    want = certificate.get("adapter_sha256")
+    if want is not None and adapter_digest(Path(run_dir) / "adapter") != want:
+        raise ModelError(f"{run_dir}: adapter/ does not match its certificate (sha256 differs); refusing to use it")
+
+
 def base_info(cfg: ModelConfig) -> dict:
     """What a certificate says about the base model: its name and the sha256 of its weights."""
     return {"name": cfg.base, "sha256": weights_digest(resolve_base(cfg.base))}
@@ -149,5 +161,8 @@ def load_adapter(run_dir: Path, cfg: ModelConfig):
     """Base model + the run's trained adapter, ready for sampling."""
     from peft import PeftModel
 
+    from dpsynth.privacy.certificate import read_certificate
+
+    check_adapter(run_dir, read_certificate(Path(run_dir) / "certificate.json"))
     model, tok, _ = load_base(cfg)
     return PeftModel.from_pretrained(model, str(run_dir / "adapter")).eval(), tok

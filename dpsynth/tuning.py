@@ -31,7 +31,7 @@ from dpsynth.config import JobConfig, load_config
 from dpsynth.data import format_prefix, prepare
 from dpsynth.errors import UserError
 from dpsynth.io import atomic_write_bytes, atomic_write_json, atomic_write_text
-from dpsynth.models import base_info, load_base, load_tokenizer
+from dpsynth.models import adapter_digest, base_info, load_base, load_tokenizer
 from dpsynth.privacy import Budget, Gaussian, RepeatAndSelect, epsilon
 from dpsynth.privacy.certificate import FORMAT as CERTIFICATE_FORMAT
 from dpsynth.privacy.certificate import code_version, now
@@ -172,6 +172,7 @@ def search(cfg: JobConfig, *, runner: str = RUNNER, show_progress: bool = True, 
         trial_eps = epsilon(trial_events(sigma, q, steps, cfg.tune.score_noise_multiplier), delta, ACCOUNTANT)
         certificate = ledger.certify(run_id, delta, {
             "format": CERTIFICATE_FORMAT, "created": now(), "config_hash": selected.training_hash(),
+            "adapter_sha256": adapter_digest(Path(best["checkpoint"]) / "adapter"),
             "noise_multiplier": sigma, "sampling_rate": q, "steps_per_trial": steps, "max_grad_norm": best["max_grad_norm"],
             "expected_batch_size": t.batch_size, "label_histogram_noise_multiplier": label_sigma,
             "dataset_fingerprint": splits.fingerprint, "dataset": {"name": splits.name, "train_examples": n},

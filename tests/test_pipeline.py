@@ -89,6 +89,14 @@ def test_second_run_over_the_dataset_budget_is_refused(tiny_job, tmp_path, capsy
     assert "budget exceeded" in err and "spent" in err and "requested" in err and "total" in err
     assert not (other / "certificate.json").exists() and not (other / "adapter").exists()
 
+    # The certificate pins the adapter's bytes: swapped weights are refused, not sampled.
+    weights = Path(overrides_dict(tiny_job)["output_dir"]) / "adapter" / "adapter_model.safetensors"
+    blob = bytearray(weights.read_bytes())
+    blob[-1] ^= 0xFF
+    weights.write_bytes(bytes(blob))
+    code, _, err = run_in_process(capsys, "sample", str(weights.parent.parent))
+    assert code == 2 and "does not match its certificate" in err
+
 
 def test_training_sees_only_the_train_split(tiny_job, monkeypatch):
     """Everything the Ray Train workers receive is in their loop config: its texts are the train split's."""

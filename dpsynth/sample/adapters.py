@@ -16,6 +16,7 @@ from dpsynth.config import ModelConfig
 from dpsynth.data import format_prefix
 from dpsynth.errors import UserError
 from dpsynth.io import atomic_dir
+from dpsynth.models import check_adapter
 from dpsynth.privacy import Ledger
 from dpsynth.privacy.certificate import read_certificate
 
@@ -91,6 +92,7 @@ def read_adapter(run_dir: str | Path, name: str | None = None) -> CertifiedAdapt
     cfg = load_run_config(run_dir)
     if not (run_dir / "adapter" / "adapter_config.json").is_file():
         raise UserError(f"{run_dir}: no adapter/ directory")
+    check_adapter(run_dir, cert)
     labels = tuple(sorted(json.loads((run_dir / "labels.json").read_text())))
     dist = run_dir / "label_distribution.json"
     rank = int(json.loads((run_dir / "adapter" / "adapter_config.json").read_text())["r"])

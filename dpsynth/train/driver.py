@@ -26,7 +26,7 @@ from dpsynth.config import JobConfig
 from dpsynth.data import Splits, format_prefix, prepare
 from dpsynth.errors import UserError
 from dpsynth.io import atomic_dir, atomic_write_json, atomic_write_text
-from dpsynth.models import base_info, load_tokenizer
+from dpsynth.models import adapter_digest, base_info, load_tokenizer
 from dpsynth.privacy import Budget, Gaussian, SampledGaussian, calibrate_noise_multiplier, epsilon
 from dpsynth.privacy.certificate import FORMAT as CERTIFICATE_FORMAT
 from dpsynth.privacy.certificate import code_version, now, read_certificate, write_certificate
@@ -124,7 +124,8 @@ def ensure_ray(address: str | None) -> None:
 
     if ray.is_initialized():
         return
-    address = address or os.environ.get("RAY_ADDRESS")
+    # "local": a fresh in-process Ray; a bare ray.init() would silently join any `ray start` cluster on this host.
+    address = address or os.environ.get("RAY_ADDRESS") or "local"
     ray.init(address=address, include_dashboard=False, log_to_driver=False, logging_level=logging.WARNING,
              configure_logging=False)
 
@@ -264,7 +265,7 @@ def train(cfg: JobConfig, *, show_progress: bool = True) -> Path:
         # The ledger issues the certificate: epsilon from the charges on record, and the run closes with it.
         certificate = ledger.certify(run_id, delta, {
             "format": CERTIFICATE_FORMAT, "created": now(), "config_hash": cfg.training_hash(),
-            "noise_multiplier": sigma, "sampling_rate": q, "steps_applied": history[-1]["step"] if history else 0,
+            "adapter_sha256": adapter_digest(ckpt / "adapter"), "noise_multiplier": sigma, "sampling_rate": q, "steps_applied": history[-1]["step"] if history else 0,
             "max_grad_norm": cfg.training.max_grad_norm, "expected_batch_size": cfg.training.batch_size,
             "label_histogram_noise_multiplier": cfg.sampling.label_noise_multiplier if label_dist else None,
             "dataset_fingerprint": splits.fingerprint, "dataset": {"name": splits.name, "train_examples": n},
