@@ -14,6 +14,19 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 torch.set_num_threads(min(2, os.cpu_count() or 1))
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _fresh_ray_per_module():
+    """Each test module starts without a Ray of an earlier module (modules init Ray their own way)."""
+    yield
+    import sys
+
+    if "ray" in sys.modules:
+        import ray
+
+        if ray.is_initialized():
+            ray.shutdown()
+
+
 @pytest.fixture(scope="session")
 def bundled_model_dir() -> str:
     """The bundled SmolLM2 dequantized once into the dpsynth cache (the real code path)."""

@@ -41,6 +41,8 @@ def free_port() -> int:
 def ray_local():
     import ray
 
+    if ray.is_initialized():
+        ray.shutdown()  # a Ray left by an earlier module
     port = free_port()
     ray.init(address="local", num_cpus=4, include_dashboard=False, _metrics_export_port=port,
              _system_config={"metrics_report_interval_ms": 1000})

@@ -12,6 +12,7 @@ Ray is imported lazily so that dpsynth.privacy itself needs no Ray.
 from __future__ import annotations
 
 import hashlib
+import os
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +30,9 @@ class LedgerActor:
 
     def path(self) -> str:
         return str(self.ledger.path)
+
+    def pid(self) -> int:
+        return os.getpid()
 
     def call(self, method: str, *args, **kwargs) -> tuple[str, Any]:
         """("ok", result) or (exception class name, message): refusals must survive the trip intact."""
