@@ -148,18 +148,24 @@ def test_kuberay_manifest_validates_against_the_crd_schema(path, kuberay_validat
         assert not errors, "\n".join(errors)
 
 
-@pytest.mark.parametrize("mutate, where", [
-    (lambda s: s["workerGroupSpecs"][0]["template"]["spec"]["containers"][0].update(resource={}), "resource"),
-    (lambda s: s["workerGroupSpecs"][0].update(minReplicas="two"), "two"),
-    (lambda s: s["workerGroupSpecs"][0].pop("groupName"), "groupName"),
-    (lambda s: s["headGroupSpec"]["template"]["spec"]["tolerations"].append({"key": "x", "efect": "NoSchedule"})
+@pytest.mark.parametrize("manifest, mutate, where", [
+    ("raycluster.yaml", lambda s: s["workerGroupSpecs"][0]["template"]["spec"]["containers"][0].update(resource={}), "resource"),
+    ("raycluster.yaml", lambda s: s["workerGroupSpecs"][0].update(minReplicas="two"), "two"),
+    ("raycluster.yaml", lambda s: s["workerGroupSpecs"][0].pop("groupName"), "groupName"),
+    ("raycluster.yaml", lambda s: s["headGroupSpec"]["template"]["spec"]["tolerations"].append({"key": "x", "efect": "NoSchedule"})
      if "tolerations" in s["headGroupSpec"]["template"]["spec"] else s["headGroupSpec"]["template"]["spec"].update(nodeSelektor={}), "Selektor|efect"),
-    (lambda s: s.update(rayVerison="2.60.0"), "rayVerison"),
+    ("raycluster.yaml", lambda s: s.update(rayVerison="2.60.0"), "rayVerison"),
+    ("rayjob-train.yaml", lambda s: s.update(submisionMode=s.pop("submissionMode")), "submisionMode"),
+    ("rayjob-train.yaml", lambda s: s.update(deletionStrategy={"onSuccess": {"policy": "DeleteClusters"}, "onFailure": {"policy": "DeleteNone"}}), "DeleteClusters"),
+    ("rayjob-train.yaml", lambda s: s.update(deletionStrategy={"onSuccess": {"policy": "DeleteCluster"}}), "not valid under any"),  # needs onFailure too
+    ("rayjob-train.yaml", lambda s: s["rayClusterSpec"].update(rayVerison="2.60.0"), "rayVerison"),
+    ("rayservice-sampler.yaml", lambda s: s.update(serveConfig=s.pop("serveConfigV2")), "serveConfig"),  # the v1alpha1 name
+    ("rayservice-sampler.yaml", lambda s: s.pop("rayClusterConfig"), "rayClusterConfig"),
 ])
-def test_kuberay_schema_check_is_not_vacuous(mutate, where, kuberay_validators):
-    doc = _docs(CLUSTER / "kuberay" / "raycluster.yaml")[0]
+def test_kuberay_schema_check_is_not_vacuous(manifest, mutate, where, kuberay_validators):
+    doc = _docs(CLUSTER / "kuberay" / manifest)[0]
     mutate(doc["spec"])
-    errors = [e.message for e in kuberay_validators("RayCluster").iter_errors(doc)]
+    errors = [e.message for e in kuberay_validators(doc["kind"]).iter_errors(doc)]
     assert errors and any(__import__("re").search(where, m) for m in errors), errors
 
 
