@@ -70,7 +70,7 @@ def ray_fit(cfg, splits, private: bool, q: float, steps: int, seed: int, tmp: Pa
     config = loop_config(cfg, splits, run_id=name, ledger_path=ledger.path, sigma=1.0, q=q, steps=steps,
                          sampler_seed=seed, noise_seed=1, scratch=tmp / name, private=private)
     ckpt = fit(cfg, config)
-    history = json.loads((ckpt / STATE).read_text())["history"]
+    history = json.loads(ckpt.read_text(STATE))["history"]
     return [(h["batch_size"], h["seconds"]) for h in history]
 
 

@@ -208,15 +208,15 @@ def tune_cmd(config: ConfigOpt = None, set_: SetOpt = None, output: OutOpt = Non
 
 
 @app.command("budget")
-def budget(ledger: Annotated[Optional[Path], typer.Option(help="Ledger file (default: privacy.ledger, i.e. DPSYNTH_LEDGER or ~/.dpsynth/ledger.sqlite).")] = None,
+def budget(ledger: Annotated[Optional[str], typer.Option(help="Ledger file or s3:// / gs:// URI (default: privacy.ledger, i.e. DPSYNTH_LEDGER or ~/.dpsynth/ledger.sqlite).")] = None,
            runs: Annotated[bool, typer.Option("--runs/--no-runs", help="Also list every run and its certificate.")] = True) -> None:
     """Datasets, their total budget and spend, runs and certificates, straight from the ledger."""
-    from dpsynth.privacy import Ledger
+    from dpsynth.privacy import ledger_exists, open_ledger
 
-    path = ledger or load_config(None, []).privacy.ledger
-    if not Path(path).is_file():
+    path = load_config(None, [f"privacy.ledger={ledger}"] if ledger else []).privacy.ledger
+    if not ledger_exists(path):
         raise UserError(f"ledger: {path} does not exist (nothing has been trained against it)")
-    book = Ledger(path)
+    book = open_ledger(path, readonly=True)
     out = Console()
     table = Table(title=f"privacy ledger {path}")
     for col in ("dataset fingerprint", "total eps", "delta", "spent eps", "left eps", "runs"):

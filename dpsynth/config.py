@@ -10,22 +10,30 @@ import json
 import math
 import os
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal, Union
 
 import yaml
 from dpsynth.errors import UserError
-from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, PositiveInt, ValidationError, field_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, PositiveFloat, PositiveInt, ValidationError, field_validator
 
 
 class ConfigError(UserError):
     """A config that cannot run; the message names the offending key."""
 
 
-def _posix_path(v, why: str):
-    """Refuse `scheme://...` where a filesystem path is needed: Path() would silently make it a local relative path."""
-    if isinstance(v, str) and "://" in v:
-        raise ValueError(f"{v!r} is a URI; {why}")
-    return v
+def _location(v):
+    """A local path (expanded) or an s3:// / gs:// URI (kept as text: Path() would make it a relative path)."""
+    from dpsynth.storage import check_uri, is_uri
+
+    if v is None or isinstance(v, Path):
+        return v
+    if is_uri(v):
+        return check_uri(v)
+    return Path(v).expanduser()
+
+
+Location = Annotated[Union[Path, str], BeforeValidator(_location)]
+"""Where durable state lives: a path (local disk, NFS, a PVC) or an object-store URI (pyarrow filesystems)."""
 
 
 class _Section(BaseModel):
@@ -86,13 +94,9 @@ class PrivacyConfig(_Section):
     accountant: Literal["prv", "pld", "rdp"] = "prv"
     dataset_epsilon: PositiveFloat | None = None
     """Total budget registered for this dataset in the ledger the first time it is used (default: epsilon)."""
-    ledger: Path = Field(default_factory=lambda: Path(os.environ.get("DPSYNTH_LEDGER", "~/.dpsynth/ledger.sqlite")).expanduser())
-
-    @field_validator("ledger", mode="before")
-    @classmethod
-    def _ledger_on_posix(cls, v):
-        return _posix_path(v, "the ledger is a SQLite file: it needs a POSIX filesystem (local disk, NFS, a Kubernetes PVC), "
-                              "not an object store")
+    ledger: Location = Field(default_factory=lambda: _location(os.environ.get("DPSYNTH_LEDGER", "~/.dpsynth/ledger.sqlite")))
+    """SQLite file on local disk / NFS / a PVC, or an object URI (s3://bucket/dpsynth/ledger.sqlite) mirrored by
+    dpsynth.privacy.mirror."""
 
 
 class TrainingConfig(_Section):
@@ -120,8 +124,9 @@ class ScalingConfig(_Section):
     resources_per_worker: dict[str, float] | None = None
     backend: Literal["auto", "gloo", "nccl"] = "auto"
     """Collective backend: auto = nccl with GPUs, gloo on CPU."""
-    storage_path: Path | None = None
-    """Checkpoints (adapter, optimizer, step, RNG state, ledger run id); default <output_dir>/checkpoints."""
+    storage_path: Location | None = None
+    """Checkpoints (adapter, optimizer, step, RNG state, ledger run id): a path every node reaches, or an
+    s3:// / gs:// URI; default <output_dir>/.checkpoints."""
     checkpoint_every: PositiveInt = 20
     """Steps between checkpoints; a worker failure redoes at most this many (already charged) steps."""
     max_failures: int = Field(2, ge=0)
@@ -129,12 +134,6 @@ class ScalingConfig(_Section):
     """Run the optimizer under DeepSpeed ZeRO at this stage (None: plain torch.distributed)."""
     bf16: bool = False
     """bf16 training under DeepSpeed."""
-
-    @field_validator("storage_path", mode="before")
-    @classmethod
-    def _storage_on_posix(cls, v):
-        return _posix_path(v, "checkpoints need a path every node can reach (NFS, a Kubernetes PVC, or a bucket mounted "
-                              "with gcsfuse / s3fs); object-store URIs are not supported")
 
     @field_validator("resources_per_worker")
     @classmethod
@@ -219,7 +218,7 @@ class ServeConfig(_Section):
 
     adapters: tuple[str, ...]
     """Run directories to serve, each `path` or `name=path` (default name: the directory name)."""
-    ledger: Path | None = None
+    ledger: Location | None = None
     """Ledger holding the adapters' certificates (default: the ledger each run was trained against)."""
     engine: Literal["vllm", "transformers"] = "vllm"
     merged: bool = False

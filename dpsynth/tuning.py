@@ -12,15 +12,12 @@ named by import path, as `serve run` names an app: dpsynth never imports tune/.
 
 from __future__ import annotations
 
-import contextlib
 import csv
 import importlib
 import io
-import json
 import logging
 import math
 import os
-import shutil
 import uuid
 from pathlib import Path
 
@@ -32,9 +29,11 @@ from dpsynth.data import format_prefix, prepare
 from dpsynth.errors import UserError
 from dpsynth.io import atomic_write_bytes, atomic_write_json, atomic_write_text
 from dpsynth.models import adapter_digest, base_info, load_base, load_tokenizer
-from dpsynth.privacy import Budget, Gaussian, RepeatAndSelect, epsilon
+from dpsynth.privacy import Budget, epsilon
 from dpsynth.privacy.certificate import FORMAT as CERTIFICATE_FORMAT
 from dpsynth.privacy.certificate import code_version, now
+from dpsynth.storage import Storage
+from dpsynth.train.worker import local_checkpoint
 from dpsynth.privacy.tuning import ACCOUNTANT, calibrate_search, draw_num_trials, search_events, trial_events
 
 log = logging.getLogger(__name__)
@@ -83,16 +82,17 @@ def trial(config: dict) -> dict:
     cfg = load_config(None, [f"training.max_grad_norm={config['max_grad_norm']}",
                              f"training.learning_rate={config['learning_rate']}"], base=plan["cfg"])
     splits = prepare(cfg.data)
-    scratch = Path(plan["scratch"]) / f"trial-{uuid.uuid4().hex[:8]}"
-    ckpt = fit(cfg, loop_config(cfg, splits, run_id=plan["run_id"], ledger_path=plan["ledger"], sigma=plan["sigma"],
+    scratch = Storage(plan["scratch"]).child(f"trial-{uuid.uuid4().hex[:8]}")
+    fit(cfg, loop_config(cfg, splits, run_id=plan["run_id"], ledger_path=plan["ledger"], sigma=plan["sigma"],
                                 q=plan["q"], steps=plan["steps"], sampler_seed=int.from_bytes(os.urandom(7), "little"),
                                 noise_seed=int.from_bytes(os.urandom(7), "little"), scratch=scratch,
                                 covered_by=plan["run_id"]))
     rng = np.random.default_rng(cfg.data.seed)  # which validation examples: data-independent given the split size
     val = list(splits.validation)
     pick = rng.choice(len(val), size=min(cfg.tune.score_examples, len(val)), replace=False)
-    score = dp_score(cfg, ckpt / "adapter", [(val[i].text, val[i].label) for i in pick], splits.name)
-    return {"score": score, "checkpoint": str(ckpt)}
+    with local_checkpoint(scratch) as ckpt:
+        score = dp_score(cfg, ckpt / "adapter", [(val[i].text, val[i].label) for i in pick], splits.name)
+    return {"score": score, "checkpoint": str(scratch)}
 
 
 def _load_runner(import_path: str):
@@ -109,7 +109,8 @@ def search(cfg: JobConfig, *, runner: str = RUNNER, show_progress: bool = True, 
     `num_trials` exists for tests only: it replaces the secret random draw of K.
     """
     from dpsynth.privacy.service import LedgerClient
-    from dpsynth.train.driver import _scaling, check_labels, dp_label_histogram, ensure_ray, resolve_delta, write_release
+    from dpsynth.train.driver import (_scaling, check_labels, dp_label_histogram, ensure_ray, job_storage,
+                                      remove_job_storage, resolve_delta, write_release)
 
     check_search(cfg)
     run_dir = Path(cfg.output_dir).expanduser().resolve()
@@ -143,7 +144,7 @@ def search(cfg: JobConfig, *, runner: str = RUNNER, show_progress: bool = True, 
         raise UserError(f"privacy: {e}") from None
     run_id = f"{run_dir.name}-search-{uuid.uuid4().hex[:8]}"
     ledger.open_run(run_id, splits.fingerprint, events, ACCOUNTANT)
-    storage = Path(cfg.scaling.storage_path or run_dir / ".checkpoints").expanduser().resolve() / run_id
+    storage = job_storage(cfg, run_dir, run_id)
     certificate = None
     try:
         # The whole search is charged before the first trial exists; trials then charge nothing per step.
@@ -158,11 +159,11 @@ def search(cfg: JobConfig, *, runner: str = RUNNER, show_progress: bool = True, 
         if k == 0:
             raise UserError("tune: the random number of trials came out 0 (Poisson); the search's budget is spent "
                             "and nothing is released")
-        plan = {"cfg": cfg.model_dump(mode="json"), "run_id": run_id, "ledger": str(ledger.path), "sigma": sigma,
+        plan = {"cfg": cfg.model_dump(mode="json"), "run_id": run_id, "ledger": ledger.path, "sigma": sigma,
                 "q": q, "steps": steps, "scratch": str(storage)}
         trials = runner_fn(trial, plan=plan, space={"max_grad_norm": cfg.tune.max_grad_norm,
                                                     "learning_rate": cfg.tune.learning_rate},
-                           num_trials=k, max_concurrent=cfg.tune.max_concurrent_trials, storage=str(storage / "tune"))
+                           num_trials=k, max_concurrent=cfg.tune.max_concurrent_trials, storage=str(storage.child("tune")))
         done = [r for r in trials if r.get("score") is not None and math.isfinite(r["score"])]
         if not done:
             raise RuntimeError(f"search {run_id}: no trial finished")
@@ -170,28 +171,27 @@ def search(cfg: JobConfig, *, runner: str = RUNNER, show_progress: bool = True, 
         selected = load_config(None, [f"training.max_grad_norm={best['max_grad_norm']}",
                                       f"training.learning_rate={best['learning_rate']}"], base=cfg.model_dump(mode="json"))
         trial_eps = epsilon(trial_events(sigma, q, steps, cfg.tune.score_noise_multiplier), delta, ACCOUNTANT)
-        certificate = ledger.certify(run_id, delta, {
-            "format": CERTIFICATE_FORMAT, "created": now(), "config_hash": selected.training_hash(),
-            "adapter_sha256": adapter_digest(Path(best["checkpoint"]) / "adapter"),
-            "noise_multiplier": sigma, "sampling_rate": q, "steps_per_trial": steps, "max_grad_norm": best["max_grad_norm"],
-            "expected_batch_size": t.batch_size, "label_histogram_noise_multiplier": label_sigma,
-            "dataset_fingerprint": splits.fingerprint, "dataset": {"name": splits.name, "train_examples": n},
-            "base_model": base, "lora": cfg.lora.model_dump(mode="json"), "code_version": code_version(),
-            "tuning": {"method": "Papernot & Steinke 2022 random number of trials (RepeatAndSelect, RDP)",
-                       "covers_selection": True, "mean_trials": cfg.tune.mean_trials,
-                       "distribution": cfg.tune.distribution, "shape": _shape(cfg) if math.isfinite(_shape(cfg)) else "inf",
-                       "trials_run": len(trials), "per_trial_epsilon_alone": trial_eps,
-                       "selected": {"max_grad_norm": best["max_grad_norm"], "learning_rate": best["learning_rate"],
-                                    "dp_validation_loss": best["score"]}},
-        })
-        write_release(run_dir, selected, Path(best["checkpoint"]), splits, label_dist, certificate)
+        with local_checkpoint(best["checkpoint"]) as ckpt:
+            certificate = ledger.certify(run_id, delta, {
+                "format": CERTIFICATE_FORMAT, "created": now(), "config_hash": selected.training_hash(),
+                "adapter_sha256": adapter_digest(ckpt / "adapter"),
+                "noise_multiplier": sigma, "sampling_rate": q, "steps_per_trial": steps, "max_grad_norm": best["max_grad_norm"],
+                "expected_batch_size": t.batch_size, "label_histogram_noise_multiplier": label_sigma,
+                "dataset_fingerprint": splits.fingerprint, "dataset": {"name": splits.name, "train_examples": n},
+                "base_model": base, "lora": cfg.lora.model_dump(mode="json"), "code_version": code_version(),
+                "tuning": {"method": "Papernot & Steinke 2022 random number of trials (RepeatAndSelect, RDP)",
+                           "covers_selection": True, "mean_trials": cfg.tune.mean_trials,
+                           "distribution": cfg.tune.distribution, "shape": _shape(cfg) if math.isfinite(_shape(cfg)) else "inf",
+                           "trials_run": len(trials), "per_trial_epsilon_alone": trial_eps,
+                           "selected": {"max_grad_norm": best["max_grad_norm"], "learning_rate": best["learning_rate"],
+                                        "dp_validation_loss": best["score"]}},
+            })
+            write_release(run_dir, selected, ckpt, splits, label_dist, certificate)
         _write_trials(run_dir, trials, best, trial_eps, certificate["epsilon"])
     finally:
         if certificate is None:
             ledger.close_run(run_id, None)
-        shutil.rmtree(storage, ignore_errors=True)  # unselected trials' adapters are never released
-        with contextlib.suppress(OSError):
-            storage.parent.rmdir()
+        remove_job_storage(storage)  # unselected trials' adapters are never released
     return run_dir
 
 

@@ -268,16 +268,6 @@ def test_sampler_service_imports_and_its_args_validate(monkeypatch):
     assert "DPSYNTH_SERVE_TOKEN" in envs
 
 
-@pytest.mark.parametrize("key, value", [("privacy.ledger", "s3://bucket/ledger.sqlite"),
-                                        ("scaling.storage_path", "gs://bucket/checkpoints")])
-def test_object_store_uris_are_refused_with_the_key_named(key, value):
-    from dpsynth.config import ConfigError, load_config
-
-    with pytest.raises(ConfigError, match=rf"^config error: {key}: .*is a URI") as err:
-        load_config(None, [f"{key}={value}"])
-    assert "\n" not in str(err.value)
-
-
 # ---------------------------------------------------------------- a real 2-node cluster on loopback
 
 

@@ -22,6 +22,7 @@ from dpsynth.errors import UserError
 from dpsynth.privacy import Budget, Ledger, SampledGaussian, epsilon
 from dpsynth.privacy.service import LedgerClient
 from dpsynth.train.driver import ensure_ray, fit, loop_config
+from dpsynth.train.worker import local_checkpoint
 
 ray = pytest.importorskip("ray")
 
@@ -55,9 +56,10 @@ def _fit_fixed(cfg, tmp: Path, name: str, *, sigma: float, steps: int, seeds=(11
     ledger.open_run(name, splits.fingerprint, [SampledGaussian(sigma, q, steps)], "rdp")
     config = loop_config(cfg, splits, run_id=name, ledger_path=ledger.path, sigma=sigma, q=q, steps=steps,
                          sampler_seed=seeds[0], noise_seed=seeds[1], scratch=tmp / name, optimizer="sgd")
-    ckpt = fit(cfg, config)
+    fit(cfg, config)
     assert sum(e.count for e in ledger.charged(name)) == steps  # rank 0 charged every step, once
-    return load_file(str(ckpt / "adapter" / "adapter_model.safetensors"))
+    with local_checkpoint(config["scratch"]) as ckpt:
+        return load_file(str(ckpt / "adapter" / "adapter_model.safetensors"))
 
 
 def _same(a: dict, b: dict, atol: float) -> float:

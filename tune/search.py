@@ -17,16 +17,19 @@ def run_trials(trial: Callable[[dict], dict], *, plan: dict, space: dict, num_tr
     from ray import tune
     from ray.tune.search.optuna import OptunaSearch
 
+    from dpsynth.storage import Storage
+
     def trainable(config: dict) -> None:
         tune.report(trial({**config, "plan": plan}))
 
+    fs, path = Storage(storage).filesystem()  # a path or an s3:// / gs:// URI (with its endpoint options)
     param_space = {name: tune.loguniform(lo, hi) if lo < hi else lo for name, (lo, hi) in space.items()}
     searcher = OptunaSearch(metric="score", mode="min", sampler=optuna.samplers.RandomSampler())
     tuner = tune.Tuner(
         tune.with_resources(trainable, {"CPU": 0.01}),  # the trial's Ray Train workers reserve the real CPUs/GPUs
         param_space=param_space,
         tune_config=tune.TuneConfig(search_alg=searcher, num_samples=num_trials, max_concurrent_trials=max_concurrent),
-        run_config=tune.RunConfig(name="search", storage_path=storage, verbose=0),
+        run_config=tune.RunConfig(name="search", storage_path=path, storage_filesystem=fs, verbose=0),
     )
     grid = tuner.fit()
     out = []

@@ -81,6 +81,11 @@ class Ledger:
                 if statement.strip():
                     db.execute(statement)
 
+    @property
+    def location(self) -> str:
+        """Where the durable copy lives (a path here; a URI for MirroredLedger)."""
+        return str(self.path)
+
     @contextmanager
     def _tx(self, write: bool = True) -> Iterator[sqlite3.Connection]:
         # Autocommit mode, so the BEGIN below is the only transaction; IMMEDIATE

@@ -1,10 +1,11 @@
 """The central accountant: one named Ray actor per ledger file per cluster.
 
 Every training worker, run, tuning trial and DP label count charges the same actor, which
-serialises the calls (one at a time) onto the durable SQLite `Ledger`. The actor is pinned
-to the node that created it, because that is where the ledger path is meaningful (put it on
-shared storage for a cluster whose head may move). A restarted actor simply reopens the file:
-every charge was committed before the call returned.
+serialises the calls (one at a time) onto the durable SQLite `Ledger`. A ledger path is pinned
+to the node that created the actor, because that is where the path is meaningful (put it on
+shared storage for a cluster whose head may move); a ledger URI (s3://, gs://: `MirroredLedger`)
+may restart on any node. A restarted actor simply reopens the ledger: every charge was durable
+before the call returned.
 
 Ray is imported lazily so that dpsynth.privacy itself needs no Ray.
 """
@@ -17,7 +18,8 @@ from pathlib import Path
 from typing import Any
 
 from .events import Event
-from .ledger import Budget, BudgetExceeded, Ledger
+from .ledger import Budget, BudgetExceeded
+from .mirror import open_ledger
 
 NAMESPACE = "dpsynth"
 
@@ -26,10 +28,10 @@ class LedgerActor:
     """Actor body: a thin, serialised front of `Ledger` that never raises across the wire for refusals."""
 
     def __init__(self, path: str) -> None:
-        self.ledger = Ledger(path)
+        self.ledger = open_ledger(path)
 
     def path(self) -> str:
-        return str(self.ledger.path)
+        return self.ledger.location
 
     def pid(self) -> int:
         return os.getpid()
@@ -50,9 +52,15 @@ class LedgerActor:
             return False
 
 
+def normalise(location: str | Path) -> str:
+    """One spelling per ledger: an absolute path, or the URI as given."""
+    from dpsynth.storage import is_uri
+
+    return str(location) if is_uri(location) else str(Path(location).expanduser().resolve())
+
+
 def actor_name(path: str | Path) -> str:
-    resolved = str(Path(path).expanduser().resolve())
-    return "ledger-" + hashlib.sha256(resolved.encode()).hexdigest()[:16]
+    return "ledger-" + hashlib.sha256(normalise(path).encode()).hexdigest()[:16]
 
 
 def ledger_actor(path: str | Path):
@@ -60,9 +68,11 @@ def ledger_actor(path: str | Path):
     import ray
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-    path = str(Path(path).expanduser().resolve())
+    from dpsynth.storage import is_uri
+
+    path = normalise(path)
     Actor = ray.remote(LedgerActor)
-    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=is_uri(path))
     # num_cpus=0: the accountant must never wait behind training workers for a CPU.
     return Actor.options(name=actor_name(path), namespace=NAMESPACE, get_if_exists=True, lifetime="detached",
                          num_cpus=0, max_restarts=-1, max_task_retries=0, scheduling_strategy=here).remote(path)
@@ -72,7 +82,7 @@ class LedgerClient:
     """The `Ledger` interface, served by the cluster's ledger actor. Picklable: ships to workers."""
 
     def __init__(self, path: str | Path) -> None:
-        self.path = Path(path).expanduser().resolve()
+        self.path = normalise(path)
         self._actor = None
 
     @property

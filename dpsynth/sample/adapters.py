@@ -17,7 +17,7 @@ from dpsynth.data import format_prefix
 from dpsynth.errors import UserError
 from dpsynth.io import atomic_dir
 from dpsynth.models import check_adapter
-from dpsynth.privacy import Ledger
+from dpsynth.privacy import ledger_exists, open_ledger
 from dpsynth.privacy.certificate import read_certificate
 
 from .corpus import load_run_config
@@ -68,12 +68,11 @@ def _stored_matches(stored: dict | None, cert: dict) -> bool:
     return stored is not None and strip(stored) == strip(cert)
 
 
-def verify_in_ledger(cert: dict, ledger_path: Path, where: str) -> None:
+def verify_in_ledger(cert: dict, ledger_path: str | Path, where: str) -> None:
     """The run must be closed in the ledger with exactly this certificate."""
-    ledger_path = Path(ledger_path).expanduser()
-    if not ledger_path.is_file():
+    if not ledger_exists(ledger_path):
         raise UserError(f"{where}: privacy ledger {ledger_path} not found, so its certificate cannot be checked")
-    runs = [r for r in Ledger(ledger_path).runs(cert["dataset_fingerprint"]) if r["run_id"] == cert["run_id"]]
+    runs = [r for r in open_ledger(ledger_path, readonly=True).runs(cert["dataset_fingerprint"]) if r["run_id"] == cert["run_id"]]
     if not runs or runs[0]["status"] != "closed" or not _stored_matches(runs[0]["certificate"], cert):
         raise UserError(f"{where}: certificate of run '{cert['run_id']}' is not in the ledger {ledger_path}; refusing to serve it")
 

@@ -23,7 +23,7 @@ import torch
 from opacus.utils.uniform_sampler import UniformWithReplacementSampler
 
 from dpsynth.config import JobConfig
-from dpsynth.data import Splits, format_prefix, prepare
+from dpsynth.data import Splits, prepare
 from dpsynth.errors import UserError
 from dpsynth.io import atomic_dir, atomic_write_json, atomic_write_text
 from dpsynth.models import adapter_digest, base_info, load_tokenizer
@@ -31,7 +31,8 @@ from dpsynth.privacy import Budget, Gaussian, SampledGaussian, calibrate_noise_m
 from dpsynth.privacy.certificate import FORMAT as CERTIFICATE_FORMAT
 from dpsynth.privacy.certificate import code_version, now, read_certificate, write_certificate
 from dpsynth.progress import progress_bar
-from dpsynth.train.worker import STATE, latest_checkpoint
+from dpsynth.storage import Storage
+from dpsynth.train.worker import STATE, latest_checkpoint, local_checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -148,18 +149,24 @@ def _scaling(cfg: JobConfig):
             TorchConfig(backend=backend))
 
 
-def _storage(cfg: JobConfig, run_dir: Path) -> Path:
-    """This job's private scratch (checkpoints, seeds): never part of what is released."""
-    root = Path(cfg.scaling.storage_path or run_dir / ".checkpoints").expanduser().resolve()
-    return root / run_dir.name
+def job_storage(cfg: JobConfig, run_dir: Path, name: str) -> Storage:
+    """A job's private scratch (checkpoints, seeds) on the run storage: never part of what is released."""
+    return Storage(cfg.scaling.storage_path or run_dir / ".checkpoints").child(name)
 
 
-def _resume_state(storage: Path, cfg: JobConfig, ledger) -> dict | None:
+def remove_job_storage(storage: Storage) -> None:
+    storage.delete()
+    if storage.is_local:
+        with suppress(OSError):
+            storage.local_path.parent.rmdir()  # the default root inside the run dir, if nothing else lives there
+
+
+def _resume_state(storage: Storage, cfg: JobConfig, ledger) -> dict | None:
     """A previous attempt of this very job whose ledger run is still open: continue it, don't start over."""
-    path = storage / "dpsynth-run.json"
-    if not path.is_file():
+    text = storage.read_text("dpsynth-run.json")
+    if text is None:
         return None
-    state = json.loads(path.read_text())
+    state = json.loads(text)
     if state.get("config_hash") != cfg.training_hash():
         return None
     open_runs = {r["run_id"] for r in ledger.runs() if r["status"] == "open"}
@@ -167,28 +174,29 @@ def _resume_state(storage: Path, cfg: JobConfig, ledger) -> dict | None:
 
 
 def loop_config(cfg: JobConfig, splits: Splits, *, run_id: str, ledger_path, sigma: float, q: float, steps: int,
-                sampler_seed: int, noise_seed: int, scratch: Path, **extra) -> dict:
+                sampler_seed: int, noise_seed: int, scratch: Storage | Path, **extra) -> dict:
     """Everything a worker needs; the train split travels with it (validation/test never do)."""
     return {"cfg": cfg.model_dump(mode="json"), "examples": [(ex.text, ex.label) for ex in splits.train],
             "dataset_name": splits.name, "run_id": run_id, "ledger": str(ledger_path), "sigma": sigma, "q": q,
             "steps": steps, "sampler_seed": sampler_seed, "noise_seed": noise_seed, "scratch": str(scratch), **extra}
 
 
-def fit(cfg: JobConfig, config: dict) -> Path:
-    """Run the worker loop as a Ray Train TorchTrainer; return the final checkpoint directory."""
+def fit(cfg: JobConfig, config: dict) -> Storage:
+    """Run the worker loop as a Ray Train TorchTrainer; return where its final checkpoint is stored."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig
     from ray.train.torch import TorchTrainer
 
     from dpsynth.train.worker import train_loop
 
     scaling, torch_config = _scaling(cfg)
+    fs, ray_path = Storage(config["scratch"]).child("ray").filesystem()
     trainer = TorchTrainer(
         train_loop, train_loop_config=config, scaling_config=scaling, torch_config=torch_config,
-        run_config=RunConfig(name=config["run_id"], storage_path=str(Path(config["scratch"]) / "ray"),
+        run_config=RunConfig(name=config["run_id"], storage_path=ray_path, storage_filesystem=fs,
                              failure_config=FailureConfig(max_failures=cfg.scaling.max_failures),
                              checkpoint_config=CheckpointConfig(num_to_keep=2)),
     )
-    result = trainer.fit()
+    trainer.fit()
     ckpt = latest_checkpoint(config["scratch"])
     if ckpt is None:
         raise RuntimeError(f"training run {config['run_id']} produced no checkpoint")
@@ -233,14 +241,14 @@ def train(cfg: JobConfig, *, show_progress: bool = True) -> Path:
     except ValueError as e:
         raise UserError(f"privacy: {e}") from None
 
-    storage = _storage(cfg, run_dir)
+    storage = job_storage(cfg, run_dir, run_dir.name)
     state = _resume_state(storage, cfg, ledger)
     if state is None:
         state = {"run_id": f"{run_dir.name}-{uuid.uuid4().hex[:8]}", "config_hash": cfg.training_hash(),
                  # batch membership and noise are part of the mechanism: fresh OS entropy, kept only in private storage
                  "sampler_seed": int.from_bytes(os.urandom(7), "little"), "noise_seed": int.from_bytes(os.urandom(7), "little")}
         ledger.open_run(state["run_id"], splits.fingerprint, events, cfg.privacy.accountant)
-        atomic_write_json(storage / "dpsynth-run.json", state)
+        storage.write_text("dpsynth-run.json", json.dumps(state))
     else:
         log.info("resuming ledger run %s from %s", state["run_id"], storage)
     run_id = state["run_id"]
@@ -258,29 +266,28 @@ def train(cfg: JobConfig, *, show_progress: bool = True) -> Path:
         config = loop_config(cfg, splits, run_id=run_id, ledger_path=ledger.path, sigma=sigma, q=q, steps=steps,
                              sampler_seed=state["sampler_seed"], noise_seed=state["noise_seed"], scratch=storage)
         with _ledger_progress(ledger, run_id, steps, show_progress):
-            ckpt = fit(cfg, config)
-
-        final = json.loads((ckpt / STATE).read_text())
-        history = final["history"]
-        # The ledger issues the certificate: epsilon from the charges on record, and the run closes with it.
-        certificate = ledger.certify(run_id, delta, {
-            "format": CERTIFICATE_FORMAT, "created": now(), "config_hash": cfg.training_hash(),
-            "adapter_sha256": adapter_digest(ckpt / "adapter"), "noise_multiplier": sigma, "sampling_rate": q, "steps_applied": history[-1]["step"] if history else 0,
-            "max_grad_norm": cfg.training.max_grad_norm, "expected_batch_size": cfg.training.batch_size,
-            "label_histogram_noise_multiplier": cfg.sampling.label_noise_multiplier if label_dist else None,
-            "dataset_fingerprint": splits.fingerprint, "dataset": {"name": splits.name, "train_examples": n},
-            "base_model": base, "lora": cfg.lora.model_dump(mode="json"), "code_version": code_version(),
-            "workers": cfg.scaling.num_workers, "deepspeed_stage": cfg.scaling.deepspeed_stage,
-        })
-        write_release(run_dir, cfg, ckpt, splits, label_dist, certificate)
+            fit(cfg, config)
+        with local_checkpoint(storage) as ckpt:
+            if ckpt is None:
+                raise RuntimeError(f"training run {run_id} produced no checkpoint")
+            history = json.loads((ckpt / STATE).read_text())["history"]
+            # The ledger issues the certificate: epsilon from the charges on record, and the run closes with it.
+            certificate = ledger.certify(run_id, delta, {
+                "format": CERTIFICATE_FORMAT, "created": now(), "config_hash": cfg.training_hash(),
+                "adapter_sha256": adapter_digest(ckpt / "adapter"), "noise_multiplier": sigma, "sampling_rate": q, "steps_applied": history[-1]["step"] if history else 0,
+                "max_grad_norm": cfg.training.max_grad_norm, "expected_batch_size": cfg.training.batch_size,
+                "label_histogram_noise_multiplier": cfg.sampling.label_noise_multiplier if label_dist else None,
+                "dataset_fingerprint": splits.fingerprint, "dataset": {"name": splits.name, "train_examples": n},
+                "base_model": base, "lora": cfg.lora.model_dump(mode="json"), "code_version": code_version(),
+                "workers": cfg.scaling.num_workers, "deepspeed_stage": cfg.scaling.deepspeed_stage,
+            })
+            write_release(run_dir, cfg, ckpt, splits, label_dist, certificate)
     finally:
         # An exception ends the run (its charges stay spent); only a hard crash of this driver leaves it
         # open, and then re-running the same job resumes it from its last checkpoint.
         if certificate is None:
             ledger.close_run(run_id, None)
-    shutil.rmtree(storage, ignore_errors=True)
-    with suppress(OSError):
-        storage.parent.rmdir()  # the default root inside the run dir, if nothing else lives there
+    remove_job_storage(storage)
     return run_dir
 
 

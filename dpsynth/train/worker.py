@@ -16,16 +16,19 @@ import json
 import logging
 import os
 import shutil
+import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 
 from dpsynth.config import JobConfig
 from dpsynth.data import format_prefix
-from dpsynth.io import atomic_write_text
 from dpsynth.models import load_base, wrap_lora
 from dpsynth.privacy import RepeatAndSelect, SampledGaussian
+from dpsynth.storage import Storage
 from dpsynth.train.step import DPLoRAStep, PlainLoRAStep, collate, encode, trainable
 
 log = logging.getLogger(__name__)
@@ -34,10 +37,27 @@ STATE = "state.json"
 LATEST = "LATEST"
 
 
-def latest_checkpoint(scratch: str | Path) -> Path | None:
+def latest_checkpoint(scratch: str | Path) -> Storage | None:
     """The newest complete checkpoint under a job's scratch dir (LATEST is written only once all ranks are done)."""
-    pointer = Path(scratch) / "ckpt" / LATEST
-    return pointer.parent / pointer.read_text().strip() if pointer.is_file() else None
+    ckpt = Storage(scratch).child("ckpt")
+    name = ckpt.read_text(LATEST)
+    return ckpt.child(name.strip()) if name else None
+
+
+@contextmanager
+def local_checkpoint(scratch: str | Path) -> Iterator[Path | None]:
+    """The newest complete checkpoint as a local directory: in place on a path, downloaded (and removed
+    afterwards) from an object store."""
+    ckpt = latest_checkpoint(scratch)
+    if ckpt is None:
+        yield None
+        return
+    local, temporary = ckpt.fetch("")
+    try:
+        yield local
+    finally:
+        if temporary:
+            shutil.rmtree(local, ignore_errors=True)
 
 
 def _dist():
@@ -122,19 +142,19 @@ def train_loop(config: dict) -> None:
         nodes = [ray.get_runtime_context().get_node_id()]
     # Our own checkpoints on the run storage, not Ray's registry: a worker can die before the
     # controller has registered its last report, and a resumed run must not start over.
-    ckpt = latest_checkpoint(config["scratch"])
-    if ckpt is not None:
-        state = json.loads((ckpt / STATE).read_text())
-        if state["run_id"] != run_id:
-            raise RuntimeError(f"checkpoint {ckpt} belongs to ledger run {state['run_id']}, not {run_id}")
-        set_peft_model_state_dict(model, load_file(str(ckpt / "adapter" / "adapter_model.safetensors"), device=str(device)))
-        if ds_cfg is not None:
-            inner.load_checkpoint(str(ckpt / "deepspeed"), tag="dp", load_module_strict=False)
-        else:
-            inner.load_state_dict(torch.load(ckpt / "optimizer.pt", map_location=device, weights_only=True))
-        noise.set_state(torch.load(ckpt / f"noise_rng_{rank}.pt", weights_only=True))
-        start, history, restarts = state["step"], state["history"], state["restarts"] + 1
-        log.info("rank %d resumed from step %d of run %s", rank, start, run_id)
+    with local_checkpoint(config["scratch"]) as ckpt:
+        if ckpt is not None:
+            state = json.loads((ckpt / STATE).read_text())
+            if state["run_id"] != run_id:
+                raise RuntimeError(f"checkpoint {ckpt} belongs to ledger run {state['run_id']}, not {run_id}")
+            set_peft_model_state_dict(model, load_file(str(ckpt / "adapter" / "adapter_model.safetensors"), device=str(device)))
+            if ds_cfg is not None:
+                inner.load_checkpoint(str(ckpt / "deepspeed"), tag="dp", load_module_strict=False)
+            else:
+                inner.load_state_dict(torch.load(ckpt / "optimizer.pt", map_location=device, weights_only=True))
+            noise.set_state(torch.load(ckpt / f"noise_rng_{rank}.pt", weights_only=True))
+            start, history, restarts = state["step"], state["history"], state["restarts"] + 1
+            log.info("rank %d resumed from step %d of run %s", rank, start, run_id)
 
     ledger = LedgerClient(config["ledger"]) if config.get("private", True) else None
     if ledger is not None and config.get("covered_by"):
@@ -144,26 +164,31 @@ def train_loop(config: dict) -> None:
             raise RuntimeError(f"trial of search {config['covered_by']}: the search's cost is not charged; refusing to train")
         ledger = None
 
+    store = Storage(config["scratch"]).child("ckpt")
+
     def save(i: int) -> None:
-        root = Path(config["scratch"]) / "ckpt"
-        d = root / f"step-{i:08d}"
-        d.mkdir(parents=True, exist_ok=True)
-        if ds_cfg is not None:  # collective: every rank writes its optimizer partition
-            inner.save_checkpoint(str(d / "deepspeed"), tag="dp")
-        torch.save(noise.get_state(), d / f"noise_rng_{rank}.pt")
-        if rank == 0:
-            model.save_pretrained(d / "adapter")  # peft format: the driver certifies it as is
-            tok.save_pretrained(d / "adapter")
-            if ds_cfg is None:
-                torch.save(inner.state_dict(), d / "optimizer.pt")
-            (d / STATE).write_text(json.dumps({"run_id": run_id, "step": i, "history": history, "worker_nodes": nodes,
-                                               "restarts": restarts}))
+        # Built in a local directory, then copied to the run storage (a path or an object store); LATEST,
+        # one small atomic write after every rank's copy is done, is what makes the checkpoint exist.
+        name = f"step-{i:08d}"
+        with tempfile.TemporaryDirectory(prefix="dpsynth-ckpt-") as tmp:
+            d = Path(tmp)
+            if ds_cfg is not None:  # collective: every rank writes its optimizer partition
+                inner.save_checkpoint(str(d / "deepspeed"), tag="dp")
+            torch.save(noise.get_state(), d / f"noise_rng_{rank}.pt")
+            if rank == 0:
+                model.save_pretrained(d / "adapter")  # peft format: the driver certifies it as is
+                tok.save_pretrained(d / "adapter")
+                if ds_cfg is None:
+                    torch.save(inner.state_dict(), d / "optimizer.pt")
+                (d / STATE).write_text(json.dumps({"run_id": run_id, "step": i, "history": history,
+                                                   "worker_nodes": nodes, "restarts": restarts}))
+            store.upload(d, name)
         if _dist() is not None:
-            _dist().barrier()  # every rank's files are on disk before LATEST points at them
+            _dist().barrier()  # every rank's files are stored before LATEST points at them
         if rank == 0:
-            atomic_write_text(root / LATEST, d.name)
-            for old in sorted(root.glob("step-*"))[:-2]:
-                shutil.rmtree(old, ignore_errors=True)
+            store.write_text(LATEST, name)
+            for old in [n for n in store.listdir() if n.startswith("step-")][:-2]:
+                store.delete(old)
         ray.train.report({"step": i, "loss": history[-1]["loss"] if history else float("nan")})
 
     from opacus.utils.uniform_sampler import UniformWithReplacementSampler
