@@ -145,15 +145,32 @@ def evaluate(run_dir: RunArg, set_: EvalSetOpt = None, quiet: QuietOpt = False) 
 @app.command()
 def report(run_dir: RunArg, full: Annotated[bool, typer.Option("--full", help="Add the expensive parts: zero-shot floor, "
            "fine-tuned transformer, canary audit runs at epsilon 1, 3, 8, inf (hours on a CPU).")] = False,
+           compare: Annotated[Optional[Path], typer.Option("--compare", help="A second certified run on the same dataset "
+           "(e.g. DP-LoRA vs in-context): utility, fidelity and audit side by side with both certified epsilons.")] = None,
            set_: EvalSetOpt = None, quiet: QuietOpt = False) -> None:
     """Evaluate and write report.html (self-contained) + report.json into the run directory."""
     from dpsynth.evaluate import report as write_report
 
     ev = _evaluation_config(run_dir, set_, full)
     _log_to(run_dir)
-    html_path, json_path = write_report(run_dir, ev, show_progress=not quiet)
-    _summary(run_dir, json.loads(json_path.read_text()))
+    html_path, json_path = write_report(run_dir, ev, compare_with=compare, show_progress=not quiet)
+    doc = json.loads(json_path.read_text())
+    _summary(run_dir, doc)
+    if "comparison" in doc:
+        _comparison(doc["comparison"])
     console.print(f"wrote {html_path} and {json_path}")
+
+
+def _comparison(comparison: dict) -> None:
+    from dpsynth.evaluate.compare import table_rows
+
+    a, b = comparison["runs"]
+    table = Table(title=comparison["budget_note"], title_style="" if comparison["same_budget"] else "bold red")
+    for col in ("", f"this run: {a['run_dir']}", f"compared: {b['run_dir']}"):
+        table.add_column(col)
+    for label, *values in table_rows(comparison):
+        table.add_row(label, *["-" if v is None else f"{v:.3f}" if isinstance(v, float) else str(v) for v in values])
+    Console().print(table)
 
 
 @app.command()

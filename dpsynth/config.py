@@ -286,6 +286,9 @@ class InContextConfig(_Section):
     """Noise of the agreement count (sensitivity 1), in the mechanism's own family."""
     seed: int = 0
     """Seeds the group assignment and the generation order (the DP noise always uses fresh OS entropy)."""
+    engine: Literal["auto", "transformers", "vllm"] = "auto"
+    """`vllm`: one batched `generate` of all group prompts per token (prefix caching); `transformers`: one
+    batched forward with a KV cache; `auto`: vLLM when importable, else transformers. Same votes, same charges."""
 
 
 ClassifierName = Literal["tfidf_logreg", "minilm_logreg", "transformer"]

@@ -17,6 +17,7 @@ from scipy.stats import norm
 from conftest import make_rows
 from dpsynth.config import InContextConfig, load_config
 from dpsynth.data import Example
+from dpsynth.errors import UserError
 from dpsynth.privacy import Budget, Gaussian, Laplace, Ledger, epsilon
 from dpsynth.sample.incontext import (SENSITIVITY_L1, SENSITIVITY_L2, GroupVoter, assign_groups, calibrate, choose_token,
                                       clip_votes, example_events, generate_rows, noise_scale, plan_events, pure_epsilon,
@@ -217,7 +218,7 @@ def test_cli_generate_then_evaluate(tmp_path, tiny_model_dir, jsonl_dataset):
             f"model.base={tiny_model_dir}", f"privacy.ledger={tmp_path / 'ledger.sqlite'}", "privacy.epsilon=4",
             "privacy.accountant=pld", "incontext.mechanism=laplace", "incontext.num_examples=6",
             "incontext.max_new_tokens=6", "incontext.groups=4", "incontext.examples_per_group=2",
-            "sampling.label_proportions=uniform"]
+            "sampling.label_proportions=uniform", "incontext.engine=transformers"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run([sys.executable, "-m", "dpsynth", "generate", "-q", "-o", str(run),
                            *[a for s in sets for a in ("--set", s)]], capture_output=True, text=True, timeout=600, env=env)
@@ -246,3 +247,132 @@ def test_cli_generate_then_evaluate(tmp_path, tiny_model_dir, jsonl_dataset):
     result = evaluate(run, ev)
     assert result["epsilon"] == cert["epsilon"] and result["privacy"]["generator"] == {}
     assert "corpus_nearest_neighbour" in result["privacy"]
+
+
+# --- the vLLM engine -------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def vllm_voters(vllm_tiny_model_dir):
+    """A VLLMVoter and a transformers GroupVoter (KV cache) on the same tiny model (64-wide heads for vLLM's CPU attention)."""
+    pytest.importorskip("vllm")
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from dpsynth.sample.incontext import VLLMVoter
+
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+    tok = AutoTokenizer.from_pretrained(vllm_tiny_model_dir)
+    model = AutoModelForCausalLM.from_pretrained(vllm_tiny_model_dir, dtype=torch.float32)
+    hf = GroupVoter(model, tok, "[{dataset}][{label}]: ", "reviews", max_length=32)
+    vl = VLLMVoter(vllm_tiny_model_dir, tok, "[{dataset}][{label}]: ", "reviews", max_length=32, max_model_len=256,
+                   max_num_seqs=8, enforce_eager=True)
+    yield hf, vl
+    vl.close()
+
+
+def test_vllm_votes_match_transformers(vllm_voters):
+    hf, vl = vllm_voters
+    ic = InContextConfig(candidates=50, top_k=0)
+    rows = hf.prompts("pos", assign_groups(examples(80), LABELS, 5, 3, 0)["pos"])
+    assert len({len(r) for r in rows}) > 1 and max(len(r) for r in rows) > 64  # ragged, and over two KV blocks
+    a, b = hf.start(rows), vl.start(rows)
+    gen_a, gen_b = torch.Generator().manual_seed(7), torch.Generator().manual_seed(7)
+    for t in range(40):  # crosses KV block boundaries: cached prefix + recomputed tail
+        assert a.shape == b.shape == (len(rows), hf.model.config.vocab_size)
+        assert torch.allclose(a, b, atol=1e-4), float((a - b).abs().max())
+        cand = a[-1].topk(ic.candidates).indices
+        assert torch.equal(cand, b[-1].topk(ic.candidates).indices)  # the same public candidate set
+        va, vb = clip_votes(a[:-1, cand], ic.temperature), clip_votes(b[:-1, cand], ic.temperature)
+        assert torch.allclose(vb.sum(-1), torch.ones(len(vb), dtype=vb.dtype))  # each vLLM vote: L1 norm 1
+        assert float((va - vb).abs().sum(-1).max()) < 1e-4
+        ta, _ = choose_token(a[:-1], a[-1], ic, 2.0, gen_a)
+        tb, _ = choose_token(b[:-1], b[-1], ic, 2.0, gen_b)
+        assert ta == tb
+        a, b = hf.step(ta), vl.step(ta)
+    assert vl.cached_tokens > 0  # prefix caching is on: steps reuse the rows' full KV blocks
+    before = vl.cached_tokens
+    vl.start(rows)  # the next example of the same label: its group prompts come from the cache
+    assert vl.cached_tokens - before >= sum(len(r) // 32 * 32 for r in rows[:-1])
+
+
+def test_ledger_charges_are_the_same_on_vllm(tmp_path, vllm_voters):
+    hf, vl = vllm_voters
+    ic = InContextConfig(max_new_tokens=4, groups=3, examples_per_group=2, candidates=20)
+    groups = assign_groups(examples(60), LABELS, 3, 2, 0)
+    charged = []
+    for voter in (hf, vl):
+        ledger = Ledger(tmp_path / f"{voter.engine}.sqlite")
+        ledger.set_budget("fp", Budget(100.0, 1e-5))
+        ledger.open_run("r", "fp", plan_events(ic, 4.0, 3), "rdp")
+
+        def charge(events, ledger=ledger):
+            try:
+                for e in events:
+                    ledger.charge("r", e)
+            except Exception:
+                return False
+            return True
+
+        _, stats = generate_rows(voter, groups, {"neg": 2, "pos": 2}, ic, 4.0, charge, torch.Generator().manual_seed(0))
+        assert stats["stopped_by_ledger"] and stats["examples_charged"] == 3
+        charged.append(ledger.charged("r"))
+    assert charged[0] == charged[1] == tuple(plan_events(ic, 4.0, 3))
+
+
+def test_auto_engine_falls_back_to_transformers(monkeypatch, tiny_model_dir):
+    import types
+
+    from dpsynth.sample import incontext
+    from dpsynth.sample.engines import choose_engine
+
+    with monkeypatch.context() as m:
+        m.setitem(sys.modules, "vllm", None)  # as on a machine without vLLM
+        assert choose_engine("auto", "incontext.engine") == "transformers"
+        with pytest.raises(UserError, match="engine 'vllm' is not available"):
+            choose_engine("vllm", "incontext.engine")
+
+    def broken(*a, **kw):
+        raise RuntimeError("Engine core initialization failed. See root cause above.")
+
+    monkeypatch.setattr(incontext, "VLLMVoter", broken)
+    monkeypatch.setattr("dpsynth.sample.engines.vllm_importable", lambda: True)
+    monkeypatch.setattr("dpsynth.sample.engines.require_vllm", lambda: None)
+    splits = types.SimpleNamespace(name="reviews", labels=LABELS)
+    cfg = load_config(None, [f"model.base={tiny_model_dir}", "incontext.engine=auto"])
+    voter, base = incontext.make_voter(cfg, splits)
+    assert isinstance(voter, GroupVoter) and voter.engine == "transformers" and base["name"] == tiny_model_dir
+    cfg = load_config(None, [f"model.base={tiny_model_dir}", "incontext.engine=vllm"])
+    with pytest.raises(UserError, match="vLLM engine did not start"):
+        incontext.make_voter(cfg, splits)
+
+
+@pytest.mark.slow
+def test_cli_generate_on_vllm_certifies_the_same_charges(tmp_path, vllm_tiny_model_dir, jsonl_dataset):
+    pytest.importorskip("vllm")
+    sets = [f"data.source={jsonl_dataset}", "data.text_column=review", "data.label_column=sentiment",
+            f"model.base={vllm_tiny_model_dir}", "model.max_length=32", "privacy.epsilon=4", "privacy.accountant=pld",
+            "incontext.num_examples=6", "incontext.max_new_tokens=6", "incontext.groups=4", "incontext.examples_per_group=2",
+            "sampling.label_proportions=dp"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "VLLM_CPU_KVCACHE_SPACE": "1"}
+    certs = {}
+    for engine in ("vllm", "transformers"):
+        run, ledger = tmp_path / engine, tmp_path / f"ledger-{engine}.sqlite"
+        proc = subprocess.run([sys.executable, "-m", "dpsynth", "generate", "-q", "-o", str(run),
+                               *[a for s in [*sets, f"privacy.ledger={ledger}", f"incontext.engine={engine}"] for a in ("--set", s)]],
+                              capture_output=True, text=True, timeout=900, env=env)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        cert = json.loads((run / "certificate.json").read_text())
+        corpus_cert = json.loads((run / "synthetic.jsonl.certificate.json").read_text())
+        metrics = json.loads((run / "metrics.json").read_text())["incontext"]
+        assert corpus_cert["corpus"]["engine"] == metrics["engine"] == engine
+        assert corpus_cert["epsilon"] == cert["epsilon"] and 0 < cert["epsilon"] <= 4.0
+        assert cert["token_steps"] == metrics["token_steps_charged"] == 36
+        book = Ledger(ledger)
+        (entry,) = book.runs()
+        assert entry["certificate"]["epsilon"] == cert["epsilon"]  # the ledger's own record, from its charges
+        assert cert["epsilon"] == pytest.approx(epsilon(book.charged(entry["run_id"]), cert["delta"], "pld"), rel=1e-9)
+        rows = [json.loads(line) for line in (run / "synthetic.jsonl").read_text().splitlines()]
+        assert len(rows) == corpus_cert["corpus"]["examples"] and {r["label"] for r in rows} <= {"pos", "neg"}
+        certs[engine] = cert
+    # the engine changes nothing the certificate states about privacy
+    for key in ("epsilon", "delta", "events", "noise_multiplier", "config_hash", "token_steps"):
+        assert certs["vllm"][key] == certs["transformers"][key], key

@@ -9,6 +9,7 @@ import json
 from pathlib import Path
 
 from dpsynth.config import EvaluationConfig
+from dpsynth.evaluate.compare import certificates, compare, method, table_rows
 from dpsynth.io import atomic_write_json, atomic_write_text
 from dpsynth.privacy.certificate import read_certificate
 
@@ -110,19 +111,29 @@ def _plots(res: dict) -> dict[str, str]:
     return out
 
 
-def render_html(res: dict, cert: dict, run_dir: Path) -> str:
+def comparison_html(comparison: dict) -> str:
+    a, b = comparison["runs"]
+    cls = "note" if comparison["same_budget"] else "warn"
+    return ("<h2>Comparison at the same epsilon</h2>"
+            f"<p class='{cls}'>{_e(comparison['budget_note'])}. Each column comes from that run's own certificate and "
+            "evaluation.</p>" + _table(["", f"this run: {a['run_dir']}", f"compared: {b['run_dir']}"], table_rows(comparison)))
+
+
+def render_html(res: dict, cert: dict, run_dir: Path, comparison: dict | None = None) -> str:
     plots = _plots(res)
     parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>dpsynth report: {_e(run_dir.name)}</title>"
              f"<style>{CSS}</style></head><body><h1>dpsynth report: {_e(run_dir)}</h1>"]
     parts.append(_table(["certificate", ""], [
         ["epsilon (certified)", f"{cert['epsilon']:.4f} ({cert['accountant']})"], ["delta", f"{cert['delta']:.3g}"],
-        ["mechanism", f"{cert['steps']} DP-SGD steps, q={cert['sampling_rate']:.5f}, sigma={cert['noise_multiplier']:.4f}, C={cert['max_grad_norm']}"],
+        ["mechanism", method(cert)],
         ["dataset", f"{cert['dataset']['name']} (fingerprint {cert['dataset_fingerprint']}, {cert['dataset']['train_examples']} train)"],
         ["corpus", f"{res['corpus']}: {res['synthetic_examples']} examples"], ["real test split", res["test_examples"]],
     ], left=2))
     parts.append("<p class='warn'>The synthetic corpus is covered by the certificate. This report is not: it also reads the "
                  "private train split (real-data upper bound, DP-SGD baseline, attack members, audit runs). It is for the "
                  "data owner, not for release.</p>")
+    if comparison:
+        parts.append(comparison_html(comparison))
 
     parts.append("<h2>Utility</h2><p class='note'>Same real test split for every classifier (Kurakin et al. 2023).</p>")
     util = res["utility"]
@@ -218,14 +229,19 @@ def render_html(res: dict, cert: dict, run_dir: Path) -> str:
     return "\n".join(parts)
 
 
-def report(run_dir: Path, ev: EvaluationConfig | None = None, *, show_progress: bool = False) -> tuple[Path, Path]:
-    """Evaluate the run (config `evaluation`) and write report.json + report.html into it, atomically."""
+def report(run_dir: Path, ev: EvaluationConfig | None = None, *, compare_with: Path | None = None,
+           show_progress: bool = False) -> tuple[Path, Path]:
+    """Evaluate the run (config `evaluation`) and write report.json + report.html into it, atomically.
+    `compare_with`: a second run on the same dataset, shown side by side (its saved evaluation when current)."""
     from dpsynth.evaluate.pipeline import evaluate
 
     run_dir = Path(run_dir)
+    if compare_with is not None:
+        certificates(run_dir, compare_with)  # refuse an incomparable pair before evaluating anything
     res = evaluate(run_dir, ev, show_progress=show_progress)
     cert = read_certificate(run_dir / "certificate.json")
-    doc = {"run_dir": str(run_dir), "certificate": cert, **res}
+    comparison = compare(run_dir, compare_with, evaluation_a=res, show_progress=show_progress) if compare_with else None
+    doc = {"run_dir": str(run_dir), "certificate": cert, **res, **({"comparison": comparison} if comparison else {})}
     atomic_write_json(run_dir / "report.json", doc)
-    atomic_write_text(run_dir / "report.html", render_html(res, cert, run_dir))
+    atomic_write_text(run_dir / "report.html", render_html(res, cert, run_dir, comparison))
     return run_dir / "report.html", run_dir / "report.json"

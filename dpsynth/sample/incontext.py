@@ -12,7 +12,9 @@ How one synthetic example of label L is generated, token by token:
    another group). A group uses at most ``examples_per_group`` of its records (smallest hash first). The
    number of groups is fixed by the config, not by the data.
 2. Each group prompts the public base model with its own examples (``prefix + text`` lines, the Prefix-LM
-   prefix of Kurakin et al. 2023) followed by ``prefix + tokens so far``; one batched forward per step.
+   prefix of Kurakin et al. 2023) followed by ``prefix + tokens so far``; all rows are scored in one batched
+   step per token: one ``generate`` on vLLM (prefix caching) or one forward on transformers (KV cache).
+   Both engines return the model's raw next-token logits, so the votes below do not depend on the engine.
 3. Each group's vote is its next-token distribution at ``temperature`` restricted to the candidate set
    (the public model's top ``candidates`` tokens given only ``prefix + tokens so far``: no private data,
    Tang et al.'s "reduce vocabulary publicly"), optionally clipped to its top-k and renormalised, so every
@@ -185,21 +187,15 @@ def calibrate(ic: InContextConfig, target: float, delta: float, accountant: str,
     return hi
 
 
-# --- the voter: G group prompts + 1 public prompt, one batched forward per token ------------------------
+# --- the voters: G group prompts + 1 public prompt, one batched step per token --------------------------
 
-class GroupVoter:
-    """Next-token logits of every group's few-shot prompt and of the public (example-free) prompt.
+class _Rows:
+    """The prompts both voters score: each group's few-shot prompt, then the public (example-free) prompt."""
 
-    The rows share every generated token, so a step appends the same token to all rows and reuses the
-    KV cache (left-padded rows, explicit position ids); ``cache=False`` recomputes from scratch (reference).
-    """
-
-    def __init__(self, model, tok, template: str, dataset: str, max_length: int, cache: bool = True):
-        self.model, self.tok, self.cache = model.eval(), tok, cache
-        self.template, self.dataset, self.max_length = template, dataset, max_length
+    def __init__(self, tok, template: str, dataset: str, max_length: int):
+        self.tok, self.template, self.dataset, self.max_length = tok, template, dataset, max_length
         self.newline = tok("\n", add_special_tokens=False).input_ids
-        vocab = len(tok)
-        texts = tok.batch_decode([[i] for i in range(vocab)])
+        texts = tok.batch_decode([[i] for i in range(len(tok))])
         self.stop_ids = sorted({tok.eos_token_id, *[i for i, t in enumerate(texts) if "\n" in t]})
         self._rows: list[list[int]] = []
 
@@ -213,6 +209,29 @@ class GroupVoter:
                 ids += prefix + self.tok(ex.text, add_special_tokens=False).input_ids[: self.max_length] + self.newline
             rows.append(ids + prefix)
         return rows + [list(prefix)]
+
+    def close(self) -> None:
+        """Release the engine (a no-op on transformers)."""
+
+
+def max_prompt_tokens(tok, template: str, dataset: str, max_length: int, labels, per_group: int) -> int:
+    """Longest row any label's prompts can have (data-independent: texts are cut to max_length tokens)."""
+    prefix = max(len(tok(format_prefix(template, dataset, lab), add_special_tokens=False).input_ids) for lab in labels)
+    return per_group * (prefix + max_length + len(tok("\n", add_special_tokens=False).input_ids)) + prefix
+
+
+class GroupVoter(_Rows):
+    """Next-token logits of every row on HF transformers.
+
+    The rows share every generated token, so a step appends the same token to all rows and reuses the
+    KV cache (left-padded rows, explicit position ids); ``cache=False`` recomputes from scratch (reference).
+    """
+
+    engine = "transformers"
+
+    def __init__(self, model, tok, template: str, dataset: str, max_length: int, cache: bool = True):
+        super().__init__(tok, template, dataset, max_length)
+        self.model, self.cache = model.eval(), cache
 
     @torch.inference_mode()
     def start(self, rows: list[list[int]]) -> torch.Tensor:
@@ -251,6 +270,62 @@ class GroupVoter:
         return self.model(input_ids=ids, attention_mask=mask, position_ids=pos).logits[:, -1].float()
 
 
+class VLLMVoter(_Rows):
+    """Next-token logits of every row on vLLM: a step is one ``llm.generate`` of all rows (max_tokens=1).
+
+    The engine returns every row's whole-vocabulary logits (``logprobs=-1``, ``max_logprobs=-1``) in
+    ``logprobs_mode="raw_logits"``: the model's output before temperature, penalties or top-k/top-p, i.e. the
+    same numbers GroupVoter returns (the ``processed_*`` modes would fold vLLM's own sampling settings into
+    the votes). The vote is then formed exactly as on transformers (choose_token / clip_votes). Prefix
+    caching keeps each row's KV blocks between steps and between examples of one label, so a step recomputes
+    only the rows' last partial block (``block_size`` tokens; vLLM's CPU backend needs a multiple of 32).
+    """
+
+    engine = "vllm"
+
+    def __init__(self, model_dir: str, tok, template: str, dataset: str, max_length: int, *, max_model_len: int,
+                 max_num_seqs: int, dtype: str = "float32", block_size: int = 32, enforce_eager: bool = False):
+        from .engines import require_vllm, vllm_engine_kwargs
+
+        super().__init__(tok, template, dataset, max_length)
+        vllm = require_vllm()
+        kw = vllm_engine_kwargs(model_dir, dtype=dtype, lora_ranks=None, max_model_len=max_model_len,
+                                max_num_seqs=max_num_seqs, enforce_eager=enforce_eager)
+        self.llm = vllm.LLM(**kw, max_logprobs=-1, logprobs_mode="raw_logits", enable_prefix_caching=True,
+                            block_size=block_size)
+        self.vocab = self.llm.llm_engine.model_config.get_vocab_size()
+        self._params = vllm.SamplingParams(max_tokens=1, temperature=0.0, logprobs=-1, flat_logprobs=True,
+                                           detokenize=False)
+        self.prompt_tokens = self.cached_tokens = 0  # prefix-cache hits, for the benchmark
+
+    def start(self, rows: list[list[int]]) -> torch.Tensor:
+        self._rows = [list(r) for r in rows]
+        return self._logits()
+
+    def step(self, token: int) -> torch.Tensor:
+        for r in self._rows:
+            r.append(token)
+        return self._logits()
+
+    def _logits(self) -> torch.Tensor:
+        from vllm.inputs import TokensPrompt
+
+        outs = self.llm.generate([TokensPrompt(prompt_token_ids=r) for r in self._rows], self._params, use_tqdm=False)
+        logits = torch.full((len(outs), self.vocab), -math.inf)
+        for i, o in enumerate(outs):
+            lp = o.outputs[0].logprobs  # FlatLogprobs, one position: the sampled token first, then the vocabulary
+            a, b = lp.start_indices[0], lp.end_indices[0]
+            logits[i, torch.tensor(lp.token_ids[a:b])] = torch.tensor(lp.logprobs[a:b], dtype=torch.float32)
+            self.prompt_tokens += len(o.prompt_token_ids)
+            self.cached_tokens += o.num_cached_tokens or 0
+        if not torch.isfinite(logits).all():
+            raise RuntimeError("vLLM returned logits for part of the vocabulary only")
+        return logits
+
+    def close(self) -> None:
+        self.llm.llm_engine.engine_core.shutdown()  # its engine process and KV cache, now rather than at exit
+
+
 def choose_token(group_logits: torch.Tensor, public_logits: torch.Tensor, ic: InContextConfig, noise_multiplier: float,
                  generator: torch.Generator, exclude: list[int] = ()) -> tuple[int, bool]:
     """One DP token: (token id, whether the public fallback supplied it)."""
@@ -274,7 +349,7 @@ def choose_token(group_logits: torch.Tensor, public_logits: torch.Tensor, ic: In
     return int(cand[int(torch.argmax(noisy))]), False
 
 
-def generate_rows(voter: GroupVoter, groups: dict[str, list[tuple[Example, ...]]], counts: dict[str, int],
+def generate_rows(voter: GroupVoter | VLLMVoter, groups: dict[str, list[tuple[Example, ...]]], counts: dict[str, int],
                   ic: InContextConfig, noise_multiplier: float, charge: Callable[[list[Event]], bool],
                   generator: torch.Generator, show_progress: bool = False) -> tuple[list[dict], dict]:
     """Generate counts[label] examples (labels interleaved); stop at the first refused charge.
@@ -321,9 +396,35 @@ def generate_rows(voter: GroupVoter, groups: dict[str, list[tuple[Example, ...]]
 def incontext_hash(cfg: JobConfig) -> str:
     keep = cfg.model_dump(mode="json", include={"data", "model", "privacy", "incontext"})
     keep["privacy"].pop("ledger")
+    keep["incontext"].pop("engine")  # same votes and charges on either engine
     keep["label_proportions"] = cfg.sampling.label_proportions
     keep["label_noise_multiplier"] = cfg.sampling.label_noise_multiplier
     return "ic-" + hashlib.sha256(json.dumps(keep, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def make_voter(cfg: JobConfig, splits: Splits) -> tuple[GroupVoter | VLLMVoter, dict]:
+    """The voter on the engine `incontext.engine` names (auto: vLLM when importable; if its engine then fails to
+    start, transformers), and the base model's certificate entry."""
+    from dpsynth.models import load_base, load_tokenizer, resolve_base, weights_digest
+
+    from .engines import choose_engine
+
+    ic, mc = cfg.incontext, cfg.model
+    if choose_engine(ic.engine, "incontext.engine") == "vllm":
+        tok, where = load_tokenizer(mc), resolve_base(mc.base)
+        longest = max_prompt_tokens(tok, mc.prefix_template, splits.name, mc.max_length, splits.labels, ic.examples_per_group)
+        try:
+            voter = VLLMVoter(where, tok, mc.prefix_template, splits.name, mc.max_length, dtype=mc.dtype,
+                              max_model_len=longest + ic.max_new_tokens + 8, max_num_seqs=ic.groups + 1)
+            return voter, {"name": mc.base, "sha256": weights_digest(where)}
+        except Exception as e:  # vLLM raises bare RuntimeErrors from its engine process
+            why = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            if ic.engine == "vllm":
+                raise UserError(f"incontext.engine: the vLLM engine did not start ({why}); see the log above, "
+                                "or use incontext.engine=transformers") from None
+            log.warning("vLLM engine did not start (%s); falling back to transformers", why)
+    model, tok, base = load_base(mc)
+    return GroupVoter(model, tok, mc.prefix_template, splits.name, mc.max_length), base
 
 
 def _fresh_generator() -> torch.Generator:
@@ -333,7 +434,6 @@ def _fresh_generator() -> torch.Generator:
 
 def generate(cfg: JobConfig, *, show_progress: bool = True, generator: torch.Generator | None = None) -> Path:
     """Training-free DP corpus into cfg.output_dir: synthetic.jsonl + certificates (see module docstring)."""
-    from dpsynth.models import load_base
     from dpsynth.train.driver import dp_label_histogram, resolve_delta
 
     from .corpus import resolve_proportions
@@ -379,6 +479,7 @@ def generate(cfg: JobConfig, *, show_progress: bool = True, generator: torch.Gen
 
     certificate = None
     try:
+        voter, base = make_voter(cfg, splits)  # before any charge: an engine that fails to start costs nothing
         label_dist = None
         if dp_labels:
             ledger.charge(run_id, prior[0])
@@ -389,11 +490,10 @@ def generate(cfg: JobConfig, *, show_progress: bool = True, generator: torch.Gen
         counts = label_counts(splits.labels, props, ic.num_examples)
         groups = assign_groups(splits.train, splits.labels, ic.groups, ic.examples_per_group, ic.seed)
         sizes = {lab: sum(len(g) for g in gs) for lab, gs in groups.items()}
-        model, tok, base = load_base(cfg.model)
-        voter = GroupVoter(model, tok, cfg.model.prefix_template, splits.name, cfg.model.max_length)
         t0 = time.monotonic()
         rows, stats = generate_rows(voter, groups, counts, ic, nm, charge, generator or _fresh_generator(), show_progress)
         wall = time.monotonic() - t0
+        voter.close()
         charged = ledger.charged(run_id)
         certificate = ledger.certify(run_id, delta, {
             "format": CERTIFICATE_FORMAT, "created": now(), "config_hash": incontext_hash(cfg), "generator": "in_context",
@@ -410,7 +510,7 @@ def generate(cfg: JobConfig, *, show_progress: bool = True, generator: torch.Gen
     finally:
         if certificate is None:
             ledger.close_run(run_id, None)  # an exception ends the run; its charges stay spent
-    metrics = {**stats, "wall_s": round(wall, 3), "tokens_per_s": stats["tokens_released"] / wall if wall else None,
+    metrics = {**stats, "engine": voter.engine, "wall_s": round(wall, 3), "tokens_per_s": stats["tokens_released"] / wall if wall else None,
                "token_steps_per_s": stats["token_steps_computed"] / wall if wall else None, "label_counts": counts,
                "examples": len(rows)}
     body = serialize(rows, "jsonl")
@@ -423,7 +523,7 @@ def generate(cfg: JobConfig, *, show_progress: bool = True, generator: torch.Gen
     atomic_write_text(run_dir / "synthetic.jsonl", body)
     write_certificate(run_dir / "synthetic.jsonl.certificate.json", {
         **certificate, "corpus": {"file": "synthetic.jsonl", "sha256": hashlib.sha256(body.encode()).hexdigest(),
-                                  "examples": len(rows), "label_counts": counts, "engine": "transformers",
+                                  "examples": len(rows), "label_counts": counts, "engine": voter.engine,
                                   "generator": "in_context", "created": now()}})
     write_certificate(run_dir / "certificate.json", certificate)  # last: its presence marks a complete run
     return run_dir
