@@ -228,3 +228,21 @@ def test_the_object_store_cluster_config_keeps_the_ledger_and_checkpoints_in_a_b
     cfg = load_config(Path(__file__).parents[1] / "cluster" / "job-objectstore.yaml")
     assert str(cfg.privacy.ledger).startswith("s3://") and str(cfg.scaling.storage_path).startswith("s3://")
     assert cfg.scaling.use_gpu and cfg.scaling.num_workers >= 2
+
+
+def test_budget_cli_reads_an_object_store_ledger_without_claiming_it(s3):
+    def budget(ledger: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "dpsynth", "budget", "--ledger", ledger], capture_output=True,
+                              text=True, timeout=120, env={**os.environ, "COLUMNS": "200"})
+
+    uri = s3("ledgers/cli.sqlite")
+    writer = open_ledger(uri)
+    writer.set_budget("f" * 64, Budget(8.0, 1e-5))
+    writer.open_run("run-a", "f" * 64, [SampledGaussian(1.0, 0.01, 5)], "prv")
+    writer.charge("run-a", SampledGaussian(1.0, 0.01, 2))
+    out = budget(uri)
+    assert out.returncode == 0, out.stderr
+    assert "run-a" in out.stdout and "8.000" in out.stdout
+    writer.charge("run-a", SampledGaussian(1.0, 0.01))  # the reader did not take the ledger over
+    missing = budget(s3("ledgers/none.sqlite"))
+    assert missing.returncode == 2 and "does not exist" in missing.stdout + missing.stderr
