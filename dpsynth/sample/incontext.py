@@ -62,7 +62,7 @@ from dpsynth.config import InContextConfig, JobConfig
 from dpsynth.data import Example, Splits, format_prefix, prepare
 from dpsynth.errors import UserError
 from dpsynth.io import atomic_write_json, atomic_write_text
-from dpsynth.privacy import Budget, BudgetExceeded, Event, Gaussian, Laplace, Ledger, epsilon
+from dpsynth.privacy import Budget, BudgetExceeded, Event, Gaussian, Laplace, epsilon, open_ledger
 from dpsynth.privacy.certificate import FORMAT as CERTIFICATE_FORMAT
 from dpsynth.privacy.certificate import code_version, now, read_certificate, write_certificate
 from dpsynth.progress import progress_bar
@@ -449,7 +449,7 @@ def generate(cfg: JobConfig, *, show_progress: bool = True, generator: torch.Gen
     if ic.mechanism == "laplace" and acc == "prv":
         raise UserError("privacy.accountant: 'prv' cannot account Laplace; use pld (or rdp) with incontext.mechanism=laplace")
     splits: Splits = prepare(cfg.data)
-    ledger = Ledger(cfg.privacy.ledger)
+    ledger = open_ledger(cfg.privacy.ledger)
     delta = resolve_delta(cfg, splits, ledger.budget(splits.fingerprint))
     dp_labels = cfg.sampling.label_proportions == "dp"
     prior = [Gaussian(cfg.sampling.label_noise_multiplier)] if dp_labels else []
