@@ -134,23 +134,28 @@ def test_ledger_actor_concurrent_charges_are_exact(local_ray, tmp_path):
         client.charge("r", SampledGaussian(1.0, 0.01))
 
 
+def kill_and_await_restart(actor) -> None:
+    """Kill the actor's process and wait until Ray has restarted it."""
+    old_pid = ray.get(actor.pid.remote())
+    ray.kill(actor, no_restart=False)
+    deadline = time.time() + 60
+    while True:  # wait with a read-only call: a charge sent mid-restart may or may not run (over-count, allowed)
+        try:
+            if ray.get(actor.pid.remote()) != old_pid:
+                return
+        except (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError):
+            pass
+        assert time.time() < deadline, "the ledger actor did not restart"
+        time.sleep(0.5)
+
+
 def test_ledger_actor_restart_reloads_every_charge(local_ray, tmp_path):
     client = LedgerClient(tmp_path / "ledger.sqlite")
     client.set_budget("fp", Budget(1e6, 1e-5))
     client.open_run("r", "fp", [SampledGaussian(1.0, 0.01, 10)], "rdp")
     for _ in range(4):
         client.charge("r", SampledGaussian(1.0, 0.01))
-    old_pid = ray.get(client.actor.pid.remote())
-    ray.kill(client.actor, no_restart=False)  # the actor process dies; Ray restarts it
-    deadline = time.time() + 60
-    while True:  # wait with a read-only call: a charge sent mid-restart may or may not run (over-count, allowed)
-        try:
-            if ray.get(client.actor.pid.remote()) != old_pid:
-                break
-        except (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError):
-            pass
-        assert time.time() < deadline
-        time.sleep(0.5)
+    kill_and_await_restart(client.actor)
     assert client.charged("r") == (SampledGaussian(1.0, 0.01, 4),)  # every committed charge survived the restart
     client.charge("r", SampledGaussian(1.0, 0.01))
     assert client.charged("r") == (SampledGaussian(1.0, 0.01, 5),)
@@ -179,30 +184,38 @@ def _train_worker_pids() -> list[int]:
     return pids
 
 
+def train_and_kill_a_worker(cfg, when) -> Path:
+    """Run `dpsynth train` in a thread, SIGKILL one Ray Train worker once `when()` holds; return the run dir."""
+    from dpsynth.train.driver import train
+
+    box: dict = {}
+    runner = threading.Thread(target=lambda: box.setdefault("dir", train(cfg, show_progress=False)), daemon=True)
+    runner.start()
+    killed = None
+    while runner.is_alive() and killed is None:
+        if when() and (pids := _train_worker_pids()):
+            killed = pids[0]
+            os.kill(killed, signal.SIGKILL)
+        time.sleep(0.02)
+    runner.join(timeout=900)
+    assert killed is not None, "training finished before the worker could be killed"
+    assert "dir" in box, "training did not finish after the worker was killed"
+    return box["dir"]
+
+
 @pytest.mark.slow
 def test_worker_killed_mid_run_resumes_and_certificate_counts_every_charged_step(local_ray, tiny_job, tmp_path):
     from dpsynth.models import load_adapter
-    from dpsynth.train.driver import train
 
     steps = 120
     cfg = _cfg(tiny_job, f"training.steps={steps}", "scaling.checkpoint_every=5", "scaling.max_failures=2",
                "sampling.label_proportions=uniform", "model.max_length=48")
-    box: dict = {}
-    runner = threading.Thread(target=lambda: box.setdefault("dir", train(cfg, show_progress=False)), daemon=True)
-    runner.start()
-    ledger, killed = Ledger(cfg.privacy.ledger), None
-    while runner.is_alive() and killed is None:
-        runs = ledger.runs() if Path(cfg.privacy.ledger).exists() else []
-        charged = sum(e.count for r in runs for e in r["charged"])
-        if charged >= 8:
-            pids = _train_worker_pids()
-            if pids:
-                killed = pids[0]
-                os.kill(killed, signal.SIGKILL)
-        time.sleep(0.02)
-    runner.join(timeout=600)
-    assert killed is not None, "training finished before the worker could be killed"
-    run_dir = box["dir"]
+    ledger = Ledger(cfg.privacy.ledger)
+
+    def eight_steps_charged() -> bool:
+        return sum(e.count for r in ledger.runs() for e in r["charged"]) >= 8
+
+    run_dir = train_and_kill_a_worker(cfg, when=eight_steps_charged)
     cert = json.loads((run_dir / "certificate.json").read_text())
     metrics = json.loads((run_dir / "metrics.json").read_text())
     (run,) = Ledger(cfg.privacy.ledger).runs()

@@ -8,11 +8,9 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import socket
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -158,6 +156,7 @@ def test_a_superseded_accountant_fails_closed_instead_of_overwriting(s3):
 
 def test_ledger_actor_restart_reloads_charges_from_the_object_store(s3):
     import ray
+    from test_distributed import kill_and_await_restart
 
     from dpsynth.privacy.service import LedgerClient
     from dpsynth.train.driver import ensure_ray
@@ -170,17 +169,7 @@ def test_ledger_actor_restart_reloads_charges_from_the_object_store(s3):
     for _ in range(4):
         assert client.try_charge("r", SampledGaussian(1.0, 0.01))
     assert ray.get(client.actor.path.remote()) == uri
-    old_pid = ray.get(client.actor.pid.remote())
-    ray.kill(client.actor, no_restart=False)
-    deadline = time.time() + 60
-    while True:
-        try:
-            if ray.get(client.actor.pid.remote()) != old_pid:
-                break
-        except (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError):
-            pass
-        assert time.time() < deadline
-        time.sleep(0.5)
+    kill_and_await_restart(client.actor)  # a fresh process: it can only have the charges from the object
     assert client.charged("r") == (SampledGaussian(1.0, 0.01, 4),)
     ray.kill(client.actor, no_restart=True)
 
@@ -190,9 +179,9 @@ def test_ledger_actor_restart_reloads_charges_from_the_object_store(s3):
 
 @pytest.mark.slow
 def test_training_with_checkpoints_and_ledger_on_s3_resumes_after_a_worker_is_killed(s3, tiny_job, tmp_path):
-    from test_distributed import _train_worker_pids
+    from test_distributed import train_and_kill_a_worker
 
-    from dpsynth.train.driver import ensure_ray, train
+    from dpsynth.train.driver import ensure_ray
 
     ensure_ray(None)
     ledger_uri, storage_uri = s3("e2e/ledger.sqlite"), s3("e2e/checkpoints")
@@ -200,20 +189,13 @@ def test_training_with_checkpoints_and_ledger_on_s3_resumes_after_a_worker_is_ki
     cfg = load_config(None, [*tiny_job, f"privacy.ledger={ledger_uri}", f"scaling.storage_path={storage_uri}",
                              f"training.steps={steps}", "scaling.checkpoint_every=5", "scaling.max_failures=2",
                              "sampling.label_proportions=uniform"])
-    box: dict = {}
-    runner = threading.Thread(target=lambda: box.setdefault("dir", train(cfg, show_progress=False)), daemon=True)
-    runner.start()
-    killed = None
-    seen_checkpoint = False
-    while runner.is_alive() and killed is None:
-        seen_checkpoint = seen_checkpoint or any("/LATEST" in o for o in _objects(s3, "e2e/checkpoints"))
-        if seen_checkpoint and (pids := _train_worker_pids()):
-            killed = pids[0]
-            os.kill(killed, signal.SIGKILL)
-        time.sleep(0.05)
-    runner.join(timeout=900)
-    assert killed is not None, "training finished before the worker could be killed"
-    run_dir = box["dir"]
+    seen_checkpoint = []
+
+    def a_checkpoint_is_on_s3() -> bool:  # kill only once there is something on S3 to resume from
+        seen_checkpoint.append(any(o.endswith("/LATEST") for o in _objects(s3, "e2e/checkpoints")))
+        return any(seen_checkpoint)
+
+    run_dir = train_and_kill_a_worker(cfg, when=a_checkpoint_is_on_s3)
     cert = json.loads((run_dir / "certificate.json").read_text())
     metrics = json.loads((run_dir / "metrics.json").read_text())
     assert metrics["restarts"] >= 1  # the restarted worker group resumed from the checkpoint on S3
