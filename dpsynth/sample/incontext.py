@@ -479,7 +479,9 @@ def generate(cfg: JobConfig, *, show_progress: bool = True, generator: torch.Gen
 
     certificate = None
     try:
+        t_engine = time.monotonic()
         voter, base = make_voter(cfg, splits)  # before any charge: an engine that fails to start costs nothing
+        engine_start = time.monotonic() - t_engine
         label_dist = None
         if dp_labels:
             ledger.charge(run_id, prior[0])
@@ -510,7 +512,9 @@ def generate(cfg: JobConfig, *, show_progress: bool = True, generator: torch.Gen
     finally:
         if certificate is None:
             ledger.close_run(run_id, None)  # an exception ends the run; its charges stay spent
-    metrics = {**stats, "engine": voter.engine, "wall_s": round(wall, 3), "tokens_per_s": stats["tokens_released"] / wall if wall else None,
+    if isinstance(voter, VLLMVoter):
+        stats.update(prompt_tokens=voter.prompt_tokens, prefix_cache_hit_tokens=voter.cached_tokens)
+    metrics = {**stats, "engine": voter.engine, "engine_start_s": round(engine_start, 3), "wall_s": round(wall, 3), "tokens_per_s": stats["tokens_released"] / wall if wall else None,
                "token_steps_per_s": stats["token_steps_computed"] / wall if wall else None, "label_counts": counts,
                "examples": len(rows)}
     body = serialize(rows, "jsonl")
