@@ -139,5 +139,9 @@ ROWS = [
 
 
 def table_rows(comparison: dict) -> list[list]:
-    """[label, value of run A, value of run B] per row; None where a run has no such number."""
-    return [[label, *[_get(col, *path) for col in comparison["runs"]]] for label, path in ROWS]
+    """[label, value of run A, value of run B] per row; None where a run has no such number (tiny values such as
+    delta as text, so a 3-decimal table keeps their digits)."""
+    def shown(v):
+        return f"{v:.3g}" if isinstance(v, float) and 0 < abs(v) < 1e-3 else v
+
+    return [[label, *[shown(_get(col, *path)) for col in comparison["runs"]]] for label, path in ROWS]
