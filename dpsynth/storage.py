@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import shutil
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path, PurePosixPath
 from urllib.parse import urlsplit, urlunsplit
 
@@ -173,6 +175,19 @@ class Storage:
             fs.delete_dir(self._path(name))
         except FileNotFoundError:
             pass
+
+    @contextmanager
+    def writing_dir(self, name: str) -> Iterator[Path]:
+        """A local directory whose files end up in `name/`: the destination itself on a path (no copy), else a
+        temporary directory uploaded when the block succeeds."""
+        if self.is_local:
+            dest = Path(self.root) / name
+            dest.mkdir(parents=True, exist_ok=True)
+            yield dest
+            return
+        with tempfile.TemporaryDirectory(prefix="dpsynth-upload-") as tmp:
+            yield Path(tmp)
+            self.upload(Path(tmp), name)
 
     def fetch(self, name: str) -> tuple[Path, bool]:
         """A local directory holding `name/`: the directory itself when local (no copy), else a fresh

@@ -112,11 +112,9 @@ def open_ledger(location: str | Path, *, readonly: bool = False) -> Ledger:
 
 
 def ledger_exists(location: str | Path) -> bool:
-    from dpsynth.storage import is_uri
+    from dpsynth.storage import Storage, is_uri
 
     if is_uri(location):
         parent, name = _split(str(location))
-        from dpsynth.storage import Storage
-
         return Storage(parent).exists(name)
     return Path(location).expanduser().is_file()

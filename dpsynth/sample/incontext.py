@@ -477,7 +477,7 @@ def generate(cfg: JobConfig, *, show_progress: bool = True, generator: torch.Gen
             return False
         return True
 
-    certificate = None
+    certificate, voter = None, None
     try:
         t_engine = time.monotonic()
         voter, base = make_voter(cfg, splits)  # before any charge: an engine that fails to start costs nothing
@@ -495,7 +495,6 @@ def generate(cfg: JobConfig, *, show_progress: bool = True, generator: torch.Gen
         t0 = time.monotonic()
         rows, stats = generate_rows(voter, groups, counts, ic, nm, charge, generator or _fresh_generator(), show_progress)
         wall = time.monotonic() - t0
-        voter.close()
         charged = ledger.charged(run_id)
         certificate = ledger.certify(run_id, delta, {
             "format": CERTIFICATE_FORMAT, "created": now(), "config_hash": incontext_hash(cfg), "generator": "in_context",
@@ -510,6 +509,8 @@ def generate(cfg: JobConfig, *, show_progress: bool = True, generator: torch.Gen
             "base_model": base, "code_version": code_version(),
         })
     finally:
+        if voter is not None:
+            voter.close()  # vLLM's engine process and KV cache, now rather than at exit
         if certificate is None:
             ledger.close_run(run_id, None)  # an exception ends the run; its charges stay spent
     if isinstance(voter, VLLMVoter):

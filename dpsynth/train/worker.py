@@ -16,7 +16,6 @@ import json
 import logging
 import os
 import shutil
-import tempfile
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -167,11 +166,10 @@ def train_loop(config: dict) -> None:
     store = Storage(config["scratch"]).child("ckpt")
 
     def save(i: int) -> None:
-        # Built in a local directory, then copied to the run storage (a path or an object store); LATEST,
-        # one small atomic write after every rank's copy is done, is what makes the checkpoint exist.
+        # Written straight to a path, or built locally and uploaded to an object store; LATEST, one small
+        # atomic write after every rank is done, is what makes the checkpoint exist.
         name = f"step-{i:08d}"
-        with tempfile.TemporaryDirectory(prefix="dpsynth-ckpt-") as tmp:
-            d = Path(tmp)
+        with store.writing_dir(name) as d:
             if ds_cfg is not None:  # collective: every rank writes its optimizer partition
                 inner.save_checkpoint(str(d / "deepspeed"), tag="dp")
             torch.save(noise.get_state(), d / f"noise_rng_{rank}.pt")
@@ -182,7 +180,6 @@ def train_loop(config: dict) -> None:
                     torch.save(inner.state_dict(), d / "optimizer.pt")
                 (d / STATE).write_text(json.dumps({"run_id": run_id, "step": i, "history": history,
                                                    "worker_nodes": nodes, "restarts": restarts}))
-            store.upload(d, name)
         if _dist() is not None:
             _dist().barrier()  # every rank's files are stored before LATEST points at them
         if rank == 0:
