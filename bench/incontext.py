@@ -23,7 +23,8 @@ import torch
 
 from dpsynth.config import load_config
 from dpsynth.privacy import epsilon
-from dpsynth.sample.incontext import generate, plan_events
+from dpsynth.incontext import generate
+from dpsynth.incontext.mechanism import plan_events
 
 
 def dp_lora_point(run: Path) -> dict | None:
@@ -31,11 +32,12 @@ def dp_lora_point(run: Path) -> dict | None:
     if not (run / "certificate.json").is_file():
         return None
     cert = json.loads((run / "certificate.json").read_text())
+    mech = cert["mechanism"]
     ev = json.loads((run / "evaluation.json").read_text()) if (run / "evaluation.json").is_file() else {}
     corpus = json.loads((run / "synthetic.jsonl.certificate.json").read_text()).get("corpus", {}) \
         if (run / "synthetic.jsonl.certificate.json").is_file() else {}
     return {"run": str(run), "certified_epsilon": cert["epsilon"], "delta": cert["delta"], "accountant": cert["accountant"],
-            "dp_sgd_steps": cert["steps"], "noise_multiplier": cert["noise_multiplier"], "sampling_rate": cert["sampling_rate"],
+            "dp_sgd_steps": mech["steps"], "noise_multiplier": mech["noise_multiplier"], "sampling_rate": mech["sampling_rate"],
             "synthetic_examples": corpus.get("examples"), "sampling_engine": corpus.get("engine"),
             "epsilon_per_100_examples": cert["epsilon"],  # sampling is post-processing: the same for 100 or 100,000
             "synthetic_accuracy_tfidf": (ev.get("synthetic") or {}).get("accuracy"),
@@ -72,11 +74,11 @@ def main() -> None:
                 total = time.monotonic() - t0
                 cert = json.loads((run / "certificate.json").read_text())
                 m = json.loads((run / "metrics.json").read_text())["incontext"]
-                nm = cert["noise_multiplier"]
+                nm = cert["mechanism"]["noise_multiplier"]
                 results.append({
                     "engine": m["engine"], "mechanism": mechanism, "accountant": "pld", "target_epsilon": args.epsilon,
                     "certified_epsilon": cert["epsilon"], "delta": cert["delta"], "noise_multiplier": nm,
-                    "noise_scale_votes": cert["noise_scale"], "groups_per_label": args.groups,
+                    "noise_scale_votes": cert["mechanism"]["noise_scale"], "groups_per_label": args.groups,
                     "examples_per_group": args.per_group, "examples": m["examples"], "max_new_tokens": args.tokens,
                     "tokens_released": m["tokens_released"], "token_steps_computed": m["token_steps_computed"],
                     "engine_start_s": m["engine_start_s"], "generation_s": m["wall_s"], "total_s": round(total, 2),
@@ -91,7 +93,7 @@ def main() -> None:
                f"{args.tokens} --groups {args.groups} --per-group {args.per_group} --engines {args.engines} "
                f"--mechanisms {args.mechanisms} --dp-lora-run {args.dp_lora_run}")
     out = {"machine": f"{platform.machine()} 2-core CPU VM (shared), no GPU", "torch_threads": args.threads,
-           "model": "smollm2-135m-instruct (fp32)", "data": "rotten_tomatoes", "date": "2026-11-23", "command": command,
+           "model": "smollm2-135m-instruct", "data": "rotten_tomatoes", "date": time.strftime("%Y-%m-%d"), "command": command,
            "load_average_at_end": os.getloadavg(), "results": results, "dp_lora": dp_lora_point(args.dp_lora_run)}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(out, indent=2) + "\n")

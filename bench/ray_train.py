@@ -28,15 +28,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from dpsynth.config import load_config  # noqa: E402
 from dpsynth.data import format_prefix, prepare  # noqa: E402
-from dpsynth.privacy import Budget, SampledGaussian  # noqa: E402
+from dpsynth.privacy import SampledGaussian  # noqa: E402
+from dpsynth.privacy.sampling import poisson_batches  # noqa: E402
 
 
 def plain_loop(cfg, splits, private: bool, q: float, steps: int, seed: int) -> list[float]:
     """The single-process loop: no Ray, the same step classes and the same batches."""
-    from opacus.utils.uniform_sampler import UniformWithReplacementSampler
-
     from dpsynth.models import load_base, wrap_lora
-    from dpsynth.train.step import DPLoRAStep, PlainLoRAStep, collate, encode
+    from dpsynth.prefixlm import collate, encode
+    from dpsynth.train.step import DPLoRAStep, PlainLoRAStep
 
     torch.set_num_threads(os.cpu_count() or 1)
     torch.manual_seed(0)
@@ -48,10 +48,8 @@ def plain_loop(cfg, splits, private: bool, q: float, steps: int, seed: int) -> l
     step = (DPLoRAStep(model, noise_multiplier=1.0, max_grad_norm=t.max_grad_norm, expected_batch_size=t.batch_size,
                        learning_rate=t.learning_rate) if private else
             PlainLoRAStep(model, expected_batch_size=t.batch_size, learning_rate=t.learning_rate))
-    sampler = UniformWithReplacementSampler(num_samples=len(enc), sample_rate=q, steps=steps,
-                                            generator=torch.Generator().manual_seed(seed))
     times, sizes = [], []
-    for idx in sampler:
+    for idx in poisson_batches(len(enc), q, steps, seed):
         t0 = time.perf_counter()
         step(collate([enc[j] for j in idx], tok.pad_token_id))
         times.append(time.perf_counter() - t0)
@@ -60,16 +58,21 @@ def plain_loop(cfg, splits, private: bool, q: float, steps: int, seed: int) -> l
 
 
 def ray_fit(cfg, splits, private: bool, q: float, steps: int, seed: int, tmp: Path, name: str) -> list[float]:
+    from dpsynth.data import dataset_block
+    from dpsynth.privacy.run import Plan, PrivateRun
+    from dpsynth.privacy.sampling import schedule
     from dpsynth.privacy.service import LedgerClient
-    from dpsynth.train.driver import fit, loop_config
+    from dpsynth.storage import Storage
+    from dpsynth.train.driver import fit, worker_plan
     from dpsynth.train.worker import STATE
 
-    ledger = LedgerClient(tmp / "ledger.sqlite")
-    ledger.set_budget(splits.fingerprint, Budget(1e9, 1e-6))
-    ledger.open_run(name, splits.fingerprint, [SampledGaussian(1.0, q, steps)], "rdp")
-    config = loop_config(cfg, splits, run_id=name, ledger_path=ledger.path, sigma=1.0, q=q, steps=steps,
-                         sampler_seed=seed, noise_seed=1, scratch=tmp / name, private=private)
-    ckpt = fit(cfg, config)
+    sched = schedule(len(splits.train), cfg.training.batch_size, steps=steps)
+    run = PrivateRun.open(LedgerClient(tmp / "ledger.sqlite"), dataset=dataset_block(splits),
+                          plan=Plan((SampledGaussian(1.0, sched.q, steps),), "rdp", 1e-6), total_epsilon=1e9, kind=name,
+                          config_hash=name) if private else None
+    scratch = Storage(tmp / name)
+    ckpt = fit(cfg, worker_plan(cfg, splits, run, sigma=1.0, sched=sched, sampler_seed=seed, noise_seed=1, scratch=scratch,
+                                stop=scratch))
     history = json.loads(ckpt.read_text(STATE))["history"]
     return [(h["batch_size"], h["seconds"]) for h in history]
 
@@ -90,7 +93,7 @@ def main() -> None:
     ap.add_argument("--out", default="bench/results/ray_train.json")
     args = ap.parse_args()
 
-    from dpsynth.train.driver import ensure_ray
+    from dpsynth.runtime import ensure_ray
 
     ensure_ray(None)
     cfg1 = load_config(None, [f"training.batch_size={args.batch}", f"data.max_examples={args.max_examples}"])

@@ -43,6 +43,7 @@ def main() -> None:
     from dpsynth.sample import load_run_config
     from dpsynth.train.driver import train
     from dpsynth.tuning import search
+    from tune.search import run_trials
 
     arms = {}
     with tempfile.TemporaryDirectory() as tmp:
@@ -53,17 +54,18 @@ def main() -> None:
                                      f"sampling.num_examples={args.samples}", f"tune.mean_trials={args.mean_trials}",
                                      f"privacy.ledger={tmp / arm / 'ledger.sqlite'}", f"output_dir={tmp / arm / 'run'}"])
             t0 = time.time()
-            run_dir = search(cfg, show_progress=False) if arm == "tuned" else train(cfg, show_progress=False)
+            run_dir = search(cfg, runner=run_trials, show_progress=False) if arm == "tuned" else train(cfg, show_progress=False)
             t_train = time.time() - t0
             corpus = sample(run_dir, cfg.sampling, show_progress=False)
             from dpsynth.evaluate import read_corpus
 
             splits = prepare(load_run_config(run_dir).data)
             cert = json.loads((run_dir / "certificate.json").read_text())
+            mech = cert["mechanism"]
             util = score(read_corpus(corpus), list(splits.test))
             arms[arm] = {"train_or_search_wall_s": round(t_train, 1), "epsilon": cert["epsilon"], "accountant": cert["accountant"],
-                         "max_grad_norm": cert["max_grad_norm"], "noise_multiplier": cert["noise_multiplier"],
-                         "trials": (cert.get("tuning") or {}).get("trials_run", 1),
+                         "max_grad_norm": mech.get("max_grad_norm", (mech.get("selected") or {}).get("max_grad_norm")),
+                         "noise_multiplier": mech["noise_multiplier"], "trials": mech.get("trials_run", 1),
                          "synthetic_accuracy": util["accuracy"], "synthetic_macro_f1": util["macro_f1"]}
             print(arm, arms[arm], flush=True)
     out = {"date": date.today().isoformat(), "machine": f"{platform.machine()} {os.cpu_count()} cores, {platform.platform()}",

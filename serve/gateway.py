@@ -166,13 +166,14 @@ class Gateway:
         a = self._adapter(req.adapter)
         if req.num_examples > self.cfg.limits.max_examples_per_request:
             raise ApiError(400, f"num_examples: {req.num_examples} exceeds the limit {self.cfg.limits.max_examples_per_request}")
-        params = {"temperature": req.temperature, "top_p": req.top_p, "max_tokens": self._max_tokens(req.max_tokens)}
+        params = {"temperature": req.temperature, "top_p": req.top_p,
+                  "max_tokens": self._max_tokens(req.max_tokens or a.max_new_tokens)}
         mix = req.label_mix or ("dp" if a.dp_proportions else "uniform")
         try:
             counts = label_counts(a.labels, a.proportions(mix), req.num_examples)
         except UserError as e:
             raise ApiError(400, str(e).replace("sampling.label_proportions", "label_mix")) from None
-        headers = {"X-DP-Epsilon": repr(a.certificate["epsilon"]), "X-DP-Delta": repr(a.certificate["delta"]),
+        headers = {"X-DP-Epsilon": repr(a.certificate.epsilon), "X-DP-Delta": repr(a.certificate.delta),
                    "X-Label-Counts": json.dumps(counts)}
         media = "application/x-ndjson" if req.format == "jsonl" else "text/csv"
         return StreamingResponse(self._stream_corpus(a.name, jobs_for(counts), params, req.seed, req.format),

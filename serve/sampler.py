@@ -12,7 +12,7 @@ from ray import serve
 
 from dpsynth.sample.adapters import load_certified
 from dpsynth.sample.corpus import stream_jobs
-from dpsynth.sample.engines import GenParams
+from dpsynth.sample.engines import GenParams, prompt_ids
 from dpsynth.sample.online import EngineOptions, build_online_engine
 
 log = logging.getLogger("ray.serve")
@@ -25,8 +25,7 @@ class Sampler:
         loaded = [load_certified(path, name, ledger) for name, path in adapters]  # checked again where they are loaded
         self.engine = build_online_engine(engine, loaded, EngineOptions(**options))
         tok = self.engine.tokenizer
-        self.prompt_ids = {a.name: {lab: tok(p, add_special_tokens=False).input_ids for lab, p in a.prompts.items()}
-                           for a in loaded}
+        self.prompt_ids = {a.name: {lab: prompt_ids(tok, p) for lab, p in a.prompts.items()} for a in loaded}
 
     async def corpus(self, adapter: str, jobs: list[tuple[str, int]], params: dict, seed: int):
         """Stream one row per (label, index) job: {text, label, index, tokens}."""

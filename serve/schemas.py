@@ -17,7 +17,8 @@ class CorpusRequest(BaseModel):
     """`dp` (the adapter's DP label histogram; the default when it has one), `uniform`, or {label: weight}."""
     temperature: float = Field(1.0, gt=0.0, le=10.0)
     top_p: float = Field(0.95, gt=0.0, le=1.0)
-    max_tokens: int = Field(40, ge=1)
+    max_tokens: int | None = Field(None, ge=1)
+    """Tokens per example; default: the adapter's own sampling length."""
     seed: int = 0
     format: Literal["jsonl", "csv"] = "jsonl"
 

@@ -17,14 +17,14 @@ from dpsynth.data import Example, format_prefix, prepare
 from dpsynth.evaluate import attacks
 from dpsynth.evaluate.audit import Canary, canary_exposures, make_canaries
 from dpsynth.evaluate.classifiers import Context, dp_predict, metrics
-from dpsynth.privacy import SampledGaussian, calibrate_noise_multiplier, epsilon
+from dpsynth.privacy import SampledGaussian, calibrate, epsilon
 
 from conftest import make_rows
 
 PREFIX = "[toy][{label}]: "
 
 
-def _overfit(model_dir: str, records: list[Example], steps: int = 60, lr: float = 2e-2, batch: int = 16):
+def _overfit(model_dir: str, records: list[Example], steps: int = 60, lr: float = 2e-2, batch: int = 16, prefix=PREFIX):
     """Fine-tune the tiny Llama's blocks on `records` (embeddings frozen: cheap), non-private, until it memorises them."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -32,7 +32,7 @@ def _overfit(model_dir: str, records: list[Example], steps: int = 60, lr: float 
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     enc = []
     for ex in records:
-        p = tok(PREFIX.format(label=ex.label), add_special_tokens=False).input_ids
+        p = tok(prefix.format(label=ex.label), add_special_tokens=False).input_ids
         t = tok(ex.text, add_special_tokens=False).input_ids
         enc.append((p + t + [tok.eos_token_id], len(p)))
     model.get_input_embeddings().weight.requires_grad_(False)  # tied with the 49k-row output layer
@@ -106,6 +106,12 @@ def test_dp_generator_resists_the_loss_attack(tiny_job, tmp_path):
         rep = attacks.attack_report(sc[: len(mem)], sc[len(mem) :], cert["delta"])
         assert 0.35 < rep["auc"] < 0.65, name
         assert rep["epsilon_lower_bound"] <= cert["epsilon"], name
+    # the control: the same attack on a generator fitted to the same members without DP must catch them
+    template = cfg.model.prefix_template.replace("{dataset}", splits.name)
+    leaky, tok = _overfit(cfg.model.base, mem, steps=200, prefix=template)
+    sc = attacks.loss_attack_scores(leaky, tok, [(pre(e), e.text) for e in mem + non])["loss"]
+    rep = attacks.attack_report(sc[: len(mem)], sc[len(mem) :], cert["delta"])
+    assert rep["auc"] > 0.8 and rep["epsilon_lower_bound"] > 0.5
 
 
 def test_canaries_have_distinct_records_and_controls():
@@ -128,7 +134,7 @@ def test_dp_sgd_baseline_is_calibrated_poisson_and_noisy():
     # accounting: the calibrated sigma, and the epsilon of the steps that ran, within the target
     q, steps = 60 / 600, math.ceil(8 / 0.1)
     assert info.sampling_rate == q and info.steps == steps and len(info.batch_sizes) == steps
-    assert info.noise_multiplier == pytest.approx(calibrate_noise_multiplier(eps, delta, q, steps, accountant="prv"))
+    assert info.noise_multiplier == pytest.approx(calibrate(lambda s: (SampledGaussian(s, q, steps),), eps, delta, accountant="prv"))
     assert info.epsilon == pytest.approx(epsilon([SampledGaussian(info.noise_multiplier, q, steps)], delta, "prv"))
     assert 0.9 * eps < info.epsilon <= eps
     # Poisson sampling: batch sizes vary around q N (Binomial(600, 0.1): sd 7.3)
@@ -242,10 +248,17 @@ def test_zero_shot_corpus_from_the_base_model_is_uniform_and_cached(tiny_model_d
     from dpsynth.config import SamplingConfig
     from dpsynth.evaluate.corpora import zero_shot_corpus
 
+    from dpsynth.config import ModelConfig
+
     params = SamplingConfig(max_new_tokens=6, batch_size=5)
-    rows = zero_shot_corpus(tmp_path / "zs.jsonl", tiny_model_dir, "toy", ["neg", "pos"], 7, "A {label} text from {dataset}:\n", params)
+    base = ModelConfig(base=tiny_model_dir, max_length=32)
+    rows = zero_shot_corpus(tmp_path / "zs.jsonl", base, "toy", ["neg", "pos"], 7, "A {label} text from {dataset}:\n", params)
     assert len(rows) == 7 and [e.label for e in rows].count("neg") == 4 and all(e.text for e in rows)
     meta = json.loads((tmp_path / "zs.meta.json").read_text())
     assert meta["prompt"] == "A {label} text from {dataset}:\n" and meta["base"] == tiny_model_dir
-    assert zero_shot_corpus(tmp_path / "zs.jsonl", tiny_model_dir, "toy", ["neg", "pos"], 7, "A {label} text from {dataset}:\n",
+    assert zero_shot_corpus(tmp_path / "zs.jsonl", base, "toy", ["neg", "pos"], 7, "A {label} text from {dataset}:\n",
                             params) == rows  # cached
+    # by default the floor uses the run's own Prefix-LM prefix, and the same label sharpening as the corpus
+    floor = zero_shot_corpus(tmp_path / "zs2.jsonl", base, "toy", ["neg", "pos"], 6, None, SamplingConfig(
+        max_new_tokens=6, batch_size=6, keep_rate=0.5))
+    assert len(floor) == 6 and json.loads((tmp_path / "zs2.meta.json").read_text())["prompt"] == base.prefix_template

@@ -411,7 +411,7 @@ def test_two_node_local_cluster_runs_a_training_job_through_ray_job_submit(tmp_p
         cluster.stop()
     cert = json.loads((run_dir / "certificate.json").read_text())
     metrics = json.loads((run_dir / "metrics.json").read_text())
-    assert cert["workers"] == 2 and cert["steps"] == 6
+    assert cert["mechanism"]["workers"] == 2 and cert["mechanism"]["steps"] == 6
     assert len(set(metrics["worker_nodes"])) == 2  # one Ray Train worker on each node
     from dpsynth.privacy import Ledger
 

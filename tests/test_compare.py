@@ -83,6 +83,6 @@ def test_report_compares_dp_lora_with_in_context_from_each_runs_own_files(tmp_pa
     elsewhere = tmp_path / "elsewhere"
     shutil.copytree(fewshot, elsewhere)
     cert = json.loads((elsewhere / "certificate.json").read_text())
-    (elsewhere / "certificate.json").write_text(json.dumps({**cert, "dataset_fingerprint": "0" * 32}))
+    (elsewhere / "certificate.json").write_text(json.dumps({**cert, "dataset": {**cert["dataset"], "fingerprint": "0" * 32}}))
     code, _, err = cli(capsys, "report", str(lora), "--compare", str(elsewhere), "-q", *sets(CHEAP))
     assert code == 2 and err.count("error:") == 1 and "different datasets" in err

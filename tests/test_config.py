@@ -63,7 +63,7 @@ def test_training_hash_tracks_what_changes_the_adapter():
     assert base.training_hash() == load_config(None, ["sampling.temperature=0.5", "privacy.ledger=/tmp/x.sqlite"]).training_hash()
     assert base.training_hash() != load_config(None, ["training.max_grad_norm=0.5"]).training_hash()
     assert base.training_hash() != load_config(None, ["privacy.epsilon=3"]).training_hash()
-    assert base.training_hash() != load_config(None, ["sampling.label_noise_multiplier=10"]).training_hash()
+    assert base.training_hash() != load_config(None, ["sampling.label_budget_share=0.1"]).training_hash()
 
 
 def test_config_round_trips_through_yaml(tmp_path):
@@ -72,3 +72,30 @@ def test_config_round_trips_through_yaml(tmp_path):
     path.write_text(cfg.to_yaml())
     assert load_config(path) == cfg
     assert isinstance(cfg, JobConfig)
+
+
+# ---------------------------------------------------------------- presets
+
+
+def test_cpu_demo_preset_is_the_defaults():
+    assert load_config(None, [], preset="cpu-demo") == load_config()
+
+
+def test_gpu_preset_is_paper_scale():
+    cfg = load_config(None, [], preset="gpu")
+    assert cfg.lora.last_layers is None  # LoRA on every layer
+    assert cfg.training.batch_size >= 512 and cfg.training.epochs >= 2
+    assert cfg.sampling.num_examples >= 2000 and cfg.scaling.use_gpu
+    assert cfg.evaluation.max_real_examples is None
+
+
+def test_a_file_and_overrides_apply_on_top_of_a_preset(tmp_path):
+    path = tmp_path / "job.yaml"
+    path.write_text("training:\n  epochs: 1\n")
+    cfg = load_config(path, ["sampling.num_examples=99"], preset="gpu")
+    assert cfg.training.epochs == 1 and cfg.sampling.num_examples == 99 and cfg.training.batch_size == 512
+
+
+def test_unknown_preset_is_a_one_line_error():
+    with pytest.raises(ConfigError, match="preset: unknown preset 'huge' \\(choose cpu-demo, gpu\\)"):
+        load_config(None, [], preset="huge")

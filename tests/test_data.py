@@ -79,3 +79,71 @@ def test_missing_file_column_and_empty(tmp_path):
 
 def test_prefix_names_dataset_and_label():
     assert format_prefix("[{dataset}][{label}]: ", "rotten_tomatoes", "fresh") == "[rotten_tomatoes][fresh]: "
+
+
+# ---------------------------------------------------------------- privacy units and near-duplicates
+
+
+def _people(tmp_path, people: int = 40, per_person: int = 5):
+    rows = [{"note": f"visit {k} for patient {p}: " + " ".join(r["review"].split()[:6]), "dx": r["sentiment"],
+             "patient_id": f"p{p}"}
+            for p in range(people) for k, r in enumerate(make_rows(per_person, seed=p))]
+    path = tmp_path / "notes.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return DataConfig(source=str(path), text_column="note", label_column="dx", unit_column="patient_id")
+
+
+def test_no_unit_appears_in_two_splits(tmp_path):
+    s = prepare(_people(tmp_path))
+    assert s.unit == "patient_id" and s.units == 40 and s.dataset_size == 200
+    parts = [{ex.unit for ex in part} for part in (s.train, s.validation, s.test)]
+    assert parts[0] and parts[1] and parts[2]
+    assert not (parts[0] & parts[1]) and not (parts[0] & parts[2]) and not (parts[1] & parts[2])
+    assert all(len(u) == 5 for u in s.train_units())  # every record of a unit stays with it
+    assert sum(map(len, parts)) == 40
+
+
+def test_the_accountants_n_is_the_number_of_units(tmp_path):
+    from dpsynth.data import dataset_block
+    from dpsynth.config import PrivacyConfig
+    from dpsynth.errors import UserError
+    from dpsynth.privacy.ledger import Budget
+    from dpsynth.privacy.run import default_delta, resolve_delta
+
+    s = prepare(_people(tmp_path))
+    block = dataset_block(s)
+    assert block.unit == "patient_id" and block.units == 40 and block.records == 200
+    assert block.train_units == len({ex.unit for ex in s.train}) < len(s.train)
+    assert resolve_delta(PrivacyConfig(), block, None) == default_delta(40)
+    with pytest.raises(UserError, match="held per record"):  # a person-level run on a record-level budget
+        resolve_delta(PrivacyConfig(), block, Budget(8.0, 1e-5, "record"))
+
+
+def test_a_missing_unit_column_is_named(tmp_path):
+    cfg = _people(tmp_path).model_copy(update={"unit_column": "person"})
+    with pytest.raises(DataError, match=r"data\.unit_column: column 'person' not in"):
+        prepare(cfg)
+
+
+def test_near_duplicates_are_found_where_exact_dedupe_misses_them(tmp_path):
+    from dpsynth.near_duplicates import clusters
+
+    story = ("the city council voted on tuesday to approve a new budget for the public library after months of "
+             "debate about opening hours staff numbers and the cost of repairs to the old building downtown")
+    edited = story.replace("tuesday", "wednesday").replace("months", "weeks").replace("old", "historic")
+    others = [" ".join(r["review"].split()) for r in make_rows(30, seed=3)]
+    texts = [story, *others, edited]
+    assert dedupe([Example(t, "news") for t in texts]) == [Example(t, "news") for t in texts]  # exact dedupe keeps both
+    assert clusters(texts, 0.5) == [[0, len(texts) - 1]]
+    path = tmp_path / "news.jsonl"
+    path.write_text("".join(json.dumps({"text": t, "label": "a" if i % 2 else "b"}) + "\n" for i, t in enumerate(texts)))
+    grouped = prepare(DataConfig(source=str(path), near_duplicate_threshold=0.5, test_fraction=0.2))
+    units = {ex.text: ex.unit for part in (grouped.train, grouped.validation, grouped.test) for ex in part}
+    assert units[story] == units[edited] and grouped.unit == "record+near-duplicates"
+    assert grouped.units == len(texts) - 1 and grouped.near_duplicates == {"clusters": 1, "records": 2, "action": "group"}
+    in_test = {ex.text for ex in grouped.test}
+    assert (story in in_test) == (edited in in_test)  # a copy never lands on the other side of the split
+    dropped = prepare(DataConfig(source=str(path), near_duplicate_threshold=0.5, near_duplicates="drop"))
+    assert dropped.dataset_size == dropped.units == len(texts) - 1 and dropped.near_duplicates["dropped"] == 1
+    kept = prepare(DataConfig(source=str(path), near_duplicate_threshold=0.5, near_duplicates="keep"))
+    assert kept.units == len(texts) and kept.unit == "record"

@@ -1,4 +1,4 @@
-"""Training-free DP few-shot generation (dpsynth/sample/incontext.py): sensitivity, noise, accounting, ledger, e2e."""
+"""Training-free DP few-shot generation (dpsynth/incontext/): sensitivity, noise, accounting, ledger, e2e."""
 
 from __future__ import annotations
 
@@ -18,10 +18,22 @@ from conftest import make_rows
 from dpsynth.config import InContextConfig, load_config
 from dpsynth.data import Example
 from dpsynth.errors import UserError
-from dpsynth.privacy import Budget, Gaussian, Laplace, Ledger, epsilon
-from dpsynth.sample.incontext import (SENSITIVITY_L1, SENSITIVITY_L2, GroupVoter, assign_groups, calibrate, choose_token,
-                                      clip_votes, example_events, generate_rows, noise_scale, plan_events, pure_epsilon,
-                                      sample_noise)
+from dpsynth.incontext.mechanism import (SENSITIVITY_L1, SENSITIVITY_L2, assign_groups, calibrate_noise, choose_token,
+                                         clip_votes, example_events, generate_rows, noise_scale, plan_events, pure_epsilon,
+                                         sample_noise)
+from dpsynth.incontext.run import example_charger
+from dpsynth.incontext.voters import GroupVoter
+from dpsynth.privacy import Gaussian, Laplace, Ledger, epsilon
+from dpsynth.privacy.certificate import DatasetBlock, InContextBlock
+from dpsynth.privacy.run import Plan, PrivateRun
+
+DATASET = DatasetBlock(name="reviews", fingerprint="fp", units=240, train_units=200, records=240, train_records=200)
+
+
+def admitted(ledger, events, accountant: str, delta: float = 1e-5, budget: float = 100.0) -> PrivateRun:
+    """A run admitted through the one private-run path."""
+    return PrivateRun.open(ledger, dataset=DATASET, plan=Plan(tuple(events), accountant, delta), total_epsilon=budget,
+                           kind="ic", config_hash="test")
 
 LABELS = ("neg", "pos")
 
@@ -119,7 +131,7 @@ def test_noise_scale_matches_mechanism(mechanism, nm):
 @pytest.mark.parametrize("mechanism,accountant", [("laplace", "pld"), ("gaussian", "pld"), ("gaussian", "rdp")])
 def test_calibrated_noise_meets_epsilon(mechanism, accountant):
     ic = InContextConfig(mechanism=mechanism, max_new_tokens=10)
-    nm = calibrate(ic, 3.0, 1e-5, accountant, examples=20)
+    nm = calibrate_noise(ic, 3.0, 1e-5, accountant, 20)
     eps = epsilon(plan_events(ic, nm, 20), 1e-5, accountant)
     assert 0.99 * 3.0 <= eps <= 3.0
     assert epsilon(plan_events(ic, nm * 0.98, 20), 1e-5, accountant) > 3.0  # and it is the least such noise
@@ -149,13 +161,14 @@ def analytic_gaussian_epsilon(mu: float, delta: float) -> float:
 def test_certificate_epsilon_matches_dp_accounting(tmp_path, mechanism):
     nm, steps, delta = (8.0 if mechanism == "laplace" else 6.0), 60, 1e-5
     ic = InContextConfig(mechanism=mechanism, max_new_tokens=6)
-    ledger = Ledger(tmp_path / "ledger.sqlite")
-    ledger.set_budget("fp", Budget(50.0, delta))
-    ledger.open_run("r", "fp", plan_events(ic, nm, steps // 6), "pld")
+    run = admitted(Ledger(tmp_path / "ledger.sqlite"), plan_events(ic, nm, steps // 6), "pld", delta, budget=50.0)
+    charge = example_charger(run)
     for _ in range(steps // 6):
-        for e in example_events(ic, nm):
-            ledger.charge("r", e)
-    cert = ledger.certify("r", delta, {})
+        assert charge(example_events(ic, nm))
+    cert = run.certify(mechanism=InContextBlock(mechanism=mechanism, noise_multiplier=nm, noise_scale=noise_scale(mechanism, nm),
+                                                sensitivity={}, token_steps=steps, examples_charged=steps // 6,
+                                                planned_epsilon=0.0),
+                       base_model={"name": "tiny"}, config_hash="test").to_json()
     # the reference: every token as its own dp_accounting event, composed one by one
     one = dp_accounting.LaplaceDpEvent(nm) if mechanism == "laplace" else dp_accounting.GaussianDpEvent(nm)
     pld = dp_accounting.pld.PLDAccountant()
@@ -176,21 +189,13 @@ def test_certificate_epsilon_matches_dp_accounting(tmp_path, mechanism):
 def test_ledger_stops_generation_when_the_plan_is_spent(tmp_path, voter):
     ic = InContextConfig(max_new_tokens=5, groups=3, examples_per_group=2, candidates=20)
     nm = 4.0
-    ledger = Ledger(tmp_path / "ledger.sqlite")
-    ledger.set_budget("fp", Budget(100.0, 1e-5))
-    ledger.open_run("r", "fp", plan_events(ic, nm, 3), "rdp")  # admitted for 3 examples
-
-    def charge(events):
-        try:
-            for e in events:
-                ledger.charge("r", e)
-        except Exception:
-            return False
-        return True
-
+    run = admitted(Ledger(tmp_path / "ledger.sqlite"), plan_events(ic, nm, 3), "rdp")  # admitted for 3 examples
     groups = assign_groups(examples(60), LABELS, 3, 2, 0)
-    rows, stats = generate_rows(voter, groups, {"neg": 4, "pos": 4}, ic, nm, charge, torch.Generator().manual_seed(0))
-    charged = sum(e.count for e in ledger.charged("r"))
+    state, finished = generate_rows(voter, groups, {"neg": 4, "pos": 4}, ic, nm, example_charger(run),
+                                    torch.Generator().manual_seed(0))
+    rows, stats = state["rows"], state["stats"]
+    charged = sum(e.count for e in run.charged())
+    assert finished
     assert stats["stopped_by_ledger"] and stats["examples_charged"] == 3
     assert charged == stats["token_steps_charged"] == 15
     assert stats["token_steps_computed"] <= charged and stats["tokens_released"] <= charged
@@ -218,16 +223,18 @@ def test_cli_generate_then_evaluate(tmp_path, tiny_model_dir, jsonl_dataset):
             f"model.base={tiny_model_dir}", f"privacy.ledger={tmp_path / 'ledger.sqlite'}", "privacy.epsilon=4",
             "privacy.accountant=pld", "incontext.mechanism=laplace", "incontext.num_examples=6",
             "incontext.max_new_tokens=6", "incontext.groups=4", "incontext.examples_per_group=2",
-            "sampling.label_proportions=uniform", "incontext.engine=transformers"]
+            "sampling.label_proportions=uniform", "incontext.engine=transformers",
+            "model.max_length=32"]  # no DP length histogram (Gaussian): the run stays pure Laplace DP
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run([sys.executable, "-m", "dpsynth", "generate", "-q", "-o", str(run),
                            *[a for s in sets for a in ("--set", s)]], capture_output=True, text=True, timeout=600, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     cert = json.loads((run / "certificate.json").read_text())
     corpus_cert = json.loads((run / "synthetic.jsonl.certificate.json").read_text())
-    assert cert["generator"] == "in_context" and cert["mechanism"] == "laplace" and cert["accountant"] == "pld"
-    assert 0 < cert["epsilon"] <= 4.0 and cert["epsilon"] <= cert["pure_dp_epsilon"]
-    assert cert["token_steps"] == 36 and sum(e["count"] for e in cert["events"]) == 36
+    m = cert["mechanism"]
+    assert m["kind"] == "in_context" and m["mechanism"] == "laplace" and cert["accountant"] == "pld"
+    assert 0 < cert["epsilon"] <= 4.0 and cert["epsilon"] <= m["pure_dp_epsilon"]
+    assert m["token_steps"] == 36 and sum(e["count"] for e in cert["events"]) == 36
     assert corpus_cert["epsilon"] == cert["epsilon"] and corpus_cert["corpus"]["examples"] >= 1
     rows = [json.loads(line) for line in (run / "synthetic.jsonl").read_text().splitlines()]
     assert rows and {r["label"] for r in rows} <= {"pos", "neg"}
@@ -242,7 +249,7 @@ def test_cli_generate_then_evaluate(tmp_path, tiny_model_dir, jsonl_dataset):
     # the evaluation package treats it like a DP-LoRA run (corpus attacks only: there is no adapter)
     from dpsynth.evaluate import evaluate
 
-    ev = load_config(None, ["evaluation.classifiers=[tfidf_logreg]", "evaluation.dp_baseline=false",
+    ev = load_config(None, ["evaluation.classifiers=[tfidf_logreg]", "evaluation.dp_baseline=false", "evaluation.zero_shot_examples=0",
                             "evaluation.tuning=false", "evaluation.mauve=false", "evaluation.attack_examples=10"]).evaluation
     result = evaluate(run, ev)
     assert result["epsilon"] == cert["epsilon"] and result["privacy"]["generator"] == {}
@@ -257,7 +264,7 @@ def vllm_voters(vllm_tiny_model_dir):
     pytest.importorskip("vllm")
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from dpsynth.sample.incontext import VLLMVoter
+    from dpsynth.incontext.voters import VLLMVoter
 
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
     tok = AutoTokenizer.from_pretrained(vllm_tiny_model_dir)
@@ -300,28 +307,18 @@ def test_ledger_charges_are_the_same_on_vllm(tmp_path, vllm_voters):
     groups = assign_groups(examples(60), LABELS, 3, 2, 0)
     charged = []
     for voter in (hf, vl):
-        ledger = Ledger(tmp_path / f"{voter.engine}.sqlite")
-        ledger.set_budget("fp", Budget(100.0, 1e-5))
-        ledger.open_run("r", "fp", plan_events(ic, 4.0, 3), "rdp")
-
-        def charge(events, ledger=ledger):
-            try:
-                for e in events:
-                    ledger.charge("r", e)
-            except Exception:
-                return False
-            return True
-
-        _, stats = generate_rows(voter, groups, {"neg": 2, "pos": 2}, ic, 4.0, charge, torch.Generator().manual_seed(0))
-        assert stats["stopped_by_ledger"] and stats["examples_charged"] == 3
-        charged.append(ledger.charged("r"))
+        run = admitted(Ledger(tmp_path / f"{voter.engine}.sqlite"), plan_events(ic, 4.0, 3), "rdp")
+        state, _ = generate_rows(voter, groups, {"neg": 2, "pos": 2}, ic, 4.0, example_charger(run),
+                                 torch.Generator().manual_seed(0))
+        assert state["stats"]["stopped_by_ledger"] and state["stats"]["examples_charged"] == 3
+        charged.append(run.charged())
     assert charged[0] == charged[1] == tuple(plan_events(ic, 4.0, 3))
 
 
 def test_auto_engine_falls_back_to_transformers(monkeypatch, tiny_model_dir):
     import types
 
-    from dpsynth.sample import incontext
+    from dpsynth.incontext import voters
     from dpsynth.sample.engines import choose_engine
 
     with monkeypatch.context() as m:
@@ -333,16 +330,16 @@ def test_auto_engine_falls_back_to_transformers(monkeypatch, tiny_model_dir):
     def broken(*a, **kw):
         raise RuntimeError("Engine core initialization failed. See root cause above.")
 
-    monkeypatch.setattr(incontext, "VLLMVoter", broken)
+    monkeypatch.setattr(voters, "VLLMVoter", broken)
     monkeypatch.setattr("dpsynth.sample.engines.vllm_importable", lambda: True)
     monkeypatch.setattr("dpsynth.sample.engines.require_vllm", lambda: None)
     splits = types.SimpleNamespace(name="reviews", labels=LABELS)
-    cfg = load_config(None, [f"model.base={tiny_model_dir}", "incontext.engine=auto"])
-    voter, base = incontext.make_voter(cfg, splits)
+    cfg = load_config(None, [f"model.base={tiny_model_dir}", "incontext.engine=auto", "model.max_length=32"])
+    voter, base = voters.make_voter(cfg, splits)
     assert isinstance(voter, GroupVoter) and voter.engine == "transformers" and base["name"] == tiny_model_dir
-    cfg = load_config(None, [f"model.base={tiny_model_dir}", "incontext.engine=vllm"])
+    cfg = load_config(None, [f"model.base={tiny_model_dir}", "incontext.engine=vllm", "model.max_length=32"])
     with pytest.raises(UserError, match="vLLM engine did not start"):
-        incontext.make_voter(cfg, splits)
+        voters.make_voter(cfg, splits)
 
 
 @pytest.mark.slow
@@ -365,7 +362,7 @@ def test_cli_generate_on_vllm_certifies_the_same_charges(tmp_path, vllm_tiny_mod
         metrics = json.loads((run / "metrics.json").read_text())["incontext"]
         assert corpus_cert["corpus"]["engine"] == metrics["engine"] == engine
         assert corpus_cert["epsilon"] == cert["epsilon"] and 0 < cert["epsilon"] <= 4.0
-        assert cert["token_steps"] == metrics["token_steps_charged"] == 36
+        assert cert["mechanism"]["token_steps"] == metrics["token_steps_charged"] == 36
         book = Ledger(ledger)
         (entry,) = book.runs()
         assert entry["certificate"]["epsilon"] == cert["epsilon"]  # the ledger's own record, from its charges
@@ -374,5 +371,18 @@ def test_cli_generate_on_vllm_certifies_the_same_charges(tmp_path, vllm_tiny_mod
         assert len(rows) == corpus_cert["corpus"]["examples"] and {r["label"] for r in rows} <= {"pos", "neg"}
         certs[engine] = cert
     # the engine changes nothing the certificate states about privacy
-    for key in ("epsilon", "delta", "events", "noise_multiplier", "config_hash", "token_steps"):
+    for key in ("epsilon", "delta", "events", "config_hash"):
         assert certs["vllm"][key] == certs["transformers"][key], key
+    for key in ("noise_multiplier", "token_steps"):
+        assert certs["vllm"]["mechanism"][key] == certs["transformers"]["mechanism"][key], key
+
+
+def test_a_unit_with_many_records_votes_in_one_group_per_label():
+    """Person-level DP: all of one unit's records land in one group (the same index for every label), so adding or
+    removing the unit changes at most one vote for any generated token."""
+    data = [Example(ex.text, ex.label, f"u{i}") for i, ex in enumerate(examples(200))]
+    person = [Example(f"note {k} of one patient", LABELS[k % 2], "patient-7") for k in range(12)]
+    base = assign_groups(data, LABELS, 8, 30, 3)
+    changed = changed_groups(base, assign_groups(data + person, LABELS, 8, 30, 3))
+    assert {lab for lab, _ in changed} == set(LABELS) and len(changed) == 2  # one group in each label
+    assert len({g for _, g in changed}) == 1

@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import yaml
 
@@ -14,7 +15,9 @@ from dpsynth.cli import main
 from dpsynth.config import load_config
 from dpsynth.data import prepare
 from dpsynth.privacy import Ledger, epsilon, from_dict
-from dpsynth.privacy.certificate import REQUIRED
+from dpsynth.privacy.certificate import Certificate
+
+from conftest import make_rows
 
 
 def cli(*args: str) -> subprocess.CompletedProcess:
@@ -41,11 +44,13 @@ def test_tiny_pipeline_end_to_end(tiny_job, tmp_path):
     assert res.returncode == 0, res.stderr
     run_dir = Path(overrides_dict(tiny_job)["output_dir"])
     cert = json.loads((run_dir / "certificate.json").read_text())
-    assert all(k in cert for k in REQUIRED)
-    assert cert["steps"] == 6 and cert["max_grad_norm"] == 1.0 and cert["accountant"] == "prv"
+    Certificate.model_validate(cert)  # the typed certificate: common fields plus one block per mechanism
+    assert cert["mechanism"]["kind"] == "dp_sgd" and cert["mechanism"]["steps"] == 6
+    assert cert["mechanism"]["max_grad_norm"] == 1.0 and cert["accountant"] == "prv"
+    assert cert["dataset"]["unit"] == "record" and cert["label_histogram"]["budget_share"] == 0.05
     cfg = load_config(None, tiny_job)
     splits = prepare(cfg.data)
-    assert cert["dataset_fingerprint"] == splits.fingerprint
+    assert cert["dataset"]["fingerprint"] == splits.fingerprint
     assert cert["delta"] == pytest.approx(1 / splits.dataset_size**1.1)
     # the certified epsilon is what the charged events cost, and within the target
     events = [from_dict(e) for e in cert["events"]]
@@ -64,6 +69,17 @@ def test_tiny_pipeline_end_to_end(tiny_job, tmp_path):
     ev = json.loads((run_dir / "evaluation.json").read_text())
     assert 0 <= ev["synthetic"]["accuracy"] <= 1 and ev["real"]["accuracy"] > 0.9  # the toy task is easy on real data
     assert "epsilon spent" in res.stdout and "test accuracy, trained on synthetic" in res.stdout
+    # the honest summary: the synthetic accuracy next to the chance line and the zero-shot floor, and a verdict
+    majority = max(sum(ex.label == lab for ex in splits.test) for lab in splits.labels) / len(splits.test)
+    assert ev["baselines"]["majority_class"]["accuracy"] == pytest.approx(majority)
+    assert 0 <= ev["baselines"]["zero_shot"]["accuracy"] <= 1 and ev["baselines"]["zero_shot"]["examples"] == 12
+    assert ev["verdict"]["level"] in {"no_signal", "below_dp_direct", "competitive"} and ev["verdict"]["text"]
+    for row in ("majority class", "zero-shot floor", "verdict"):
+        assert row in res.stdout, row
+    # label sharpening (default keep rate 0.5): twice the candidates, every one of them kept for the evaluation
+    candidates = (run_dir / "synthetic.candidates.jsonl").read_text().splitlines()
+    assert len(candidates) == 24 and corpus_cert["corpus"]["sharpening"]["kept"] == 12
+    assert ev["sharpening"]["candidates"] == 24 and "label_fidelity_gain" in ev["sharpening"]
 
     # idempotent: the same job again reuses the certified adapter and spends nothing more
     again = cli("run", "--quiet", *sets(tiny_job))
@@ -99,26 +115,29 @@ def test_second_run_over_the_dataset_budget_is_refused(tiny_job, tmp_path, capsy
 
 
 def test_training_sees_only_the_train_split(tiny_job, monkeypatch):
-    """Everything the Ray Train workers receive is in their loop config: its texts are the train split's."""
+    """Everything the Ray Train workers receive is in their typed plan: its texts are the train split's."""
+    import dataclasses
+
     import dpsynth.train.driver as driver
 
-    shipped: list[dict] = []
+    shipped: list = []
     real_fit = driver.fit
 
-    def spy(cfg, config):
-        shipped.append(config)
-        return real_fit(cfg, config)
+    def spy(cfg, plan):
+        shipped.append(plan)
+        return real_fit(cfg, plan)
 
     monkeypatch.setattr(driver, "fit", spy)
     cfg = load_config(None, tiny_job)
     driver.train(cfg, show_progress=False)
     splits = prepare(cfg.data)
-    (config,) = shipped
-    seen = [text for text, _ in config["examples"]]
+    (plan,) = shipped
+    seen = [text for unit in plan.units for text, _ in unit]
     assert sorted(seen) == sorted(ex.text for ex in splits.train)
     held_out = {ex.text for ex in splits.validation + splits.test}
     assert held_out and not set(seen) & held_out
-    assert not any(text in json.dumps({k: v for k, v in config.items() if k != "examples"}) for text in held_out)
+    rest = {f.name: getattr(plan, f.name) for f in dataclasses.fields(plan) if f.name not in ("units", "run")}
+    assert not any(text in json.dumps(rest, default=str) for text in held_out)
 
 
 @pytest.fixture()
@@ -175,11 +194,18 @@ def test_cli_error_exit_code_in_a_real_process(tmp_path):
     assert res.returncode == 2 and "not a dpsynth run directory" in res.stderr
 
 
-def test_help_lists_commands():
+def test_help_covers_every_verb():
+    from dpsynth.cli import app
+
+    verbs = [c.name or c.callback.__name__ for c in app.registered_commands]
+    assert {"train", "generate", "sample", "evaluate", "report", "run", "serve", "tune", "budget", "abandon", "config",
+            "presets"} <= set(verbs)
     res = cli("--help")
     assert res.returncode == 0
-    for command in ("train", "sample", "evaluate", "report", "run", "config"):
-        assert command in res.stdout
+    for verb in verbs:
+        assert verb in res.stdout, verb
+        one = cli(verb, "--help")
+        assert one.returncode == 0 and "Usage:" in one.stdout and len(one.stdout.splitlines()) > 3, verb
 
 
 def test_uncertified_run_cannot_be_sampled(tiny_job, capsys):
@@ -199,7 +225,7 @@ def test_real_bundled_model_and_data(tmp_path):
     assert res.returncode == 0, res.stderr[-3000:]
     cert = json.loads((run_dir / "certificate.json").read_text())
     assert cert["base_model"]["name"] == "smollm2-135m-instruct" and len(cert["base_model"]["sha256"]) == 64
-    assert cert["dataset"]["name"] == "rotten_tomatoes" and cert["steps"] == 4 and 0 < cert["epsilon"] <= 8.0
+    assert cert["dataset"]["name"] == "rotten_tomatoes" and cert["mechanism"]["steps"] == 4 and 0 < cert["epsilon"] <= 8.0
     rows = [json.loads(line) for line in (run_dir / "synthetic.jsonl").read_text().splitlines()]
     assert len(rows) == 16 and {r["label"] for r in rows} <= {"fresh", "rotten"}
     ev = json.loads((run_dir / "evaluation.json").read_text())
@@ -213,3 +239,93 @@ def test_single_label_synthetic_scores_as_a_constant_classifier():
     test = [Example("good", "pos")] * 3 + [Example("bad", "neg")]
     res = score([Example("anything", "pos"), Example("else", "pos")], test)
     assert res["accuracy"] == 0.75 and abs(res["macro_f1"] - (6 / 7 + 0) / 2) < 1e-9
+
+
+def _people_job(tiny_job, tmp_path, people: int = 60, per_person: int = 4) -> list[str]:
+    rows = [{"note": r["review"] + f" visit {k}", "dx": r["sentiment"], "patient_id": f"p{p}"}
+            for p in range(people) for k, r in enumerate(make_rows(per_person, seed=100 + p))]
+    path = tmp_path / "notes.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    ov = overrides_dict(tiny_job)
+    ov.update({"data.source": str(path), "data.text_column": "note", "data.label_column": "dx",
+               "data.unit_column": "patient_id", "training.batch_size": "8", "evaluation.attack_examples": "10"})
+    return [f"{k}={v}" for k, v in ov.items()]
+
+
+def test_a_person_level_run_end_to_end(tiny_job, tmp_path):
+    """data.unit_column: the certificate, the ledger and the summary all speak of patients, not records."""
+    job = _people_job(tiny_job, tmp_path)
+    res = cli("run", "--quiet", *sets(job))
+    assert res.returncode == 0, res.stderr[-3000:]
+    run_dir = Path(overrides_dict(job)["output_dir"])
+    cert = json.loads((run_dir / "certificate.json").read_text())
+    splits = prepare(load_config(None, job).data)
+    assert cert["dataset"]["unit"] == "patient_id" and cert["dataset"]["units"] == 60 == splits.units
+    assert cert["dataset"]["records"] == 240 and cert["dataset"]["train_units"] == len({ex.unit for ex in splits.train})
+    assert cert["delta"] == pytest.approx(1 / 60**1.1)  # N is the number of patients
+    assert cert["mechanism"]["max_records_per_unit"] == 16
+    assert cert["mechanism"]["sampling_rate"] == pytest.approx(8 / cert["dataset"]["train_units"])
+    (record,) = Ledger(load_config(None, job).privacy.ledger).datasets()
+    assert record["budget"].unit == "patient_id"
+    assert "each patient_id" in res.stdout and "protected at eps=" in res.stdout
+    ev = json.loads((run_dir / "evaluation.json").read_text())
+    assert ev["privacy_unit"] == "patient_id" and ev["privacy"]["unit"] == "patient_id"
+    assert ev["privacy"]["members"] <= 10 and ev["privacy"]["member_records"] >= ev["privacy"]["members"]
+
+
+def test_a_record_level_run_cannot_spend_a_person_level_budget(tiny_job, tmp_path, capsys):
+    job = _people_job(tiny_job, tmp_path)
+    assert run_in_process(capsys, "train", "--quiet", *sets(job))[0] == 0
+    records = [o for o in job if not o.startswith("data.unit_column")] + ["data.unit_column=null",
+                                                                           f"output_dir={tmp_path / 'records'}"]
+    code, _, err = run_in_process(capsys, "train", "--quiet", *sets(records))
+    assert code == 2 and "budget is held per patient_id" in err
+
+
+def test_long_documents_keep_their_length_and_cuts_are_reported(tiny_job, tmp_path):
+    """model.max_length / sampling.max_new_tokens auto: lengths come from the data (a DP length histogram), well past
+    64 tokens; what is cut is counted and reported, and nothing is when nothing is cut."""
+    rng = np.random.default_rng(0)
+    vocab = "great awful story cast plot film scene actor music camera dialogue ending".split()
+    rows = [{"review": " ".join(rng.choice(vocab, size=int(n))), "sentiment": "pos" if i % 2 else "neg"}
+            for i, n in enumerate(rng.integers(140, 180, size=160))]
+    outlier = " ".join(["epilogue"] * 400)  # one text far past the 95th percentile
+    rows[0]["review"] = outlier
+    path = tmp_path / "long.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    ov = overrides_dict(tiny_job)
+    for key in ("model.max_length", "sampling.max_new_tokens"):
+        ov.pop(key)
+    ov.update({"data.source": str(path), "sampling.num_examples": "6", "privacy.epsilon": "8",
+               "evaluation.zero_shot_examples": "0", "evaluation.attack_examples": "10"})
+    job = [f"{k}={v}" for k, v in ov.items()]
+    res = cli("run", "--quiet", *sets(job))
+    assert res.returncode == 0, res.stderr[-3000:]
+    run_dir = Path(ov["output_dir"])
+    cert = json.loads((run_dir / "certificate.json").read_text())
+    released = load_config(run_dir / "config.yaml")
+    assert released.model.max_length > 128 and released.sampling.max_new_tokens >= 128  # from the data, not 64
+    assert cert["lengths"] == {"max_length": released.model.max_length, "max_new_tokens": released.sampling.max_new_tokens}
+    assert cert["length_histogram"]["budget_share"] == 0.02
+    lengths = json.loads((run_dir / "metrics.json").read_text())["lengths"]
+    assert lengths["source"] == "dp histogram" and lengths["truncated"] >= 1  # the outlier was cut, and counted
+    assert f"cut to {lengths['text_tokens']} tokens" in res.stdout
+    texts = [json.loads(x)["text"] for x in (run_dir / "synthetic.jsonl").read_text().splitlines()]
+    assert max(len(t.split()) for t in texts) > 64  # synthetic texts as long as the real ones can be
+    ev = json.loads((run_dir / "evaluation.json").read_text())
+    assert ev["fidelity"]["lengths"]["ks"] is not None and ev["fidelity"]["lengths"]["real_words_mean"] > 64
+
+    # auto lengths are the same for the same dataset (a second run, another ledger); nothing cut, nothing reported
+    again = [o for o in job if not o.startswith(("output_dir", "privacy.ledger"))] + [
+        f"output_dir={tmp_path / 'again'}", f"privacy.ledger={tmp_path / 'ledger2.sqlite'}", "sampling.num_examples=2"]
+    assert cli("train", "--quiet", *sets(again)).returncode == 0
+    assert load_config(tmp_path / "again" / "config.yaml").model.max_length == released.model.max_length
+    short = tmp_path / "no-outlier.jsonl"
+    short.write_text("".join(json.dumps(r) + "\n" for r in rows[1:]))
+    whole = [o for o in again if not o.startswith(("output_dir", "privacy.ledger", "data.source"))] + [
+        f"output_dir={tmp_path / 'whole'}", f"privacy.ledger={tmp_path / 'ledger3.sqlite'}", f"data.source={short}",
+        "model.max_length=256"]
+    res = cli("train", "--quiet", *sets(whole))
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert json.loads((tmp_path / "whole" / "metrics.json").read_text())["lengths"]["truncated"] == 0
+    assert "no text cut" in res.stdout

@@ -14,7 +14,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -26,15 +25,9 @@ import pytest
 from dpsynth.config import SamplingConfig, load_config
 from dpsynth.errors import UserError
 
-from conftest import make_rows
+from conftest import free_port, make_rows
 
 TOKEN = "s3cret-test-token"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -290,7 +283,7 @@ def test_only_adapters_certified_in_the_ledger_are_served(runs, tmp_path):
     forged = tmp_path / "forged"
     shutil.copytree(runs["dirs"]["alpha"], forged)
     cert = json.loads((forged / "certificate.json").read_text())
-    (forged / "certificate.json").write_text(json.dumps({**cert, "epsilon": cert["epsilon"] / 10}))
+    (forged / "certificate.json").write_text(json.dumps({**cert, "epsilon": cert["epsilon"] / 10}))  # a lower claim
     with pytest.raises(UserError, match="not in the ledger"):
         build_app({"adapters": [str(forged)], "ledger": str(runs["ledger"])})
     with pytest.raises(UserError, match="not found"):

@@ -17,6 +17,7 @@ from dpsynth.errors import UserError
 from dpsynth.privacy import Gaussian, Ledger, RepeatAndSelect, SampledGaussian, epsilon
 from dpsynth.privacy.events import from_dict, to_dict
 from dpsynth.privacy.tuning import calibrate_search, draw_num_trials, largest_feasible_mean, search_events
+from tune.search import run_trials
 
 
 def _reference(sigma, q, steps, score_sigma, mean, shape, label_sigma, delta):
@@ -32,7 +33,7 @@ def _reference(sigma, q, steps, score_sigma, mean, shape, label_sigma, delta):
 
 @pytest.mark.parametrize("mean,shape", [(3.0, 1.0), (5.0, 0.5), (3.0, math.inf)])
 def test_search_cost_matches_dp_accounting(mean, shape):
-    events = search_events(1.2, 0.01, 300, score_sigma=20.0, mean=mean, shape=shape, label_sigma=50.0)
+    events = search_events(1.2, 0.01, 300, score_sigma=20.0, mean=mean, shape=shape, prior=(Gaussian(50.0),))
     ours = epsilon(events, 1e-5, "rdp")
     assert ours == pytest.approx(_reference(1.2, 0.01, 300, 20.0, mean, shape, 50.0, 1e-5), rel=1e-9)
     assert ours > epsilon([SampledGaussian(1.2, 0.01, 300), Gaussian(20.0), Gaussian(50.0)], 1e-5, "rdp")  # selection costs
@@ -47,7 +48,7 @@ def test_tight_accountants_refuse_a_search_event():
 
 
 def test_calibrated_search_fits_the_total_and_is_tight():
-    kw = dict(score_sigma=20.0, mean=3.0, shape=1.0, label_sigma=50.0)
+    kw = dict(score_sigma=20.0, mean=3.0, shape=1.0, prior=(Gaussian(50.0),))
     sigma = calibrate_search(4.0, 1e-5, 0.02, 200, **kw)
     spent = epsilon(search_events(sigma, 0.02, 200, **kw), 1e-5, "rdp")
     assert 4.0 * 0.99 <= spent <= 4.0
@@ -55,7 +56,7 @@ def test_calibrated_search_fits_the_total_and_is_tight():
 
 
 def test_too_many_trials_refused_with_the_largest_feasible_mean():
-    kw = dict(score_sigma=20.0, shape=1.0, label_sigma=50.0)
+    kw = dict(score_sigma=20.0, shape=1.0, prior=(Gaussian(50.0),))
     with pytest.raises(ValueError, match=r"at most (\d+\.\d+) trials on average fit") as err:
         calibrate_search(0.3, 1e-5, 0.01, 100, mean=300.0, max_sigma=20.0, **kw)
     best = float(err.value.args[0].split("at most ")[1].split(" ")[0])
@@ -76,7 +77,7 @@ def test_early_stopping_scheduler_refused(tiny_job):
     from dpsynth.tuning import search
 
     with pytest.raises(UserError, match="tune.scheduler: 'asha'"):
-        search(load_config(None, [*tiny_job, "tune.scheduler=asha"]), show_progress=False)
+        search(load_config(None, [*tiny_job, "tune.scheduler=asha"]), runner=run_trials, show_progress=False)
 
 
 def test_infeasible_search_refused_before_any_trial(tiny_job):
@@ -84,7 +85,7 @@ def test_infeasible_search_refused_before_any_trial(tiny_job):
 
     cfg = load_config(None, [*tiny_job, "privacy.epsilon=0.05", "tune.mean_trials=50", "tune.max_noise_multiplier=5"])
     with pytest.raises(UserError, match="tune.mean_trials"):
-        search(cfg, show_progress=False)
+        search(cfg, runner=run_trials, show_progress=False)
     ledger = Path(cfg.privacy.ledger)
     assert not ledger.exists() or Ledger(ledger).runs() == []
     assert not Path(cfg.output_dir).exists()
@@ -97,7 +98,7 @@ def test_three_trial_search_end_to_end(tiny_job):
 
     cfg = load_config(None, [*tiny_job, "training.steps=3", "privacy.epsilon=6", "tune.score_examples=24",
                              "tune.max_concurrent_trials=1"])
-    run_dir = search(cfg, show_progress=False, num_trials=3)  # K fixed here only; a real search draws it in secret
+    run_dir = search(cfg, runner=run_trials, show_progress=False, num_trials=3)  # K fixed here only; a real search draws it in secret
     cert = json.loads((run_dir / "certificate.json").read_text())
     rows = list(csv.DictReader((run_dir / "trials.csv").open()))
     assert len(rows) == 3 and sum(r["selected"] == "True" for r in rows) == 1
@@ -105,12 +106,22 @@ def test_three_trial_search_end_to_end(tiny_job):
     assert float(best["dp_validation_loss"]) == min(float(r["dp_validation_loss"]) for r in rows)
     lo, hi = cfg.tune.max_grad_norm
     assert all(lo <= float(r["max_grad_norm"]) <= hi for r in rows)
-    assert cert["max_grad_norm"] == pytest.approx(float(best["max_grad_norm"]))
-    assert cert["tuning"]["covers_selection"] is True and cert["accountant"] == "rdp"
-    assert cert["epsilon"] <= cfg.privacy.epsilon and cert["epsilon"] > cert["tuning"]["per_trial_epsilon_alone"]
+    search_block = cert["mechanism"]
+    assert search_block["kind"] == "private_search" and search_block["trials_run"] == 3
+    assert search_block["selected"]["max_grad_norm"] == pytest.approx(float(best["max_grad_norm"]))
+    assert search_block["selected"]["learning_rate"] == pytest.approx(float(best["learning_rate"]))
+    assert search_block["selected"]["dp_validation_loss"] == pytest.approx(float(best["dp_validation_loss"]))
+    assert search_block["covers_selection"] is True and cert["accountant"] == "rdp"
+    assert cert["epsilon"] <= cfg.privacy.epsilon and cert["epsilon"] > search_block["per_trial_epsilon_alone"]
+    # the released adapter is the selected trial's, and the certificate is the search's (one RepeatAndSelect)
+    events = [from_dict(e) for e in cert["events"]]
+    assert sum(isinstance(e, RepeatAndSelect) for e in events) == 1
+    assert cert["epsilon"] == pytest.approx(epsilon(events, cert["delta"], "rdp"), rel=1e-9)
+    released = load_config(run_dir / "config.yaml")
+    assert released.training.max_grad_norm == pytest.approx(float(best["max_grad_norm"]))
     (run,) = Ledger(cfg.privacy.ledger).runs()
     assert run["status"] == "closed" and run["certificate"] == cert
-    assert Ledger(cfg.privacy.ledger).spent(cert["dataset_fingerprint"], "rdp") <= cfg.privacy.epsilon
+    assert Ledger(cfg.privacy.ledger).spent(cert["dataset"]["fingerprint"], "rdp") <= cfg.privacy.epsilon
     assert (run_dir / "trials.png").read_bytes()[:4] == b"\x89PNG"
     assert not (run_dir / ".checkpoints").exists()  # unselected trials' adapters are not left behind
     model, _ = load_adapter(run_dir, cfg.model)

@@ -11,9 +11,10 @@ import re
 from collections.abc import Sequence
 
 import numpy as np
-import torch
 from scipy import stats
 from sklearn.metrics import roc_auc_score, roc_curve
+
+from dpsynth.prefixlm import score_texts
 
 # --- attack evaluation -----------------------------------------------------------------------------
 
@@ -85,36 +86,11 @@ def attack_report(member_scores, nonmember_scores, delta: float, seed: int = 0) 
 
 # --- scoring a causal LM ---------------------------------------------------------------------------
 
-@torch.no_grad()
 def token_nll(model, tok, items: Sequence[tuple[str, str]], max_length: int = 64, batch_size: int = 32) -> list[np.ndarray]:
-    """Per-token NLL of each `text` given its `prefix`, for the text tokens followed by EOS.
-
-    Prefix and text are tokenized separately, as in Prefix-LM training (Kurakin et al. 2023), and
-    the text is truncated to fit `max_length`, never the prefix.
-    """
-    encoded = []
-    for prefix, text in items:
-        p = tok(prefix, add_special_tokens=False).input_ids
-        t = tok(text, add_special_tokens=False).input_ids[: max(1, max_length - len(p) - 1)]
-        encoded.append((p + t + [tok.eos_token_id], len(p)))
-    out: list[np.ndarray] = [np.zeros(0)] * len(encoded)
-    order = sorted(range(len(encoded)), key=lambda i: len(encoded[i][0]))  # similar lengths together
+    """Per-token NLL of each `text` given its `prefix`, for the text tokens followed by EOS (the Prefix-LM scorer
+    training uses: prefix and text tokenized separately, the text truncated to fit `max_length`, never the prefix)."""
     model.eval()
-    for start in range(0, len(order), batch_size):
-        chunk = order[start : start + batch_size]
-        width = max(len(encoded[i][0]) for i in chunk)
-        ids = torch.full((len(chunk), width), tok.eos_token_id, dtype=torch.long)
-        attn = torch.zeros((len(chunk), width), dtype=torch.long)
-        for r, i in enumerate(chunk):
-            seq = encoded[i][0]
-            ids[r, : len(seq)] = torch.tensor(seq)
-            attn[r, : len(seq)] = 1
-        logits = model(input_ids=ids, attention_mask=attn).logits[:, :-1].float()
-        nll = torch.nn.functional.cross_entropy(logits.transpose(1, 2), ids[:, 1:], reduction="none")
-        for r, i in enumerate(chunk):
-            seq, plen = encoded[i]
-            out[i] = nll[r, plen - 1 : len(seq) - 1].numpy().astype(np.float64)
-    return out
+    return score_texts(model, tok, items, max_length, batch_size)
 
 
 def loss_attack_scores(model, tok, items: Sequence[tuple[str, str]], reference=None, max_length: int = 64) -> dict:
@@ -179,32 +155,94 @@ def ngrams(ws: list[str], n: int) -> set[tuple[str, ...]]:
     return {tuple(ws[i : i + n]) for i in range(len(ws) - n + 1)}
 
 
-def longest_common_substring_words(texts: Sequence[str], reference: Sequence[str], max_n: int = 256) -> list[int]:
-    """For each text, the length (in words) of its longest contiguous word sequence that also occurs
-    contiguously in some reference text (verbatim memorisation; Carlini et al. 2021, 2023 measure
-    extraction as verbatim copies of training text). Grows n while any text still matches."""
-    toks = [words(t) for t in texts]
-    ref = [words(t) for t in reference]
-    best = [0] * len(toks)
-    alive = [i for i, w in enumerate(toks) if w]
-    n = 1
-    while alive and n <= max_n:
-        grams = set()
-        for w in ref:
-            grams.update(tuple(w[i : i + n]) for i in range(len(w) - n + 1))
-        still = []
-        for i in alive:
-            w = toks[i]
-            if any(tuple(w[j : j + n]) in grams for j in range(len(w) - n + 1)):
-                best[i] = n
-                still.append(i)
-        alive, n = still, n + 1
-    return best
+class WordSuffixAutomaton:
+    """Suffix automaton (Blumer et al. 1985) of a word corpus: built in time and memory linear in its total words;
+    then the longest contiguous run of a text's words that occurs in the corpus takes time linear in the text.
+
+    Texts are joined with a separator no query can contain, so no match crosses two corpus texts.
+    """
+
+    _SEP = -1
+
+    def __init__(self, texts: Sequence[Sequence[str]]) -> None:
+        self.vocab: dict[str, int] = {}
+        self.next: list[dict[int, int]] = [{}]
+        self.link, self.length = [-1], [0]
+        last = 0
+        for ws in texts:
+            for w in ws:
+                last = self._extend(last, self.vocab.setdefault(w, len(self.vocab)))
+            last = self._extend(last, self._SEP)
+
+    def _extend(self, last: int, c: int) -> int:
+        nxt, link, length = self.next, self.link, self.length
+        cur = len(length)
+        nxt.append({})
+        length.append(length[last] + 1)
+        link.append(0)
+        p = last
+        while p != -1 and c not in nxt[p]:
+            nxt[p][c] = cur
+            p = link[p]
+        if p != -1:
+            q = nxt[p][c]
+            if length[p] + 1 == length[q]:
+                link[cur] = q
+            else:
+                clone = len(length)
+                nxt.append(dict(nxt[q]))
+                length.append(length[p] + 1)
+                link.append(link[q])
+                while p != -1 and nxt[p].get(c) == q:
+                    nxt[p][c] = clone
+                    p = link[p]
+                link[q] = link[cur] = clone
+        return cur
+
+    def longest_match(self, ws: Sequence[str]) -> int:
+        """Length of the longest contiguous run of `ws` that occurs in the corpus."""
+        nxt, link, length = self.next, self.link, self.length
+        state = run = best = 0
+        for w in ws:
+            c = self.vocab.get(w)
+            if c is None:
+                state = run = 0
+                continue
+            while state and c not in nxt[state]:
+                state = link[state]
+                run = length[state]
+            if c in nxt[state]:
+                state, run = nxt[state][c], run + 1
+            else:
+                state = run = 0
+            best = max(best, run)
+        return best
 
 
-def memorisation(texts: Sequence[str], training: Sequence[str], n: int = 8) -> dict:
-    """Verbatim overlap of `texts` with `training`: longest common word substring and shared n-grams."""
-    lcs = np.array(longest_common_substring_words(texts, training), dtype=float)
+def longest_common_substring_words(texts: Sequence[str], reference: Sequence[str] | WordSuffixAutomaton,
+                                   max_n: int | None = None, show_progress: bool = False) -> list[int]:
+    """For each text, the length (in words) of its longest contiguous word sequence that also occurs contiguously
+    in some reference text (verbatim memorisation; Carlini et al. 2021, 2023 measure extraction as verbatim copies
+    of training text). Linear in the total words of both sides (a suffix automaton of the reference), however long
+    the shared runs are: near-duplicate long documents cost no more than short snippets."""
+    from dpsynth.progress import progress_bar
+
+    automaton = reference if isinstance(reference, WordSuffixAutomaton) else WordSuffixAutomaton([words(t) for t in reference])
+    out = []
+    with progress_bar("verbatim overlap", total=len(texts), enabled=show_progress) as advance:
+        for t in texts:
+            n = automaton.longest_match(words(t))
+            out.append(n if max_n is None else min(n, max_n))
+            advance()
+    return out
+
+
+def memorisation(texts: Sequence[str], training: Sequence[str], n: int = 8, show_progress: bool = False,
+                 automaton: WordSuffixAutomaton | None = None) -> dict:
+    """Verbatim overlap of `texts` with `training`: longest common word substring and shared n-grams.
+    `automaton`: the training texts' suffix automaton, when the caller already built it."""
+    automaton = automaton or WordSuffixAutomaton([words(t) for t in training])
+    lcs = np.array(longest_common_substring_words(texts, automaton, show_progress=show_progress), dtype=float)
     train_grams: set = set()
     for t in training:
         train_grams |= ngrams(words(t), n)

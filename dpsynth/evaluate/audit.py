@@ -4,11 +4,8 @@
 closest-record and verbatim-memorisation attacks on the released corpus alone, canary exposure when
 the run was trained with canaries, and the empirical epsilon lower bound next to the certified one.
 
-`audit_runs` trains extra runs through the public training API (dpsynth.train.driver.train) on a
-canary-augmented copy of the data, one per epsilon (`inf` = no noise), each with its own output
-directory and its own ledger: their dataset fingerprint differs from the real dataset's, and they
-are never charged to its budget. They do train on the real records, so their artefacts and the
-report are for the data owner, not for release.
+The extra training runs with canaries (one per epsilon) are experiments, not evaluation: they live in
+dpsynth.audit_experiments and hand their points to this module's attacks.
 """
 
 from __future__ import annotations
@@ -22,7 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from dpsynth.config import EvaluationConfig, JobConfig, load_config
-from dpsynth.data import Example, Splits, format_prefix, prepare
+from dpsynth.data import Example, Splits, format_prefix, group_by_unit, prepare
 from dpsynth.evaluate import attacks
 from dpsynth.evaluate.corpora import find_corpus, read_corpus
 from dpsynth.evaluate.embed import Embedder
@@ -34,8 +31,6 @@ log = logging.getLogger(__name__)
 CANARY_CONTEXT = "my secret code is"
 SECRET_DIGITS = 6
 SECRET_SPACE = 10.0**SECRET_DIGITS
-NO_NOISE_SIGMA = 0.01
-"""`inf` audit runs: the driver refuses sigma = 0, so noise std 0.01 C on a sum of ~batch clipped gradients."""
 
 
 @dataclass(frozen=True)
@@ -114,29 +109,46 @@ def _pick(examples: list[Example], k: int, seed: int) -> list[Example]:
     return [examples[i] for i in np.sort(np.random.default_rng(seed).choice(len(examples), k, replace=False))]
 
 
+def _units_of(examples, k: int, seed: int) -> list[tuple[Example, ...]]:
+    return _pick(group_by_unit(examples), k, seed)
+
+
+def _per_unit(scores: np.ndarray, sizes: list[int]) -> np.ndarray:
+    """A unit's attack score: the mean of its records' scores (membership is asked of the person, not the record)."""
+    ends = np.cumsum(sizes)
+    return np.array([scores[e - n:e].mean() for n, e in zip(sizes, ends)]) if sizes else np.zeros(0)
+
+
 def privacy_audit(run_dir: Path, cfg: JobConfig, splits: Splits, synthetic: list[Example], embedder: Embedder,
                   ev: EvaluationConfig, canaries: list[Canary] = ()) -> dict:
-    """Attack one run and its corpus; members = its train split, non-members = its held-out splits."""
+    """Attack one run and its corpus, per privacy unit: members = units of its train split, non-members = units of
+    its held-out splits (disjoint by construction); a unit's score is the mean of its records'."""
     from dpsynth.models import load_adapter
 
     cert = read_certificate(Path(run_dir) / "certificate.json")
-    delta = cert["delta"]
+    delta = cert.delta
     canary_texts = {r.text for c in canaries for r in c.records()}
-    members = _pick([ex for ex in splits.train if ex.text not in canary_texts], ev.attack_examples, ev.seed)
-    nonmembers = _pick([ex for ex in splits.test + splits.validation if ex.text not in canary_texts], ev.attack_examples, ev.seed + 1)
-    result: dict = {"certified_epsilon": cert["epsilon"], "delta": delta, "members": len(members), "nonmembers": len(nonmembers)}
+    member_units = _units_of([ex for ex in splits.train if ex.text not in canary_texts], ev.attack_examples, ev.seed)
+    nonmember_units = _units_of([ex for ex in splits.test + splits.validation if ex.text not in canary_texts],
+                                ev.attack_examples, ev.seed + 1)
+    members = [ex for u in member_units for ex in u]
+    nonmembers = [ex for u in nonmember_units for ex in u]
+    sizes = ([len(u) for u in member_units], [len(u) for u in nonmember_units])
+    result: dict = {"certified_epsilon": cert.epsilon, "delta": delta, "unit": splits.unit, "members": len(member_units),
+                    "nonmembers": len(nonmember_units), "member_records": len(members), "nonmember_records": len(nonmembers)}
 
     if not (Path(run_dir) / "adapter").is_dir():
         # a training-free (in-context) run has no trained generator to attack: only the released corpus
         result["generator"] = {}
         result["generator_note"] = "no adapter (in-context run): corpus attacks only"
-        return _corpus_attacks(result, splits, synthetic, members, nonmembers, embedder, ev, delta, cert)
+        return _corpus_attacks(result, splits, synthetic, members, nonmembers, sizes, embedder, ev, delta, cert)
     # generator: loss threshold, and calibrated by the public base model (the adapter switched off)
     model, tok = load_adapter(Path(run_dir), cfg.model)
-    prefix_of = lambda label: format_prefix(cfg.model.prefix_template, cert["dataset"]["name"], label)  # noqa: E731
+    prefix_of = lambda label: format_prefix(cfg.model.prefix_template, cert.dataset.name, label)  # noqa: E731
     items = [(prefix_of(ex.label), ex.text) for ex in members + nonmembers]
     scores = attacks.loss_attack_scores(model, tok, items, reference=model.disable_adapter, max_length=cfg.model.max_length)
-    result["generator"] = {name: attacks.attack_report(s[: len(members)], s[len(members) :], delta, ev.seed)
+    result["generator"] = {name: attacks.attack_report(_per_unit(s[: len(members)], sizes[0]),
+                                                       _per_unit(s[len(members):], sizes[1]), delta, ev.seed)
                            for name, s in scores.items()}
     if canaries:
         in_train = {}
@@ -148,93 +160,25 @@ def privacy_audit(run_dir: Path, cfg: JobConfig, splits: Splits, synthetic: list
                               "by_count": exposure_by_count(rows), "each": rows,
                               "secrets_in_corpus": sum(any(c.secret in ex.text for ex in synthetic) for c in canaries if c.repetitions)}
     del model
-    return _corpus_attacks(result, splits, synthetic, members, nonmembers, embedder, ev, delta, cert)
+    return _corpus_attacks(result, splits, synthetic, members, nonmembers, sizes, embedder, ev, delta, cert)
 
 
-def _corpus_attacks(result: dict, splits: Splits, synthetic, members, nonmembers, embedder: Embedder,
-                    ev: EvaluationConfig, delta: float, cert: dict) -> dict:
+def _corpus_attacks(result: dict, splits: Splits, synthetic, members, nonmembers, sizes, embedder: Embedder,
+                    ev: EvaluationConfig, delta: float, cert) -> dict:
     # the released corpus only: nearest synthetic neighbour, verbatim overlap
     syn_emb = embedder([ex.text for ex in synthetic])
     nn = attacks.nearest_neighbour_scores(embedder([ex.text for ex in members + nonmembers]), syn_emb)
-    result["corpus_nearest_neighbour"] = attacks.attack_report(nn[: len(members)], nn[len(members) :], delta, ev.seed)
+    result["corpus_nearest_neighbour"] = attacks.attack_report(_per_unit(nn[: len(members)], sizes[0]),
+                                                               _per_unit(nn[len(members):], sizes[1]), delta, ev.seed)
     train_texts = [ex.text for ex in splits.train]
+    automaton = attacks.WordSuffixAutomaton([attacks.words(t) for t in train_texts])  # built once, linear in the words
     result["memorisation"] = {
-        "synthetic_vs_train": attacks.memorisation([ex.text for ex in synthetic], train_texts),
-        "heldout_vs_train": attacks.memorisation([ex.text for ex in _pick(list(splits.test), len(synthetic), ev.seed)], train_texts),
+        "synthetic_vs_train": attacks.memorisation([ex.text for ex in synthetic], train_texts, automaton=automaton),
+        "heldout_vs_train": attacks.memorisation([ex.text for ex in _pick(list(splits.test), len(synthetic), ev.seed)],
+                                                 train_texts, automaton=automaton),
     }
     bounds = {f"generator.{k}": v["epsilon_lower_bound"] for k, v in result["generator"].items()}
     bounds["corpus_nearest_neighbour"] = result["corpus_nearest_neighbour"]["epsilon_lower_bound"]
     best = max(bounds, key=bounds.get)
-    result["empirical_epsilon"] = {"lower_bound": bounds[best], "attack": best, "all": bounds, "certified": cert["epsilon"]}
+    result["empirical_epsilon"] = {"lower_bound": bounds[best], "attack": best, "all": bounds, "certified": cert.epsilon}
     return result
-
-
-# --- extra runs: canary-augmented data, one per epsilon --------------------------------------------
-
-def eps_name(eps) -> str:
-    return "inf" if eps == "inf" else f"{float(eps):g}"
-
-
-def audit_dataset(splits: Splits, canaries: list[Canary], path: Path) -> Path:
-    """The run's records (all splits: prepare() re-splits them) plus every canary copy, as JSONL."""
-    rows = [{"text": ex.text, "label": ex.label} for ex in splits.train + splits.validation + splits.test]
-    rows += [{"text": r.text, "label": r.label} for c in canaries for r in c.records()]
-    body = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
-    if not path.is_file() or path.read_text() != body:
-        atomic_write_text(path, body)
-    return path
-
-
-def audit_config(cfg: JobConfig, eps, data: Path, out: Path, dataset_name: str, delta: float, overrides=()) -> JobConfig:
-    tree = cfg.model_dump(mode="json")
-    tree["data"].update(source=str(data), text_column="text", label_column="label", name=dataset_name, max_examples=None)
-    tree["privacy"].update(delta=delta, ledger=str(out.parent / "ledgers" / f"eps-{eps_name(eps)}.sqlite"))
-    tree["output_dir"] = str(out)
-    if eps == "inf":  # no DP: tiny fixed noise (the driver refuses 0), accounted with RDP just to have a number
-        tree["privacy"].update(epsilon=1e9, dataset_epsilon=1e9, accountant="rdp")
-        tree["training"]["noise_multiplier"] = NO_NOISE_SIGMA
-    else:
-        tree["privacy"].update(epsilon=float(eps), dataset_epsilon=float(eps))
-        tree["training"]["noise_multiplier"] = None
-    return load_config(None, list(overrides), base=tree)
-
-
-def audit_runs(run_dir: Path, cfg: JobConfig, splits: Splits, ev: EvaluationConfig, embedder: Embedder, point_eval,
-               show_progress: bool = False) -> dict:
-    """Train (or reuse) one canary run per epsilon in ev.audit_epsilons, sample it, attack it, and
-    score its utility with `point_eval(splits, synthetic) -> dict`."""
-    from dpsynth.sample import sample
-    from dpsynth.train.driver import train
-
-    root = Path(run_dir) / "evaluation" / "audit"
-    cert = read_certificate(Path(run_dir) / "certificate.json")
-    canaries = make_canaries(ev.canary_repetitions, ev.canaries_per_repetition, list(splits.labels), ev.seed)
-    data = audit_dataset(splits, canaries, root / "data.jsonl")
-    points = []
-    for eps in ev.audit_epsilons:
-        acfg = audit_config(cfg, eps, data, root / f"eps-{eps_name(eps)}", splits.name, cert["delta"], ev.audit_overrides)
-        log.info("audit run eps=%s -> %s", eps_name(eps), acfg.output_dir)
-        adir = train(acfg, show_progress=show_progress)
-        try:
-            corpus = find_corpus(adir)
-        except Exception:
-            corpus = sample(adir, acfg.sampling, show_progress=show_progress)
-        synthetic = read_corpus(corpus)
-        asplits = prepare(acfg.data)
-        canary_texts = {r.text for c in canaries for r in c.records()}
-        clean = Splits(asplits.name, tuple(e for e in asplits.train if e.text not in canary_texts),
-                       tuple(e for e in asplits.validation if e.text not in canary_texts),
-                       tuple(e for e in asplits.test if e.text not in canary_texts), asplits.labels, asplits.fingerprint,
-                       asplits.dataset_size)
-        acert = read_certificate(Path(adir) / "certificate.json")
-        points.append({
-            "target_epsilon": eps_name(eps), "run_dir": str(adir), "certified_epsilon": acert["epsilon"],
-            "noise_multiplier": acert["noise_multiplier"], "steps": acert["steps"], "dataset_fingerprint": acert["dataset_fingerprint"],
-            "ledger": str(acfg.privacy.ledger), "utility": point_eval(clean, synthetic),
-            "privacy": privacy_audit(adir, acfg, asplits, synthetic, embedder, ev, canaries),
-        })
-    return {"root": str(root), "canaries": len(canaries), "canary_records": sum(c.repetitions for c in canaries),
-            "real_dataset_fingerprint": cert["dataset_fingerprint"], "points": points,
-            "note": ("Audit runs train on a canary-augmented copy of the real records (a different dataset fingerprint), "
-                     "each with its own ledger under " + str(root / "ledgers") + "; nothing is charged to the real "
-                     "dataset's budget. They do use the private records: these numbers are for the data owner, not for release.")}

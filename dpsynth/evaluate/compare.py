@@ -15,7 +15,7 @@ from pathlib import Path
 
 from dpsynth.config import EvaluationConfig
 from dpsynth.errors import UserError
-from dpsynth.privacy.certificate import read_certificate
+from dpsynth.privacy.certificate import Certificate, read_certificate
 
 log = logging.getLogger(__name__)
 
@@ -24,24 +24,39 @@ EPSILON_RTOL = 0.01
 just under the target, e.g. 7.998 vs 7.9998)."""
 
 
-def method(cert: dict) -> str:
+def method(cert: Certificate) -> str:
     """One line naming the certified mechanism."""
-    if cert.get("generator") == "in_context":
-        return (f"in-context DP few-shot, {cert['mechanism']} noise: {cert['token_steps']} token steps, noise multiplier "
-                f"{cert['noise_multiplier']:.4g}")
-    return (f"DP-LoRA: {cert['steps']} DP-SGD steps, q={cert['sampling_rate']:.5f}, sigma={cert['noise_multiplier']:.4f}, "
-            f"C={cert['max_grad_norm']}")
+    m = cert.mechanism
+    if m.kind == "in_context":
+        return (f"in-context DP few-shot, {m.mechanism} noise: {m.token_steps} token steps charged, noise multiplier "
+                f"{m.noise_multiplier:.4g} (scale {m.noise_scale:.4g} votes)")
+    if m.kind == "private_search":
+        return (f"private search: {m.trials_run} DP-LoRA trials x {m.steps_per_trial} DP-SGD steps, q={m.sampling_rate:.5f}, "
+                f"sigma={m.noise_multiplier:.4f}, selected C={m.max_grad_norm:.3g}")
+    return (f"DP-LoRA: {m.steps} DP-SGD steps, q={m.sampling_rate:.5f}, sigma={m.noise_multiplier:.4f}, "
+            f"C={m.max_grad_norm:.3g}")
 
 
-def saved_evaluation(run_dir: Path, cert: dict) -> dict | None:
+def unit_sentence(cert: Certificate) -> str:
+    """The privacy unit in plain words, beside epsilon."""
+    d = cert.dataset
+    if d.unit in ("record", "record+near-duplicates"):
+        copies = " together with its near-duplicate copies" if d.unit != "record" else ""
+        return (f"each record{copies} is protected at eps={cert.epsilon:.3g} ({d.units:,} units from {d.records:,} "
+                "records); a person with k records is protected only at about k x eps (set data.unit_column)")
+    return (f"each {d.unit} ({d.units:,} in all, {d.records:,} records) is protected at eps={cert.epsilon:.3g}, all its "
+            "records together; a record-level guarantee would have been weaker for those with many records")
+
+
+def saved_evaluation(run_dir: Path, cert: Certificate) -> dict | None:
     """The run's evaluation.json if it evaluated the current certificate and corpus (not older than either)."""
     path = run_dir / "evaluation.json"
     if not path.is_file():
         return None
     res = json.loads(path.read_text())
     corpus = run_dir / str(res.get("corpus", ""))
-    fresh = (res.get("epsilon") == cert["epsilon"] and corpus.is_file()
-             and res.get("dataset_fingerprint", cert["dataset_fingerprint"]) == cert["dataset_fingerprint"]
+    fresh = (res.get("epsilon") == cert.epsilon and corpus.is_file()
+             and res.get("dataset_fingerprint", cert.dataset.fingerprint) == cert.dataset.fingerprint
              and path.stat().st_mtime >= max(corpus.stat().st_mtime, (run_dir / "certificate.json").stat().st_mtime))
     return res if fresh else None
 
@@ -54,14 +69,14 @@ def _get(d: dict | None, *keys):
     return d
 
 
-def column(run_dir: Path, cert: dict, res: dict, source: str) -> dict:
+def column(run_dir: Path, cert: Certificate, res: dict, source: str) -> dict:
     """What the comparison shows of one run, all from its certificate and evaluation."""
     clf = res.get("classifier")
     gen_loss = _get(res, "privacy", "generator", "loss", "auc")
     return {
-        "run_dir": str(run_dir), "method": method(cert), "generator": cert.get("generator", "dp_lora"),
-        "epsilon": cert["epsilon"], "delta": cert["delta"], "accountant": cert["accountant"],
-        "dataset_fingerprint": cert["dataset_fingerprint"], "synthetic_examples": res.get("synthetic_examples"),
+        "run_dir": str(run_dir), "method": method(cert), "generator": cert.generator, "privacy_unit": cert.dataset.unit,
+        "epsilon": cert.epsilon, "delta": cert.delta, "accountant": cert.accountant,
+        "dataset_fingerprint": cert.dataset.fingerprint, "synthetic_examples": res.get("synthetic_examples"),
         "test_examples": res.get("test_examples"), "evaluation": source,
         "utility": {"classifier": clf, "synthetic_accuracy": _get(res, "synthetic", "accuracy"),
                     "synthetic_macro_f1": _get(res, "synthetic", "macro_f1"), "real_accuracy": _get(res, "real", "accuracy"),
@@ -75,16 +90,16 @@ def column(run_dir: Path, cert: dict, res: dict, source: str) -> dict:
     }
 
 
-def certificates(run_a: Path, run_b: Path) -> list[dict]:
+def certificates(run_a: Path, run_b: Path) -> list[Certificate]:
     """Both runs' certificates; refused unless both are certified runs on the same dataset."""
     certs = []
     for run_dir in (Path(run_a), Path(run_b)):
         if not (run_dir / "certificate.json").is_file():
             raise UserError(f"compare: {run_dir} is not a certified run (no certificate.json)")
         certs.append(read_certificate(run_dir / "certificate.json"))
-    if certs[0]["dataset_fingerprint"] != certs[1]["dataset_fingerprint"]:
+    if certs[0].dataset.fingerprint != certs[1].dataset.fingerprint:
         raise UserError(f"compare: {run_a} and {run_b} are on different datasets (fingerprints "
-                        f"{certs[0]['dataset_fingerprint']} vs {certs[1]['dataset_fingerprint']}); their test splits "
+                        f"{certs[0].dataset.fingerprint} vs {certs[1].dataset.fingerprint}); their test splits "
                         "differ, so their scores do not compare")
     return certs
 
@@ -120,7 +135,7 @@ def compare(run_a: Path, run_b: Path, ev: EvaluationConfig | None = None, *, eva
 
 
 ROWS = [
-    ("method", ("method",)), ("certified epsilon", ("epsilon",)), ("delta", ("delta",)), ("accountant", ("accountant",)),
+    ("method", ("method",)), ("privacy unit", ("privacy_unit",)), ("certified epsilon", ("epsilon",)), ("delta", ("delta",)), ("accountant", ("accountant",)),
     ("synthetic examples", ("synthetic_examples",)), ("real test examples", ("test_examples",)),
     ("utility: classifier", ("utility", "classifier")),
     ("utility: test accuracy, trained on synthetic", ("utility", "synthetic_accuracy")),

@@ -39,30 +39,34 @@ def split_counts(labels: list[str], total: int) -> dict[str, int]:
     return {lab: base + (i < extra) for i, lab in enumerate(labels)}
 
 
-def zero_shot_corpus(path: Path, base: str, dataset: str, labels: list[str], n: int, prompt: str,
+def zero_shot_corpus(path: Path, model_cfg, dataset: str, labels: list[str], n: int, prompt: str | None,
                      params: SamplingConfig, show_progress: bool = False) -> list[Example]:
-    """`n` texts (uniform over labels) from the public base model with no adapter: no private data is
-    read, only the dataset name and label names (public, as for the generator). Kurakin et al. 2023's
-    floor. Cached at `path` with the settings that made it."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from dpsynth.models import resolve_base
+    """`n` texts (uniform over labels) from the public base model with no adapter (Kurakin et al. 2023's floor),
+    through the same generation and label sharpening as the DP corpus, the base model doing the scoring. `prompt`:
+    a template with {dataset} and {label}; None = the run's own Prefix-LM prefix. No private data is read, only
+    the dataset name and label names (public, as for the generator). Cached at `path` with the settings that
+    made it."""
+    from dpsynth.data import format_prefix
+    from dpsynth.models import load_base
     from dpsynth.sample import TransformersEngine, generate_corpus
+    from dpsynth.sample.sharpen import candidates_needed, sharpen
 
-    meta = {"base": base, "dataset": dataset, "labels": labels, "n": n, "prompt": prompt,
+    template = prompt or model_cfg.prefix_template
+    meta = {"base": model_cfg.base, "dataset": dataset, "labels": labels, "n": n, "prompt": template,
             "sampling": params.model_dump(mode="json")}
     meta_path = path.with_suffix(".meta.json")
     if path.is_file() and meta_path.is_file() and json.loads(meta_path.read_text()) == meta:
         return read_corpus(path)
-    where = resolve_base(base)
-    tok = AutoTokenizer.from_pretrained(where)
-    if tok.pad_token is None:
-        tok.pad_token = tok.eos_token
-    model = AutoModelForCausalLM.from_pretrained(where, dtype=torch.float32).eval()
+    model, tok, _ = load_base(model_cfg)
+    model.eval()
     torch.manual_seed(params.seed)
-    prompts = {lab: prompt.format(dataset=dataset, label=lab) for lab in labels}
+    prompts = {lab: format_prefix(template, dataset, lab) for lab in labels}
+    counts = split_counts(labels, n)
     log.info("zero-shot corpus: %d texts from the base model, no adapter", n)
-    rows = generate_corpus(TransformersEngine(model, tok), prompts, split_counts(labels, n), params, show_progress)
+    rows = generate_corpus(TransformersEngine(model, tok), prompts,
+                           {lab: candidates_needed(c, params.keep_rate) for lab, c in counts.items()}, params, show_progress)
+    if params.keep_rate < 1:
+        rows, _ = sharpen(model, tok, rows, counts, prompts, {lab: 1.0 for lab in labels}, model_cfg.max_length)
     atomic_write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
     atomic_write_json(meta_path, meta)
     return [Example(r["text"], r["label"]) for r in rows]

@@ -5,14 +5,13 @@ the private data at the same (epsilon, delta). This is DP-SGD (Abadi et al. 2016
 each step includes every example independently with probability q (Poisson sampling, what the
 accountant assumes), clips each example's gradient to C jointly over all trainable parameters,
 adds N(0, sigma^2 C^2) once, and divides by the expected batch size. sigma is the smallest noise
-meeting the target under dpsynth's accountant (dpsynth.privacy.calibrate_noise_multiplier), and the
+meeting the target under dpsynth's accountant (dpsynth.privacy.calibrate, the one calibrator), and the
 returned epsilon is recomputed from the events that ran. Batch membership and noise use fresh OS
 entropy; `seed` fixes only the initialisation.
 """
 
 from __future__ import annotations
 
-import math
 import os
 import warnings
 from collections.abc import Callable
@@ -22,9 +21,9 @@ import numpy as np
 import torch
 from opacus import GradSampleModule
 from opacus.optimizers import DPOptimizer
-from opacus.utils.uniform_sampler import UniformWithReplacementSampler
 
-from dpsynth.privacy import SampledGaussian, calibrate_noise_multiplier, epsilon as account
+from dpsynth.privacy import SampledGaussian, calibrate, epsilon as account
+from dpsynth.privacy.sampling import fresh_seed, poisson_batches, schedule
 
 _HOOK_WARNING = "Full backward hook is firing when gradients are computed with respect to module outputs"
 
@@ -58,19 +57,17 @@ def dp_sgd_train(module: torch.nn.Module, n: int, get_batch: Callable[[np.ndarra
     The loss is cross-entropy of `module(*inputs)` against `labels[indices]`. The optimizer (Adam or
     SGD) only post-processes the noisy gradient.
     """
-    batch_size = min(batch_size, n)
-    q = batch_size / n
-    steps = max(1, math.ceil(epochs / q))
-    sigma = calibrate_noise_multiplier(target_epsilon, delta, q, steps, accountant=accountant)
+    sched = schedule(n, min(batch_size, n), epochs=epochs)
+    batch_size, q, steps = sched.expected_batch, sched.q, sched.steps
+    sigma = calibrate(lambda s: (SampledGaussian(s, q, steps),), target_epsilon, delta, accountant=accountant)
     module.train()
     gs = GradSampleModule(module, batch_first=True, loss_reduction="mean")
     params = [p for p in module.parameters() if p.requires_grad]
     inner = torch.optim.Adam(params, lr=learning_rate) if optimizer == "adam" else torch.optim.SGD(params, lr=learning_rate)
     optimizer = DPOptimizer(inner, noise_multiplier=sigma, max_grad_norm=max_grad_norm,
                             expected_batch_size=batch_size, loss_reduction="mean", generator=_entropy_generator())
-    sampler = UniformWithReplacementSampler(num_samples=n, sample_rate=q, steps=steps, generator=_entropy_generator())
     result = DPTrainResult(0.0, delta, accountant, sigma, q, steps, max_grad_norm, batch_size)
-    for idx in sampler:
+    for idx in poisson_batches(n, q, steps, fresh_seed()):
         idx = np.asarray(idx, dtype=np.int64)
         result.batch_sizes.append(len(idx))
         if len(idx) == 0:  # an empty Poisson draw is still a (pure-noise) step

@@ -42,9 +42,10 @@ class Embedder:
     def model(self):
         if self._model is None:
             os.environ.setdefault("HF_HUB_OFFLINE", "1")
+            import torch
             from sentence_transformers import SentenceTransformer
 
-            self._model = SentenceTransformer(str(model_dir()), device="cpu")
+            self._model = SentenceTransformer(str(model_dir()), device="cuda" if torch.cuda.is_available() else "cpu")
             self._model.max_seq_length = self.max_seq_length
         return self._model
 

@@ -44,6 +44,26 @@ def text_stats(texts: Sequence[str]) -> dict:
     }
 
 
+def length_fidelity(synthetic: Sequence[str], real: Sequence[str], bins: int = 24) -> dict:
+    """How the synthetic texts' lengths (words) compare with the real ones: the two-sample Kolmogorov-Smirnov
+    distance (0 = the same distribution; with its p-value), means and 95th percentiles, and one histogram on shared
+    bins (log-spaced when the texts are long) for the report's plot."""
+    from scipy import stats
+
+    a = np.array([len(words(t)) for t in synthetic], float)
+    b = np.array([len(words(t)) for t in real], float)
+    if not len(a) or not len(b):
+        return {"ks": None, "note": "no texts"}
+    ks = stats.ks_2samp(a, b)
+    top = max(a.max(), b.max(), 1.0)
+    edges = (np.unique(np.geomspace(1, top + 1, bins).round()) if top > 200 else np.linspace(0, top + 1, bins)).tolist()
+    return {"ks": float(ks.statistic), "ks_p_value": float(ks.pvalue), "synthetic_words_mean": float(a.mean()),
+            "real_words_mean": float(b.mean()), "synthetic_words_p95": float(np.percentile(a, 95)),
+            "real_words_p95": float(np.percentile(b, 95)), "bins": edges,
+            "synthetic_histogram": np.histogram(a, bins=edges)[0].tolist(),
+            "real_histogram": np.histogram(b, bins=edges)[0].tolist()}
+
+
 def vocabulary_overlap(synthetic: Sequence[str], real: Sequence[str]) -> dict:
     """Share of the synthetic corpus's vocabulary (types) and tokens also seen in the real texts."""
     real_vocab = {w for t in real for w in words(t)}

@@ -19,11 +19,11 @@ from dpsynth.config import EvaluationConfig
 from dpsynth.data import Example, prepare
 from dpsynth.errors import UserError
 from dpsynth.evaluate import fidelity
-from dpsynth.evaluate.audit import audit_runs, privacy_audit
+from dpsynth.evaluate.audit import privacy_audit
 from dpsynth.evaluate.classifiers import Context, metrics, predict
 from dpsynth.evaluate.corpora import find_corpus, read_corpus, zero_shot_corpus
 from dpsynth.evaluate.embed import Embedder
-from dpsynth.evaluate.utility import SOURCES, subset, tuning_rank_correlation, utility_table
+from dpsynth.evaluate.utility import SOURCES, majority_class, subset, tuning_rank_correlation, utility_table, verdict
 from dpsynth.io import atomic_write_json
 from dpsynth.privacy.certificate import read_certificate
 
@@ -71,6 +71,7 @@ def fidelity_section(synthetic: list[Example], real: list[Example], test: list[E
                                 "real_test": fidelity.text_stats([e.text for e in test]),
                                 "synthetic": fidelity.text_stats(syn_texts)},
                  "vocabulary_overlap": fidelity.vocabulary_overlap(syn_texts, [e.text for e in real]),
+                 "lengths": fidelity.length_fidelity(syn_texts, [e.text for e in test]),
                  "duplicates": fidelity.duplicate_rate(syn_texts)}
     # label fidelity: a real-trained classifier reads the synthetic texts; its real test accuracy is the ceiling
     pred = predict("tfidf_logreg", real, syn_texts + [e.text for e in test], ctx)
@@ -92,7 +93,40 @@ def fidelity_section(synthetic: list[Example], real: list[Example], test: list[E
     return out
 
 
-def evaluate(run_dir: Path, ev: EvaluationConfig | None = None, *, show_progress: bool = False) -> dict:
+def sharpening_gain(run_dir: Path, corpus: Path, synthetic: list[Example], real: list[Example], test: list[Example],
+                    ev: EvaluationConfig, ctx: Context) -> dict | None:
+    """What label sharpening bought: the kept corpus vs as many candidates per label taken in generation order
+    (what sampling without sharpening would have released), by the headline classifier and label fidelity."""
+    path = Path(run_dir) / "synthetic.candidates.jsonl"
+    if not path.is_file():
+        return None
+    candidates = read_corpus(path)
+    want: dict[str, int] = defaultdict(int)
+    for ex in synthetic:
+        want[ex.label] += 1
+    taken: dict[str, int] = defaultdict(int)
+    plain = []
+    for ex in candidates:
+        if taken[ex.label] < want[ex.label]:
+            plain.append(ex)
+            taken[ex.label] += 1
+    truth, texts = [e.label for e in test], [e.text for e in test]
+    real_pred = predict("tfidf_logreg", real, [e.text for e in plain + synthetic], ctx)
+
+    def score(corpus_examples: list[Example], fidelity_pred) -> dict:
+        return {**metrics(truth, predict(ev.classifier, corpus_examples, texts, ctx)),
+                "label_fidelity": fidelity.label_fidelity(corpus_examples, fidelity_pred)["agreement"],
+                "examples": len(corpus_examples)}
+
+    plain_scores, kept_scores = score(plain, real_pred[: len(plain)]), score(synthetic, real_pred[len(plain):])
+    return {"candidates": len(candidates), "kept": len(synthetic), "classifier": ev.classifier,
+            "unsharpened": plain_scores, "sharpened": kept_scores,
+            "accuracy_gain": kept_scores["accuracy"] - plain_scores["accuracy"],
+            "label_fidelity_gain": kept_scores["label_fidelity"] - plain_scores["label_fidelity"]}
+
+
+def evaluate(run_dir: Path, ev: EvaluationConfig | None = None, *, show_progress: bool = False,
+             audit: dict | None = None) -> dict:
     """Evaluate a certified run's synthetic corpus (config: `evaluation` section); write evaluation.json."""
     from dpsynth.sample import load_run_config
 
@@ -102,8 +136,8 @@ def evaluate(run_dir: Path, ev: EvaluationConfig | None = None, *, show_progress
     cfg = load_run_config(run_dir)
     ev = ev or cfg.evaluation
     splits = prepare(cfg.data)
-    if splits.fingerprint != cert["dataset_fingerprint"]:
-        raise UserError(f"data: the dataset changed since training (fingerprint {splits.fingerprint} != {cert['dataset_fingerprint']})")
+    if splits.fingerprint != cert.dataset.fingerprint:
+        raise UserError(f"data: the dataset changed since training (fingerprint {splits.fingerprint} != {cert.dataset.fingerprint})")
     corpus = find_corpus(run_dir)
     synthetic = read_corpus(corpus)
     if not synthetic:
@@ -123,21 +157,34 @@ def evaluate(run_dir: Path, ev: EvaluationConfig | None = None, *, show_progress
 
     zero_shot = None
     if ev.zero_shot_examples:
-        zero_shot = timed("zero_shot_corpus", zero_shot_corpus, run_dir / "evaluation" / "zero_shot.jsonl", cfg.model.base,
-                          splits.name, list(splits.labels), ev.zero_shot_examples, ev.zero_shot_prompt, cfg.sampling, show_progress)
+        zero_shot = timed("zero_shot_corpus", zero_shot_corpus, run_dir / "evaluation" / "zero_shot.jsonl", cfg.model,
+                          splits.name, list(splits.labels), ev.zero_shot_examples, ev.zero_shot_prompt, cfg.sampling,
+                          show_progress)
     dp = None
     if ev.dp_baseline:
-        dp = {"epsilon": cert["epsilon"], "delta": cert["delta"], "accountant": cert["accountant"],
+        dp = {"epsilon": cert.epsilon, "delta": cert.delta, "accountant": cert.accountant,
               "epochs": ev.dp_baseline_epochs, "batch_size": ev.dp_baseline_batch_size}
     utility = timed("utility", utility_table, classifiers, test, real, synthetic, zero_shot, ctx, dp=dp,
                     max_real_examples=ev.max_real_examples)
     result: dict = {
         "classifier": ev.classifier, "test_examples": len(test), "corpus": corpus.name, "synthetic_examples": len(synthetic),
-        "real_train_examples": len(real), "epsilon": cert["epsilon"], "delta": cert["delta"], "accountant": cert["accountant"],
-        "dataset_fingerprint": cert["dataset_fingerprint"],
+        "real_train_examples": len(real), "epsilon": cert.epsilon, "delta": cert.delta, "accountant": cert.accountant,
+        "dataset_fingerprint": cert.dataset.fingerprint, "privacy_unit": cert.dataset.unit,
         "real": utility[ev.classifier]["real"], "synthetic": utility[ev.classifier]["synthetic"],
         "utility": utility, "sources": SOURCES, "evaluation_config": ev.model_dump(mode="json"),
     }
+    majority = majority_class(test)
+    result["baselines"] = {"majority_class": majority}
+    if zero_shot:
+        result["baselines"]["zero_shot"] = {**utility[ev.classifier]["zero_shot"], "examples": len(zero_shot),
+                                            "prompt": ev.zero_shot_prompt or cfg.model.prefix_template}
+    sharpening = timed("sharpening", sharpening_gain, run_dir, corpus, synthetic, real, test, ev, ctx)
+    if sharpening:
+        result["sharpening"] = sharpening
+    dp_direct = utility[ev.classifier].get("dp_real", {}).get("accuracy")
+    result["verdict"] = verdict(result["synthetic"]["accuracy"], len(test), majority["accuracy"],
+                                result["baselines"].get("zero_shot", {}).get("accuracy"), dp_direct)
+    log.info("verdict: %s", result["verdict"]["text"])
     if ev.tuning:
         if not val:  # no validation split configured: hold out part of train for the real ranking only
             cut = max(1, len(real) // 10)
@@ -148,16 +195,8 @@ def evaluate(run_dir: Path, ev: EvaluationConfig | None = None, *, show_progress
         result["tuning"] = timed("tuning", tuning_rank_correlation, tune_train, val, synthetic, test, ev.seed)
     result["fidelity"] = timed("fidelity", fidelity_section, synthetic, real, test, zero_shot, embedder, ev, ctx)
     result["privacy"] = timed("privacy", privacy_audit, run_dir, cfg, splits, synthetic, embedder, ev)
-    if ev.audit_epsilons:
-        def point_eval(asplits, asynthetic):
-            atest, areal = list(asplits.test), list(asplits.train)
-            out = {"classifier": ev.classifier, "real": metrics([e.label for e in atest], predict(ev.classifier, areal, [e.text for e in atest], ctx)),
-                   "synthetic": metrics([e.label for e in atest], predict(ev.classifier, asynthetic, [e.text for e in atest], ctx))}
-            if ev.mauve:
-                out["mauve"] = fidelity.mauve_score(embedder([e.text for e in asynthetic]), embedder([e.text for e in atest]), ev.seed)["mauve"]
-            return out
-
-        result["audit"] = timed("audit_runs", audit_runs, run_dir, cfg, splits, ev, embedder, point_eval, show_progress)
+    if audit is not None:
+        result["audit"] = audit  # dpsynth.audit_experiments: the canary runs, trained and attacked before this
     result["samples"] = samples_per_label(synthetic, ev.samples_per_label)
     timings["total"] = round(time.monotonic() - t0, 2)
     result["timings_s"] = timings

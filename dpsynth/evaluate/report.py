@@ -9,7 +9,7 @@ import json
 from pathlib import Path
 
 from dpsynth.config import EvaluationConfig
-from dpsynth.evaluate.compare import certificates, compare, method, table_rows
+from dpsynth.evaluate.compare import certificates, compare, method, table_rows, unit_sentence
 from dpsynth.io import atomic_write_json, atomic_write_text
 from dpsynth.privacy.certificate import read_certificate
 
@@ -82,12 +82,17 @@ def _plots(res: dict) -> dict[str, str]:
     ax.set_xlabel("false positive rate"), ax.set_ylabel("true positive rate"), ax.legend(fontsize=7)
     out["roc"] = _png(fig)
 
-    stats = res["fidelity"]["text_stats"]
+    lengths = res["fidelity"].get("lengths", {})
     fig, ax = plt.subplots(figsize=(6, 3))
-    for name, st in stats.items():
-        h = st["length_histogram"]
-        total = max(1, sum(h))
-        ax.plot([4 * i + 2 for i in range(len(h))], [x / total for x in h], marker=".", label=name)
+    if lengths.get("bins"):
+        edges = lengths["bins"]
+        mids = [(a + b) / 2 for a, b in zip(edges, edges[1:])]
+        for name, key in (("real test", "real_histogram"), ("synthetic", "synthetic_histogram")):
+            h = lengths[key]
+            ax.plot(mids, [x / max(1, sum(h)) for x in h], marker=".", label=name)
+        if edges[-1] > 200:
+            ax.set_xscale("log")
+        ax.set_title(f"KS distance {lengths['ks']:.3f}", fontsize=9)
     ax.set_xlabel("words per text"), ax.set_ylabel("fraction"), ax.legend(fontsize=7)
     out["lengths"] = _png(fig)
 
@@ -119,14 +124,16 @@ def comparison_html(comparison: dict) -> str:
             "evaluation.</p>" + _table(["", f"this run: {a['run_dir']}", f"compared: {b['run_dir']}"], table_rows(comparison)))
 
 
-def render_html(res: dict, cert: dict, run_dir: Path, comparison: dict | None = None) -> str:
+def render_html(res: dict, cert, run_dir: Path, comparison: dict | None = None) -> str:
     plots = _plots(res)
     parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>dpsynth report: {_e(run_dir.name)}</title>"
              f"<style>{CSS}</style></head><body><h1>dpsynth report: {_e(run_dir)}</h1>"]
     parts.append(_table(["certificate", ""], [
-        ["epsilon (certified)", f"{cert['epsilon']:.4f} ({cert['accountant']})"], ["delta", f"{cert['delta']:.3g}"],
+        ["epsilon (certified)", f"{cert.epsilon:.4f} ({cert.accountant})"], ["delta", f"{cert.delta:.3g}"],
+        ["privacy unit", unit_sentence(cert)],
         ["mechanism", method(cert)],
-        ["dataset", f"{cert['dataset']['name']} (fingerprint {cert['dataset_fingerprint']}, {cert['dataset']['train_examples']} train)"],
+        ["dataset", f"{cert.dataset.name} (fingerprint {cert.dataset.fingerprint}, {cert.dataset.train_units:,} train "
+                    f"{cert.dataset.unit}s)"],
         ["corpus", f"{res['corpus']}: {res['synthetic_examples']} examples"], ["real test split", res["test_examples"]],
     ], left=2))
     parts.append("<p class='warn'>The synthetic corpus is covered by the certificate. This report is not: it also reads the "
@@ -136,6 +143,27 @@ def render_html(res: dict, cert: dict, run_dir: Path, comparison: dict | None = 
         parts.append(comparison_html(comparison))
 
     parts.append("<h2>Utility</h2><p class='note'>Same real test split for every classifier (Kurakin et al. 2023).</p>")
+    verdict = res.get("verdict")
+    if verdict:
+        parts.append(f"<p class='{'warn' if verdict['level'] in ('no_signal', 'below_dp_direct') else 'note'}'><b>Verdict: "
+                     f"{_e(verdict['text'])}</b></p>")
+    base = res.get("baselines", {})
+    brows = [["trained on the DP synthetic corpus", res["synthetic"]["accuracy"]]]
+    if "dp_real" in res["utility"].get(res["classifier"], {}):
+        brows.append(["DP-SGD directly on the real data (same epsilon)", res["utility"][res["classifier"]]["dp_real"]["accuracy"]])
+    if "zero_shot" in base:
+        brows.append(["zero-shot floor (base model, no private data)", base["zero_shot"]["accuracy"]])
+    if "majority_class" in base:
+        brows.append([f"majority class (always '{base['majority_class']['label']}')", base["majority_class"]["accuracy"]])
+    brows.append(["trained on the real data (ceiling)", res["real"]["accuracy"]])
+    parts.append(_table([f"{res['classifier']}: test accuracy", ""], brows))
+    sharp = res.get("sharpening")
+    if sharp:
+        parts.append(f"<p class='note'>Label sharpening (free post-processing: the adapter scores each candidate under every "
+                     f"label, the clearest {sharp['kept']} of {sharp['candidates']} kept):</p>")
+        parts.append(_table(["", "accuracy", "macro-F1", "label fidelity"], [
+            ["without sharpening", sharp["unsharpened"]["accuracy"], sharp["unsharpened"]["macro_f1"], sharp["unsharpened"]["label_fidelity"]],
+            ["with sharpening (released)", sharp["sharpened"]["accuracy"], sharp["sharpened"]["macro_f1"], sharp["sharpened"]["label_fidelity"]]]))
     util = res["utility"]
     srcs = [s for s in res["sources"] if any(s in row for row in util.values())]
     rows = []
@@ -165,6 +193,12 @@ def render_html(res: dict, cert: dict, run_dir: Path, comparison: dict | None = 
                                                                    if isinstance(v, dict)]))
     keys = ["texts", "words_mean", "words_median", "chars_mean", "vocabulary", "distinct_1", "distinct_2"]
     parts.append(_table(["corpus", *keys], [[name, *[st[k] for k in keys]] for name, st in fid["text_stats"].items()]))
+    lengths = fid.get("lengths", {})
+    if lengths.get("ks") is not None:
+        parts.append(_table(["length (words)", "synthetic", "real test"], [
+            ["mean", lengths["synthetic_words_mean"], lengths["real_words_mean"]],
+            ["95th percentile", lengths["synthetic_words_p95"], lengths["real_words_p95"]],
+            ["Kolmogorov-Smirnov distance (p-value)", Markup(f"{lengths['ks']:.3f} ({lengths['ks_p_value']:.2g})"), ""]]))
     parts.append(plots["lengths"])
     lf, vo, du = fid["label_fidelity"], fid["vocabulary_overlap"], fid["duplicates"]
     parts.append(_table(["", ""], [
@@ -230,7 +264,7 @@ def render_html(res: dict, cert: dict, run_dir: Path, comparison: dict | None = 
 
 
 def report(run_dir: Path, ev: EvaluationConfig | None = None, *, compare_with: Path | None = None,
-           show_progress: bool = False) -> tuple[Path, Path]:
+           show_progress: bool = False, audit: dict | None = None) -> tuple[Path, Path]:
     """Evaluate the run (config `evaluation`) and write report.json + report.html into it, atomically.
     `compare_with`: a second run on the same dataset, shown side by side (its saved evaluation when current)."""
     from dpsynth.evaluate.pipeline import evaluate
@@ -238,10 +272,10 @@ def report(run_dir: Path, ev: EvaluationConfig | None = None, *, compare_with: P
     run_dir = Path(run_dir)
     if compare_with is not None:
         certificates(run_dir, compare_with)  # refuse an incomparable pair before evaluating anything
-    res = evaluate(run_dir, ev, show_progress=show_progress)
+    res = evaluate(run_dir, ev, show_progress=show_progress, audit=audit)
     cert = read_certificate(run_dir / "certificate.json")
     comparison = compare(run_dir, compare_with, evaluation_a=res, show_progress=show_progress) if compare_with else None
-    doc = {"run_dir": str(run_dir), "certificate": cert, **res, **({"comparison": comparison} if comparison else {})}
+    doc = {"run_dir": str(run_dir), "certificate": cert.to_json(), **res, **({"comparison": comparison} if comparison else {})}
     atomic_write_json(run_dir / "report.json", doc)
     atomic_write_text(run_dir / "report.html", render_html(res, cert, run_dir, comparison))
     return run_dir / "report.html", run_dir / "report.json"

@@ -86,3 +86,41 @@ def tuning_rank_correlation(real_train: list[Example], real_val: list[Example], 
         "test_accuracy_of_real_pick": acc(real_train, test, pick_real),
         "test_accuracy_of_synthetic_pick": acc(real_train, test, pick_syn),
     }
+
+
+def majority_class(test: list[Example]) -> dict:
+    """The constant classifier that predicts the test split's most common label: the chance line."""
+    from collections import Counter
+
+    label, count = Counter(ex.label for ex in test).most_common(1)[0]
+    return {"label": label, "accuracy": count / len(test), "test_examples": len(test)}
+
+
+def _standard_error(p: float, n: int) -> float:
+    return float(np.sqrt(max(p * (1 - p), 1e-12) / max(n, 1)))
+
+
+def verdict(synthetic: float, test_examples: int, majority: float, zero_shot: float | None = None,
+            dp_direct: float | None = None, z: float = 2.0) -> dict:
+    """One honest line about the synthetic corpus's utility, against its baselines on the same test split.
+
+    "Within noise" is |a - b| <= z standard errors of a binomial proportion over the test split (z = 2: about
+    95 %), with the standard error of the difference of two accuracies on the same test set bounded by
+    sqrt(2) times one accuracy's.
+    """
+    se = _standard_error(majority, test_examples)
+    se_diff = np.sqrt(2) * max(se, _standard_error(synthetic, test_examples))
+    floor = max(majority, zero_shot if zero_shot is not None else 0.0)
+    floor_name = "the zero-shot floor" if zero_shot is not None and zero_shot > majority else "the majority-class rate"
+    if synthetic <= majority + z * se or synthetic <= floor + z * se_diff:
+        return {"level": "no_signal", "text": (f"no label signal at this budget: synthetic {synthetic:.3f} is within "
+                                               f"noise of {floor_name} {floor:.3f}")}
+    if dp_direct is None:
+        return {"level": "signal", "text": f"label signal: synthetic {synthetic:.3f} is above {floor_name} {floor:.3f} "
+                                           "(no DP-direct baseline computed)"}
+    if synthetic < dp_direct - z * se_diff:
+        return {"level": "below_dp_direct", "text": (f"label signal, below DP-direct: synthetic {synthetic:.3f} > "
+                                                     f"{floor_name} {floor:.3f}, but DP-SGD on the real data reaches "
+                                                     f"{dp_direct:.3f} at the same epsilon")}
+    return {"level": "competitive", "text": (f"competitive with DP-direct: synthetic {synthetic:.3f} vs DP-SGD on the "
+                                             f"real data {dp_direct:.3f} at the same epsilon")}

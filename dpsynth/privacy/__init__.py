@@ -1,7 +1,8 @@
-"""Differential-privacy accounting: events, accountants, noise calibration, the budget ledger."""
+"""Differential privacy: events, accountants, the one calibrator, the ledger, certificates, and the one
+private-run path (plan -> admit -> charge -> certify) every privacy-spending feature goes through."""
 
 from .accountants import ACCOUNTANTS, epsilon
-from .calibration import calibrate_noise_multiplier
+from .calibration import CalibrationError, calibrate
 from .events import Event, Gaussian, Laplace, RepeatAndSelect, SampledGaussian, from_dict, merge, to_dict, to_dp_event
 from .ledger import Budget, BudgetExceeded, Ledger
 from .mirror import MirroredLedger, ledger_exists, open_ledger
@@ -10,6 +11,7 @@ __all__ = [
     "ACCOUNTANTS",
     "Budget",
     "BudgetExceeded",
+    "CalibrationError",
     "Event",
     "Gaussian",
     "Laplace",
@@ -17,7 +19,7 @@ __all__ = [
     "MirroredLedger",
     "RepeatAndSelect",
     "SampledGaussian",
-    "calibrate_noise_multiplier",
+    "calibrate",
     "epsilon",
     "from_dict",
     "ledger_exists",

@@ -1,17 +1,26 @@
-"""Noise calibration for DP-SGD: the least noise that meets a target epsilon."""
+"""Noise calibration: the least noise whose composed events meet a target epsilon.
+
+One calibrator for every mechanism (DP-SGD steps, a private search, in-context votes, a label histogram):
+the caller describes what it would release at noise multiplier `s` as a function `events_for(s)`, and
+`calibrate` finds the smallest `s` whose epsilon is at most the target. As in dp_accounting's calibrator,
+epsilon must be non-increasing in `s`.
+"""
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Sequence
 
 from .accountants import epsilon
-from .events import Event, SampledGaussian
+from .events import Event
 
-# A noise multiplier outside this range means a vacuous guarantee or a useless model.
-_SIGMA_MIN = 0.1
-_SIGMA_MAX = 1e4
+DEFAULT_BOUNDS = (0.1, 1e4)
+"""Noise multipliers outside this range mean a vacuous guarantee or a useless release (DP-SGD's range)."""
 _MAX_ITERATIONS = 30
+
+
+class CalibrationError(ValueError):
+    """No noise multiplier within the bounds meets the target (the message says which way it fails)."""
 
 
 class _OutOfRange(ValueError):
@@ -20,93 +29,76 @@ class _OutOfRange(ValueError):
         self.sigma, self.eps = sigma, eps
 
 
-def calibrate_noise_multiplier(
-    target_epsilon: float,
-    delta: float,
-    sampling_rate: float,
-    steps: int,
-    *,
-    accountant: str = "prv",
-    prior_events: Iterable[Event] = (),
-    rel_tol: float = 1e-3,
-) -> float:
-    """Smallest DP-SGD noise multiplier meeting ``target_epsilon`` at ``delta``.
+def calibrate(events_for: Callable[[float], Sequence[Event]], target_epsilon: float, delta: float, *,
+              accountant: str = "prv", bounds: tuple[float, float] = DEFAULT_BOUNDS, rel_tol: float = 1e-3) -> float:
+    """Smallest noise multiplier s in `bounds` with epsilon(events_for(s), delta, accountant) <= target_epsilon.
 
-    Returns sigma such that ``epsilon(prior_events + (SampledGaussian(sigma,
-    sampling_rate, steps),), delta, accountant)`` is ``<= target_epsilon`` and
-    ``>= (1 - rel_tol) * target_epsilon``. The returned sigma was itself
-    evaluated as feasible, so it never exceeds the target under ``accountant``.
+    The returned s was itself evaluated as feasible, so it never exceeds the target under `accountant`, and its
+    epsilon is >= (1 - rel_tol) * target unless the bracket is exhausted at float precision. An accountant that
+    fails at absurdly small noise (dp_accounting's PLD can) counts as infeasible there.
 
-    DP-SGD: Abadi et al. 2016, "Deep Learning with Differential Privacy".
-    Default PRV accounting: Gopi, Lee & Wutschitz 2021, "Numerical Composition
-    of Differential Privacy".
-
-    Raises ValueError if the prior events alone reach the target, or if the
-    target needs sigma outside [0.1, 1e4].
+    Raises CalibrationError when even the largest noise does not fit (the events without noise already spend
+    the target) or when the smallest noise is already under the target (a vacuous guarantee).
     """
     if not (math.isfinite(target_epsilon) and target_epsilon > 0):
         raise ValueError(f"target_epsilon must be finite and > 0, got {target_epsilon!r}")
     if not 0 < rel_tol < 1:
         raise ValueError(f"rel_tol must be in (0, 1), got {rel_tol!r}")
-    SampledGaussian(1.0, sampling_rate, steps)  # validate before any accounting
-    prior = tuple(prior_events)
-    if prior and (spent := epsilon(prior, delta, accountant)) >= target_epsilon:
-        raise ValueError(
-            f"prior events alone spend eps={spent:.4g} >= target eps={target_epsilon:.4g}"
-        )
+    lo_bound, hi_bound = bounds
 
     def eps_of(acc: str) -> Callable[[float], float]:
-        return lambda s: epsilon(prior + (SampledGaussian(s, sampling_rate, steps),), delta, acc)
+        def eps(s: float) -> float:
+            try:
+                return epsilon(events_for(s), delta, acc)
+            except (ArithmeticError, IndexError, ValueError) as e:
+                if "cannot account" in str(e):  # a real refusal (e.g. Laplace under PRV), not numerical trouble
+                    raise
+                return math.inf
+        return eps
 
-    # RDP is cheap at any sigma and (up to numerical error) never below the
-    # tight accountants, so it gives a starting point that keeps the expensive
-    # PRV/PLD evaluations near the target instead of at huge epsilons.
+    # RDP is cheap at any noise and (up to numerical error) never below the tight accountants, so it gives a
+    # starting point that keeps the expensive PRV/PLD evaluations near the target.
     try:
-        hint = _solve(eps_of("rdp"), target_epsilon, 0.02 if accountant != "rdp" else rel_tol,
-                      start=1.0, factor=2.0)
+        hint = _solve(eps_of("rdp"), target_epsilon, 0.02 if accountant != "rdp" else rel_tol, start=1.0, factor=2.0,
+                      bounds=bounds)
     except _OutOfRange as e:
-        if e.sigma == _SIGMA_MIN:
-            raise ValueError(
-                f"target eps={target_epsilon:.4g} is so large that noise_multiplier < {_SIGMA_MIN} "
-                f"would meet it; such a guarantee is vacuous"
-            ) from None
-        hint = _SIGMA_MAX  # RDP is looser; let the requested accountant decide
+        if e.sigma == lo_bound:
+            raise CalibrationError(f"target eps={target_epsilon:.4g} is so large that noise multiplier < {lo_bound:g} would "
+                                   "meet it; such a guarantee is vacuous") from None
+        hint = hi_bound  # RDP is looser; let the requested accountant decide
     if accountant == "rdp":
         return hint
     try:
-        return _solve(eps_of(accountant), target_epsilon, rel_tol, start=hint, factor=1.25)
+        return _solve(eps_of(accountant), target_epsilon, rel_tol, start=hint, factor=1.25, bounds=bounds)
     except _OutOfRange as e:
-        what = "large" if e.sigma == _SIGMA_MIN else "small"
-        raise ValueError(
-            f"target eps={target_epsilon:.4g} at delta={delta:.3g} is too {what}: "
-            f"noise_multiplier={e.sigma:g} gives eps={e.eps:.4g} ({accountant}), "
-            f"and the search is bounded to [{_SIGMA_MIN}, {_SIGMA_MAX:g}]"
-        ) from None
+        what = "large" if e.sigma == lo_bound else "small"
+        raise CalibrationError(f"target eps={target_epsilon:.4g} at delta={delta:.3g} is too {what}: noise multiplier "
+                               f"{e.sigma:g} gives eps={e.eps:.4g} ({accountant}), and the search is bounded to "
+                               f"[{lo_bound:g}, {hi_bound:g}]") from None
 
 
-def _solve(
-    eps: Callable[[float], float], target: float, rel_tol: float, *, start: float, factor: float
-) -> float:
+def _solve(eps: Callable[[float], float], target: float, rel_tol: float, *, start: float, factor: float,
+           bounds: tuple[float, float]) -> float:
     """Smallest sigma with eps(sigma) <= target, to within rel_tol of target.
 
-    Brackets from ``start`` in growing geometric steps, then runs regula falsi
-    (Illinois variant) on log eps against log sigma, where eps is nearly
-    linear. Only ever returns a sigma whose evaluated eps is <= target.
+    Brackets from ``start`` in growing geometric steps, then runs regula falsi (Illinois variant) on log eps
+    against log sigma, where eps is nearly linear. Only ever returns a sigma whose evaluated eps is <= target.
     """
+    lo_bound, hi_bound = bounds
     lo = hi = None  # (sigma, eps): lo infeasible, hi feasible
-    sigma, step = min(max(start, _SIGMA_MIN), _SIGMA_MAX), factor
+    sigma, step = min(max(start, lo_bound), hi_bound), factor
     while lo is None or hi is None:
         e = eps(sigma)
         if e <= target:
             hi = (sigma, e)
-            if lo is None and sigma == _SIGMA_MIN:
+            if lo is None and sigma == lo_bound:
                 raise _OutOfRange(sigma, e)
-            sigma = max(sigma / step, _SIGMA_MIN)
+            sigma = max(sigma / step, lo_bound)
         else:
             lo = (sigma, e)
-            if hi is None and sigma == _SIGMA_MAX:
+            if hi is None and sigma == hi_bound:
                 raise _OutOfRange(sigma, e)
-            sigma = min(sigma * step, _SIGMA_MAX)
+            sigma = min(sigma * step, hi_bound)
         step *= factor
 
     def g(e: float) -> float:  # root-finding residual; +inf for an infinite epsilon

@@ -24,7 +24,7 @@ from .events import Event, from_dict, merge, to_dict
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS datasets (
-    fingerprint TEXT PRIMARY KEY, epsilon REAL NOT NULL, delta REAL NOT NULL);
+    fingerprint TEXT PRIMARY KEY, epsilon REAL NOT NULL, delta REAL NOT NULL, unit TEXT NOT NULL DEFAULT 'record');
 CREATE TABLE IF NOT EXISTS runs (
     run_id TEXT PRIMARY KEY, fingerprint TEXT NOT NULL REFERENCES datasets,
     accountant TEXT NOT NULL, planned TEXT NOT NULL, status TEXT NOT NULL,
@@ -39,10 +39,13 @@ _REL_TOL = 1e-9
 
 @dataclass(frozen=True)
 class Budget:
-    """A dataset's total (epsilon, delta) privacy budget."""
+    """A dataset's total (epsilon, delta) privacy budget, held per privacy `unit` (a record, or a person's records):
+    runs that protect another unit cannot spend it (a record-level epsilon is only a k-fold weaker one for a person
+    with k records)."""
 
     epsilon: float
     delta: float
+    unit: str = "record"
 
     def __post_init__(self) -> None:
         if not (math.isfinite(self.epsilon) and self.epsilon > 0):
@@ -80,6 +83,9 @@ class Ledger:
             for statement in _SCHEMA.split(";"):  # executescript() would commit mid-transaction
                 if statement.strip():
                     db.execute(statement)
+            columns = {row[1] for row in db.execute("PRAGMA table_info(datasets)")}
+            if "unit" not in columns:  # a ledger written before budgets named their unit: those were per record
+                db.execute("ALTER TABLE datasets ADD COLUMN unit TEXT NOT NULL DEFAULT 'record'")
 
     @property
     def location(self) -> str:
@@ -109,8 +115,11 @@ class Ledger:
         with self._tx() as db:
             existing = self._budget(db, fingerprint)
             if existing is None:
-                db.execute("INSERT INTO datasets VALUES (?, ?, ?)",
-                           (fingerprint, budget.epsilon, budget.delta))
+                db.execute("INSERT INTO datasets (fingerprint, epsilon, delta, unit) VALUES (?, ?, ?, ?)",
+                           (fingerprint, budget.epsilon, budget.delta, budget.unit))
+            elif existing.unit != budget.unit:
+                raise ValueError(f"dataset {fingerprint}'s budget is held per {existing.unit}; a run protecting one "
+                                 f"{budget.unit} cannot spend it (the guarantees would not compose)")
             elif existing != budget:
                 raise ValueError(f"dataset {fingerprint} already has total budget {existing}; "
                                  f"refusing to change it to {budget}")
@@ -175,42 +184,59 @@ class Ledger:
                        "DO UPDATE SET count = count + excluded.count",
                        (run_id, key, event.count))
 
-    def close_run(self, run_id: str, certificate: dict | None = None) -> None:
-        """Close a run, releasing its unused reservation, and store its certificate.
+    def try_charge(self, run_id: str, event: Event) -> bool:
+        """Charge if the run's admitted plan still covers `event`; False (nothing charged) otherwise."""
+        try:
+            self.charge(run_id, event)
+            return True
+        except BudgetExceeded:
+            return False
 
-        Closing an already-closed run is a no-op if ``certificate`` is None or
-        equal to the stored one; a different certificate raises ValueError.
+    def certify(self, run_id: str, certificate: dict) -> None:
+        """Close the run with its certificate, refusing one that does not state what ran: its events must be
+        exactly the charges on record, its accountant the run's, and its epsilon theirs at its delta.
+
+        Certifying an already-closed run again with the same certificate is a no-op.
         """
         with self._tx() as db:
-            row = db.execute("SELECT status, certificate FROM runs WHERE run_id=?",
-                             (run_id,)).fetchone()
+            row = db.execute("SELECT accountant, status, certificate FROM runs WHERE run_id=?", (run_id,)).fetchone()
             if row is None:
                 raise ValueError(f"run {run_id!r} is unknown")
-            stored = None if row[1] is None else json.loads(row[1])
-            if row[0] == "closed":
-                if certificate is not None and certificate != stored:
-                    raise ValueError(f"run {run_id!r} is already closed with another certificate")
-                return
-            db.execute("UPDATE runs SET status='closed', certificate=? WHERE run_id=?",
-                       (None if certificate is None else json.dumps(certificate), run_id))
-
-    def certify(self, run_id: str, delta: float, fields: dict) -> dict:
-        """Issue the run's certificate: its epsilon, events and step count come from the charges on
-        record (never from the plan), under the run's own accountant; then close the run with it."""
-        from .events import RepeatAndSelect, SampledGaussian
-
-        with self._tx(write=False) as db:
-            row = db.execute("SELECT accountant, status FROM runs WHERE run_id=?", (run_id,)).fetchone()
-            if row is None or row[1] != "open":
-                raise ValueError(f"run {run_id!r} is {'unknown' if row is None else 'already closed'}")
+            accountant, status, stored = row
+            if status == "closed":
+                if stored is not None and json.loads(stored) == certificate:
+                    return
+                raise ValueError(f"run {run_id!r} is already closed" + (" with another certificate" if stored else
+                                                                         " (abandoned)"))
             charged = self._charged(db, run_id)
-        certificate = {**fields, "run_id": run_id, "delta": delta, "accountant": row[0],
-                       "epsilon": epsilon(charged, delta, row[0]), "events": [to_dict(e) for e in charged],
-                       "steps": sum(e.count for e in charged if isinstance(e, SampledGaussian))
-                       + sum(e.count * t.count for e in charged if isinstance(e, RepeatAndSelect)
-                             for t in e.trial if isinstance(t, SampledGaussian))}
-        self.close_run(run_id, certificate)
-        return certificate
+            events = [to_dict(e) for e in charged]
+            if list(certificate.get("events", ())) != events:
+                raise ValueError(f"certificate of run {run_id!r} lists events {certificate.get('events')} but the "
+                                 f"ledger charged {events}")
+            if certificate.get("accountant") != accountant:
+                raise ValueError(f"certificate of run {run_id!r} names accountant {certificate.get('accountant')!r}; "
+                                 f"the run was admitted under {accountant!r}")
+            eps = epsilon(charged, certificate["delta"], accountant)
+            if not math.isclose(eps, certificate.get("epsilon", math.nan), rel_tol=1e-9, abs_tol=1e-12):
+                raise ValueError(f"certificate of run {run_id!r} states eps={certificate.get('epsilon')} but its "
+                                 f"charges spend eps={eps}")
+            db.execute("UPDATE runs SET status='closed', certificate=? WHERE run_id=?", (json.dumps(certificate), run_id))
+
+    def abandon(self, run_id: str) -> None:
+        """Close a run without a certificate: its unused reservation is released, its charges stay spent."""
+        with self._tx() as db:
+            row = db.execute("SELECT status FROM runs WHERE run_id=?", (run_id,)).fetchone()
+            if row is None:
+                raise ValueError(f"run {run_id!r} is unknown")
+            if row[0] == "open":
+                db.execute("UPDATE runs SET status='closed' WHERE run_id=?", (run_id,))
+
+    def run(self, run_id: str) -> dict[str, Any] | None:
+        """One run's record (as in `runs`), or None."""
+        with self._tx(write=False) as db:
+            row = db.execute("SELECT run_id, fingerprint, accountant, status, planned, certificate FROM runs "
+                             "WHERE run_id=?", (run_id,)).fetchone()
+            return None if row is None else self._run_record(db, row)
 
     def charged(self, run_id: str) -> tuple[Event, ...]:
         """The run's charges, merged."""
@@ -233,21 +259,24 @@ class Ledger:
             rows = db.execute(
                 "SELECT run_id, fingerprint, accountant, status, planned, certificate FROM runs "
                 "WHERE ?1 IS NULL OR fingerprint=?1 ORDER BY rowid", (fingerprint,)).fetchall()
-            return [{"run_id": rid, "fingerprint": fp, "accountant": acc, "status": status,
-                     "planned": _events(plan), "charged": self._charged(db, rid),
-                     "certificate": None if cert is None else json.loads(cert)}
-                    for rid, fp, acc, status, plan, cert in rows]
+            return [self._run_record(db, row) for row in rows]
+
+    @classmethod
+    def _run_record(cls, db: sqlite3.Connection, row) -> dict[str, Any]:
+        rid, fp, acc, status, plan, cert = row
+        return {"run_id": rid, "fingerprint": fp, "accountant": acc, "status": status, "planned": _events(plan),
+                "charged": cls._charged(db, rid), "certificate": None if cert is None else json.loads(cert)}
 
     def datasets(self, accountant: str = "prv") -> list[dict[str, Any]]:
         with self._tx(write=False) as db:
-            rows = [(fp, Budget(eps, delta), self._dataset_charges(db, fp)) for fp, eps, delta
-                    in db.execute("SELECT * FROM datasets ORDER BY rowid").fetchall()]
+            rows = [(fp, Budget(eps, delta, unit), self._dataset_charges(db, fp)) for fp, eps, delta, unit
+                    in db.execute("SELECT fingerprint, epsilon, delta, unit FROM datasets ORDER BY rowid").fetchall()]
         return [{"fingerprint": fp, "budget": b, "spent": epsilon(ev, b.delta, accountant)}
                 for fp, b, ev in rows]
 
     @staticmethod
     def _budget(db: sqlite3.Connection, fingerprint: str) -> Budget | None:
-        row = db.execute("SELECT epsilon, delta FROM datasets WHERE fingerprint=?",
+        row = db.execute("SELECT epsilon, delta, unit FROM datasets WHERE fingerprint=?",
                          (fingerprint,)).fetchone()
         return None if row is None else Budget(*row)
 

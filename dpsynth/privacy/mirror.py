@@ -93,7 +93,8 @@ class MirroredLedger(Ledger):
     set_budget = _publishes(Ledger.set_budget)
     open_run = _publishes(Ledger.open_run)
     charge = _publishes(Ledger.charge)
-    close_run = _publishes(Ledger.close_run)
+    certify = _publishes(Ledger.certify)
+    abandon = _publishes(Ledger.abandon)
 
     def __del__(self) -> None:
         shutil.rmtree(getattr(self, "_dir", ""), ignore_errors=True)

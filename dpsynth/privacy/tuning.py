@@ -18,7 +18,7 @@ import math
 import numpy as np
 
 from .accountants import epsilon
-from .calibration import _OutOfRange, _solve
+from .calibration import DEFAULT_BOUNDS, CalibrationError, calibrate
 from .events import Event, Gaussian, RepeatAndSelect, SampledGaussian
 
 ACCOUNTANT = "rdp"  # the only accountant here with a RepeatAndSelect analysis
@@ -30,41 +30,39 @@ def trial_events(sigma: float, q: float, steps: int, score_sigma: float) -> tupl
 
 
 def search_events(sigma: float, q: float, steps: int, *, score_sigma: float, mean: float, shape: float,
-                  label_sigma: float | None = None) -> list[Event]:
-    search = [RepeatAndSelect(trial_events(sigma, q, steps, score_sigma), mean, shape)]
-    return ([Gaussian(label_sigma)] if label_sigma else []) + search
+                  prior: tuple[Event, ...] = ()) -> list[Event]:
+    """The whole search: what it releases once (`prior`, e.g. the DP label histogram), then the search itself."""
+    return [*prior, RepeatAndSelect(trial_events(sigma, q, steps, score_sigma), mean, shape)]
 
 
 def calibrate_search(target_epsilon: float, delta: float, q: float, steps: int, *, score_sigma: float, mean: float,
-                     shape: float, label_sigma: float | None = None, max_sigma: float = 50.0) -> float:
-    """Smallest per-trial noise multiplier whose whole search stays within target_epsilon (RDP).
+                     shape: float, prior: tuple[Event, ...] = (), max_sigma: float = 50.0) -> float:
+    """Smallest per-trial noise multiplier whose whole search stays within target_epsilon (RDP, the one calibrator).
 
-    Raises ValueError naming the largest feasible mean number of trials when even
-    sigma = max_sigma does not fit.
+    Raises ValueError naming the largest feasible mean number of trials when even sigma = max_sigma does not fit.
     """
-    def eps(s: float) -> float:
-        return epsilon(search_events(s, q, steps, score_sigma=score_sigma, mean=mean, shape=shape,
-                                     label_sigma=label_sigma), delta, ACCOUNTANT)
+    def events_for(s: float):
+        return search_events(s, q, steps, score_sigma=score_sigma, mean=mean, shape=shape, prior=prior)
 
-    at_max = eps(max_sigma)
+    at_max = epsilon(events_for(max_sigma), delta, ACCOUNTANT)
     if at_max > target_epsilon:
         best = largest_feasible_mean(target_epsilon, delta, q, steps, score_sigma=score_sigma, shape=shape,
-                                     label_sigma=label_sigma, sigma=max_sigma)
+                                     prior=prior, sigma=max_sigma)
         hint = (f"at most {best:.2f} trials on average fit" if best else "no search fits: raise the budget")
         raise ValueError(f"a search of {mean:g} trials on average spends eps={at_max:.3f} > {target_epsilon:g} even at "
                          f"noise multiplier {max_sigma:g}; {hint} (tune.mean_trials)")
     try:
-        return _solve(eps, target_epsilon, 1e-3, start=1.0, factor=2.0)
-    except _OutOfRange as e:
-        raise ValueError(f"privacy.epsilon: target {target_epsilon:g} is vacuous for this search (sigma={e.sigma:g})") from None
+        return calibrate(events_for, target_epsilon, delta, accountant=ACCOUNTANT, bounds=(DEFAULT_BOUNDS[0], max_sigma))
+    except CalibrationError as e:
+        raise ValueError(f"privacy.epsilon: {e}") from None
 
 
 def largest_feasible_mean(target_epsilon: float, delta: float, q: float, steps: int, *, score_sigma: float,
-                          shape: float, label_sigma: float | None, sigma: float) -> float | None:
+                          shape: float, prior: tuple[Event, ...], sigma: float) -> float | None:
     """The largest mean number of trials (>= 1) whose search fits at this sigma, or None."""
     def fits(m: float) -> bool:
         return epsilon(search_events(sigma, q, steps, score_sigma=score_sigma, mean=m, shape=shape,
-                                     label_sigma=label_sigma), delta, ACCOUNTANT) <= target_epsilon
+                                     prior=prior), delta, ACCOUNTANT) <= target_epsilon
 
     lo, hi = 1.0, 2.0
     if not fits(lo):

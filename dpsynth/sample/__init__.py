@@ -15,8 +15,9 @@ from pathlib import Path
 import torch
 
 from dpsynth.config import SamplingConfig
-from dpsynth.io import atomic_write_json, atomic_write_text
-from dpsynth.privacy.certificate import now, read_certificate
+from dpsynth.errors import UserError
+from dpsynth.io import atomic_write_text
+from dpsynth.privacy.certificate import CorpusBlock, now, read_certificate, write_certificate
 
 from .corpus import generate_corpus, label_counts, load_run_config, resolve_proportions, serialize
 from .engines import TransformersEngine, choose_engine
@@ -26,41 +27,66 @@ __all__ = ["TransformersEngine", "generate_corpus", "label_counts", "load_run_co
 
 log = logging.getLogger(__name__)
 
+CANDIDATES = "synthetic.candidates.jsonl"
+"""Every candidate label sharpening scored, kept or not (post-processing too): what the evaluation measures it by."""
+
 
 def sample(run_dir: Path, params: SamplingConfig | None = None, *, show_progress: bool = True) -> Path:
-    """Write `synthetic.{jsonl,csv}` and its certificate into run_dir; return the corpus path."""
+    """Write `synthetic.{jsonl,csv}` and its certificate into run_dir; return the corpus path.
+
+    With `keep_rate` < 1, ceil(n / keep_rate) candidates are generated per label and the n the adapter itself
+    reads most clearly as their label are kept (label sharpening, sharpen.py); every candidate, with its
+    margin, goes to `synthetic.candidates.jsonl` so the evaluation can measure what sharpening bought.
+    """
+    from dpsynth.data import format_prefix
+    from dpsynth.models import load_adapter
+
+    from .sharpen import candidates_needed, sharpen
+
     run_dir = Path(run_dir)
     cert = read_certificate(run_dir / "certificate.json")  # only certified adapters are sampled
-    if cert.get("generator") == "in_context":
-        from dpsynth.errors import UserError
-
+    if cert.generator == "in_context":
         raise UserError(f"{run_dir}: an in-context (training-free) run has no adapter to sample for free; every new "
                         "example costs privacy: run `dpsynth generate` again with a new output directory")
     cfg = load_run_config(run_dir)
     params = params or cfg.sampling
+    if params.max_new_tokens == "auto":  # the run resolved it from its DP length histogram (config.yaml)
+        if cfg.sampling.max_new_tokens == "auto":
+            raise UserError(f"sampling.max_new_tokens: run {run_dir} resolved no lengths from its data; give a number")
+        params = params.model_copy(update={"max_new_tokens": cfg.sampling.max_new_tokens})
     labels = tuple(sorted(json.loads((run_dir / "labels.json").read_text())))
-    counts = label_counts(labels, resolve_proportions(run_dir, labels, params.label_proportions), params.num_examples)
+    proportions = resolve_proportions(run_dir, labels, params.label_proportions)
+    counts = label_counts(labels, proportions, params.num_examples)
+    wanted = {lab: candidates_needed(n, params.keep_rate) for lab, n in counts.items()}
+    prompts = {lab: format_prefix(cfg.model.prefix_template, cert.dataset.name, lab) for lab in labels}
     engine = choose_engine(params.engine)
-    log.info("sampling %d examples with the %s engine: %s", params.num_examples, engine, counts)
+    log.info("sampling %d examples with the %s engine: %s%s", params.num_examples, engine, counts,
+             f" (label sharpening: {sum(wanted.values())} candidates, keep rate {params.keep_rate:g})"
+             if params.keep_rate < 1 else "")
+    model = tok = None
     if engine == "vllm":
         from .adapters import read_adapter
         from .batch import sample_ray_data
 
-        rows = sample_ray_data(read_adapter(run_dir), counts, params, show_progress=show_progress)
+        rows = sample_ray_data(read_adapter(run_dir), wanted, params, show_progress=show_progress)
     else:
-        from dpsynth.data import format_prefix
-        from dpsynth.models import load_adapter
-
         torch.manual_seed(params.seed)
         model, tok = load_adapter(run_dir, cfg.model)
-        prompts = {lab: format_prefix(cfg.model.prefix_template, cert["dataset"]["name"], lab) for lab in labels}
-        rows = generate_corpus(TransformersEngine(model, tok), prompts, counts, params, show_progress)
+        rows = generate_corpus(TransformersEngine(model, tok), prompts, wanted, params, show_progress)
+    sharpening = None
+    if params.keep_rate < 1:
+        if model is None:
+            model, tok = load_adapter(run_dir, cfg.model)
+        candidates = rows
+        rows, sharpening = sharpen(model, tok, candidates, counts, prompts, proportions, cfg.model.max_length)
+        atomic_write_text(run_dir / CANDIDATES, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in candidates))
+        log.info("label sharpening kept %d of %d candidates; the adapter agreed with %.0f%% of the labels",
+                 len(rows), len(candidates), 100 * sharpening["adapter_agrees"])
     body = serialize(rows, params.format)
     corpus = run_dir / f"synthetic.{params.format}"
     atomic_write_text(corpus, body)
-    atomic_write_json(run_dir / f"synthetic.{params.format}.certificate.json", {
-        **cert, "corpus": {"file": corpus.name, "sha256": hashlib.sha256(body.encode()).hexdigest(), "examples": len(rows),
-                           "label_counts": counts, "engine": engine, "sampling": params.model_dump(mode="json"),
-                           "created": now()},
-    })
+    write_certificate(run_dir / f"synthetic.{params.format}.certificate.json", cert.with_corpus(CorpusBlock(
+        file=corpus.name, sha256=hashlib.sha256(body.encode()).hexdigest(), examples=len(rows), label_counts=counts,
+        engine=engine, sampling=params.model_dump(mode="json"), sharpening=sharpening, created=now(),
+        candidates_file=CANDIDATES if sharpening is not None else None)))
     return corpus

@@ -18,7 +18,7 @@ from dpsynth.errors import UserError
 from dpsynth.io import atomic_dir
 from dpsynth.models import check_adapter
 from dpsynth.privacy import ledger_exists, open_ledger
-from dpsynth.privacy.certificate import read_certificate
+from dpsynth.privacy.certificate import Certificate, read_certificate
 
 from .corpus import load_run_config
 
@@ -29,7 +29,7 @@ log = logging.getLogger(__name__)
 class CertifiedAdapter:
     name: str
     run_dir: Path
-    certificate: dict
+    certificate: Certificate
     model: ModelConfig
     labels: tuple[str, ...]
     dp_proportions: dict[str, float] | None
@@ -37,6 +37,8 @@ class CertifiedAdapter:
     prompts: dict[str, str] = field(default_factory=dict)
     ledger: Path | None = None
     """The ledger the run was trained against (from its config)."""
+    max_new_tokens: int = 40
+    """The run's own sampling length (its DP length histogram's, when `auto`)."""
 
     @property
     def adapter_dir(self) -> Path:
@@ -55,26 +57,18 @@ class CertifiedAdapter:
     def public_info(self) -> dict:
         """What the server shows about an adapter: its privacy guarantee, never data."""
         c = self.certificate
-        return {"epsilon": c["epsilon"], "delta": c["delta"], "accountant": c["accountant"], "run_id": c["run_id"],
-                "dataset_fingerprint": c["dataset_fingerprint"], "base_model": c["base_model"].get("name"),
+        return {"epsilon": c.epsilon, "delta": c.delta, "accountant": c.accountant, "run_id": c.run_id,
+                "privacy_unit": c.dataset.unit, "dataset_fingerprint": c.dataset.fingerprint, "base_model": c.base_model.name,
                 "labels": list(self.labels), "lora_rank": self.rank}
 
 
-def _stored_matches(stored: dict | None, cert: dict) -> bool:
-    """Same certificate, whether or not either copy carries the file-format tag."""
-    def strip(c: dict) -> dict:
-        return {k: v for k, v in c.items() if k != "format"}
-
-    return stored is not None and strip(stored) == strip(cert)
-
-
-def verify_in_ledger(cert: dict, ledger_path: str | Path, where: str) -> None:
-    """The run must be closed in the ledger with exactly this certificate."""
+def verify_in_ledger(cert: Certificate, ledger_path: str | Path, where: str) -> None:
+    """The run must be closed in the ledger with exactly this certificate (a read: the file is opened read-only)."""
     if not ledger_exists(ledger_path):
         raise UserError(f"{where}: privacy ledger {ledger_path} not found, so its certificate cannot be checked")
-    runs = [r for r in open_ledger(ledger_path, readonly=True).runs(cert["dataset_fingerprint"]) if r["run_id"] == cert["run_id"]]
-    if not runs or runs[0]["status"] != "closed" or not _stored_matches(runs[0]["certificate"], cert):
-        raise UserError(f"{where}: certificate of run '{cert['run_id']}' is not in the ledger {ledger_path}; refusing to serve it")
+    record = open_ledger(ledger_path, readonly=True).run(cert.run_id)
+    if record is None or record["status"] != "closed" or record["certificate"] != cert.without_corpus().to_json():
+        raise UserError(f"{where}: certificate of run '{cert.run_id}' is not in the ledger {ledger_path}; refusing to serve it")
 
 
 def load_certified(run_dir: str | Path, name: str | None = None, ledger: Path | None = None) -> CertifiedAdapter:
@@ -95,14 +89,16 @@ def read_adapter(run_dir: str | Path, name: str | None = None) -> CertifiedAdapt
     labels = tuple(sorted(json.loads((run_dir / "labels.json").read_text())))
     dist = run_dir / "label_distribution.json"
     rank = int(json.loads((run_dir / "adapter" / "adapter_config.json").read_text())["r"])
-    prompts = {lab: format_prefix(cfg.model.prefix_template, cert["dataset"]["name"], lab) for lab in labels}
+    prompts = {lab: format_prefix(cfg.model.prefix_template, cert.dataset.name, lab) for lab in labels}
+    new_tokens = cfg.sampling.max_new_tokens if isinstance(cfg.sampling.max_new_tokens, int) else 40
     return CertifiedAdapter(name or run_dir.name, run_dir, cert, cfg.model, labels,
-                            json.loads(dist.read_text()) if dist.is_file() else None, rank, prompts, cfg.privacy.ledger)
+                            json.loads(dist.read_text()) if dist.is_file() else None, rank, prompts, cfg.privacy.ledger,
+                            new_tokens)
 
 
 def same_base(adapters: list[CertifiedAdapter]) -> ModelConfig:
     """Adapters served together share one base model (one engine)."""
-    bases = {(a.model.base, a.certificate["base_model"].get("sha256"), a.model.dtype) for a in adapters}
+    bases = {(a.model.base, a.certificate.base_model.sha256, a.model.dtype) for a in adapters}
     if len(bases) != 1:
         raise UserError(f"adapters: served together they must share one base model; got {sorted(map(str, bases))}")
     return adapters[0].model
@@ -115,7 +111,7 @@ def merged_model_dir(adapter: CertifiedAdapter, cache: Path) -> Path:
     h = hashlib.sha256()
     for f in sorted(adapter.adapter_dir.glob("*.safetensors")):
         h.update(f.read_bytes())
-    h.update(json.dumps(adapter.certificate["base_model"], sort_keys=True).encode())
+    h.update(json.dumps(adapter.certificate.base_model.model_dump(mode="json"), sort_keys=True).encode())
     target = Path(cache) / "merged" / h.hexdigest()[:16]
     if (target / "config.json").is_file():
         return target

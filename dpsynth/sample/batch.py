@@ -13,7 +13,7 @@ from dpsynth.config import SamplingConfig
 
 from .adapters import CertifiedAdapter, merged_model_dir
 from .corpus import example_seed, jobs_for
-from .engines import GenParams
+from .engines import GenParams, prompt_ids
 
 log = logging.getLogger(__name__)
 
@@ -29,7 +29,7 @@ class VLLMBatchSampler:
 
         tok = AutoTokenizer.from_pretrained(tokenizer_dir)
         self.engine = VLLMEngine(model_dir, tok, lora=lora, dtype=dtype, max_model_len=max_model_len, max_num_seqs=max_num_seqs)
-        self.prompt_ids = {lab: tok(p, add_special_tokens=False).input_ids for lab, p in prompts.items()}
+        self.prompt_ids = {lab: prompt_ids(tok, p) for lab, p in prompts.items()}
         self.params, self.seed, self.max_attempts = params, seed, max_attempts
 
     def __call__(self, batch: dict) -> dict:

@@ -20,6 +20,8 @@ from dpsynth.config import JobConfig, SamplingConfig
 from dpsynth.errors import UserError
 from dpsynth.progress import progress_bar
 
+from .engines import Engine, sample_texts
+
 
 def load_run_config(run_dir: Path) -> JobConfig:
     path = Path(run_dir) / "config.yaml"
@@ -64,7 +66,7 @@ def example_seed(seed: int, label: str, index: int, attempt: int = 0) -> int:
     return int.from_bytes(digest[:4], "little") & 0x7FFFFFFF
 
 
-def generate_corpus(engine, prompts: dict[str, str], counts: dict[str, int], params: SamplingConfig,
+def generate_corpus(engine: Engine, prompts: dict[str, str], counts: dict[str, int], params: SamplingConfig,
                     show_progress: bool = True, max_rounds: int = 20) -> list[dict]:
     """Exactly counts[label] non-empty examples per label; empty generations are redrawn."""
     rows: list[dict] = []
@@ -75,7 +77,7 @@ def generate_corpus(engine, prompts: dict[str, str], counts: dict[str, int], par
                 rounds += 1
                 if rounds > max_rounds * (1 + want // params.batch_size):
                     raise RuntimeError(f"label '{label}': only {got}/{want} non-empty generations; the adapter may be broken")
-                texts = [t for t in engine.generate(prompts[label], min(params.batch_size, want - got), params) if t]
+                texts = [t for t in sample_texts(engine, prompts[label], min(params.batch_size, want - got), params) if t]
                 rows.extend({"text": t, "label": label} for t in texts)
                 got += len(texts)
                 advance(label, len(texts))

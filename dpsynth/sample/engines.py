@@ -1,14 +1,19 @@
-"""Generation engines: HF transformers (runs everywhere) and vLLM (continuous batching, LoRA).
+"""Generation engines: HF transformers (runs everywhere) and vLLM (continuous batching, LoRA), behind one protocol.
 
-vLLM is imported lazily, only when asked for, so the transformers sampler runs where it is
-not installed. Which engine runs is always an explicit choice, and logged.
+`Engine` (offline, batches of prompts) and `AsyncEngine` (online, one request at a time, for serving) are the
+whole surface, as in vLLM's LLM / SamplingParams and Ray Serve LLM's engine protocol: token-id prompts in,
+`Generation`s out, with `GenParams` and per-request seeds. Tokenising a prompt and left-padding a batch are
+shared helpers. vLLM is imported lazily, only when asked for, so the transformers sampler runs where it is not
+installed. Which engine runs is always an explicit choice, and logged.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 
@@ -38,6 +43,52 @@ class Generation:
     text: str
     completion_tokens: int
     finish_reason: str  # "stop" (EOS) or "length"
+
+
+class Engine(Protocol):
+    """An offline engine: one call generates a batch of prompts (each with its own seed where the engine can)."""
+
+    name: str
+    tok: object
+
+    def generate_ids(self, prompts: list[list[int]], params: GenParams,
+                     seeds: Sequence[int | None] | None = None) -> list[Generation]: ...
+
+
+class AsyncEngine(Protocol):
+    """An online engine serving adapters by name: concurrent requests share its batches."""
+
+    name: str
+    tokenizer: object
+
+    async def generate(self, adapter: str, prompt_ids: list[int], params: GenParams, seed: int | None) -> Generation: ...
+
+    def stream(self, adapter: str, prompt_ids: list[int], params: GenParams,
+               seed: int | None) -> AsyncIterator[tuple[str, int, str | None]]: ...
+
+    async def check_health(self) -> None: ...
+
+    def shutdown(self) -> None: ...
+
+
+def prompt_ids(tokenizer, prompt: str) -> list[int]:
+    """A prompt's token ids exactly as training saw its prefix: no special tokens added."""
+    return tokenizer(prompt, add_special_tokens=False).input_ids
+
+
+def left_pad(rows: Sequence[Sequence[int]], pad_id: int, device=None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(ids, attention mask, position ids) of token rows left-padded to the longest: generation continues every row
+    from its own last token."""
+    width = max(len(r) for r in rows)
+    ids = torch.tensor([[pad_id] * (width - len(r)) + list(r) for r in rows], device=device)
+    mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows], device=device)
+    return ids, mask, (mask.cumsum(-1) - 1).clamp(min=0)
+
+
+def sample_texts(engine: Engine, prompt: str, n: int, params: SamplingConfig) -> list[str]:
+    """`n` sampled continuations of one prompt, stripped (the corpus sampler's call)."""
+    ids = prompt_ids(engine.tok, prompt)
+    return [g.text.strip() for g in engine.generate_ids([ids] * n, GenParams.of(params))]
 
 
 def require_vllm():
@@ -84,13 +135,22 @@ def vllm_lora_rank(ranks: list[int]) -> int:
     raise UserError(f"lora.r: rank {need} exceeds vLLM's largest LoRA rank {_VLLM_RANKS[-1]}")
 
 
+def vllm_dtype(spec: str) -> str:
+    """model.dtype for vLLM, resolved where the engine runs (`auto`: bf16 where it is native here)."""
+    if spec != "auto":
+        return spec
+    from dpsynth.models import resolve_device, resolve_dtype
+
+    return str(resolve_dtype("auto", resolve_device("auto"))).replace("torch.", "")
+
+
 def vllm_engine_kwargs(model_dir: str, *, dtype: str, lora_ranks: list[int] | None, max_model_len: int,
                        max_num_seqs: int, enforce_eager: bool, seed: int = 0) -> dict:
     """Engine arguments shared by the offline (LLM) and online (AsyncLLM) vLLM engines."""
     # No chunked prefill: on CPU, a seeded request whose prompt is split across steps crashes the engine
     # ("CPU Generator does not use offset": rewinding its sampled token needs a CUDA generator). Our prompts
     # are short, so whole-prompt prefill costs nothing.
-    kw = dict(model=model_dir, dtype=dtype, max_model_len=max_model_len, max_num_seqs=max_num_seqs, seed=seed,
+    kw = dict(model=model_dir, dtype=vllm_dtype(dtype), max_model_len=max_model_len, max_num_seqs=max_num_seqs, seed=seed,
               enforce_eager=enforce_eager, disable_log_stats=True, enable_chunked_prefill=False,
               max_num_batched_tokens=max(2048, max_model_len))
     if lora_ranks:
@@ -111,7 +171,10 @@ def _finish(reason: str | None) -> str:
 
 
 class TransformersEngine:
-    """Batched `generate` with HF transformers: the engine that runs everywhere."""
+    """Batched `generate` with HF transformers: the engine that runs everywhere, on the model's device.
+
+    It has one random stream per batch, not per request: `seeds[0]` (when given) seeds the whole batch.
+    """
 
     name = "transformers"
 
@@ -119,29 +182,19 @@ class TransformersEngine:
         self.model, self.tok = model, tokenizer
 
     @torch.inference_mode()
-    def generate(self, prompt: str, n: int, params: SamplingConfig) -> list[str]:
-        ids = self.tok(prompt, add_special_tokens=False, return_tensors="pt").input_ids.repeat(n, 1)
-        out = self.model.generate(
-            input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=True, temperature=params.temperature,
-            top_p=params.top_p, max_new_tokens=params.max_new_tokens, pad_token_id=self.tok.pad_token_id,
-            eos_token_id=self.tok.eos_token_id,
-        )
-        return [t.strip() for t in self.tok.batch_decode(out[:, ids.shape[1]:], skip_special_tokens=True)]
-
-    @torch.inference_mode()
-    def generate_ids(self, prompts: list[list[int]], params: GenParams) -> list[Generation]:
-        """Different prompts in one batch, left-padded (the serving path)."""
-        width = max(len(p) for p in prompts)
-        pad = self.tok.pad_token_id
-        ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts])
-        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
+    def generate_ids(self, prompts: list[list[int]], params: GenParams,
+                     seeds: Sequence[int | None] | None = None) -> list[Generation]:
+        if seeds and seeds[0] is not None:
+            torch.manual_seed(seeds[0])
+        pad, eos = self.tok.pad_token_id, self.tok.eos_token_id
+        ids, mask, _ = left_pad(prompts, pad, self.model.device)
         sampling = dict(do_sample=True, temperature=params.temperature, top_p=params.top_p) if params.temperature > 0 else \
             dict(do_sample=False)  # temperature 0: greedy, as in OpenAI's API
         out = self.model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=params.max_tokens, pad_token_id=pad,
-                                  eos_token_id=self.tok.eos_token_id, **sampling)[:, width:]
+                                  eos_token_id=eos, **sampling)[:, ids.shape[1]:]
         gens = []
         for row in out.tolist():
-            n = row.index(self.tok.eos_token_id) if self.tok.eos_token_id in row else len(row)
+            n = row.index(eos) if eos in row else len(row)
             gens.append(Generation(self.tok.decode(row[:n], skip_special_tokens=True), min(n + 1, len(row)),
                                    "stop" if n < len(row) else "length"))
         return gens
@@ -165,14 +218,15 @@ class VLLMEngine:
 
             self.lora = LoRARequest(lora[0], 1, lora[1])
 
-    def generate_ids(self, prompts: list[list[int]], params: GenParams, seeds: list[int | None]) -> list[Generation]:
+    def generate_ids(self, prompts: list[list[int]], params: GenParams,
+                     seeds: Sequence[int | None] | None = None) -> list[Generation]:
         from vllm.inputs import TokensPrompt
 
+        seeds = list(seeds) if seeds is not None else [None] * len(prompts)
         outs = self.llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts],
                                  [vllm_params(self.vllm, params, s) for s in seeds], lora_request=self.lora,
                                  use_tqdm=False)
         return [Generation(o.outputs[0].text, len(o.outputs[0].token_ids), _finish(o.outputs[0].finish_reason)) for o in outs]
 
-    def generate(self, prompt: str, n: int, params: SamplingConfig) -> list[str]:
-        ids = self.tok(prompt, add_special_tokens=False).input_ids
-        return [g.text.strip() for g in self.generate_ids([ids] * n, GenParams.of(params), [None] * n)]
+    def close(self) -> None:
+        self.llm.llm_engine.engine_core.shutdown()

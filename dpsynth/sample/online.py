@@ -14,8 +14,6 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
-
 from dpsynth.errors import UserError
 
 from .adapters import CertifiedAdapter, merged_model_dir, same_base
@@ -162,9 +160,7 @@ class AsyncTransformersEngine:
         adapter, params = key
         if not self.merged:
             self.model.set_adapter(adapter)
-        if seed is not None:
-            torch.manual_seed(seed)  # one draw per batch: transformers has no per-request generator
-        return self.engine.generate_ids(prompts, params)
+        return self.engine.generate_ids(prompts, params, [seed])  # one draw per batch: no per-request generator
 
     async def check_health(self) -> None:
         return None

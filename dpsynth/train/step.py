@@ -6,74 +6,16 @@ Plain torch + peft + opacus: no Ray, no vLLM, so a bare GPU box can run and benc
 from __future__ import annotations
 
 import warnings
-from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from opacus.grad_sample.utils import prepare_module
 from opacus.optimizers import DPOptimizer
 
+from dpsynth.prefixlm import Batch, causal_lm, micro_batches, per_example_loss
+from dpsynth.privacy.events import SampledGaussian
+
 # Opacus's backward hooks fire on module outputs when the frozen layers below need no input grads: expected.
 warnings.filterwarnings("ignore", message="Full backward hook is firing when gradients are computed with respect to module outputs")
-
-
-@dataclass(frozen=True)
-class Encoded:
-    """One training example: token ids and which of them carry loss (text + EOS, not the prefix)."""
-
-    input_ids: tuple[int, ...]
-    loss_mask: tuple[int, ...]
-
-
-@dataclass(frozen=True)
-class Batch:
-    input_ids: torch.Tensor  # (B, L) right-padded
-    attention_mask: torch.Tensor  # (B, L)
-    loss_mask: torch.Tensor  # (B, L) 1 on text and EOS tokens
-
-    def __len__(self) -> int:
-        return self.input_ids.shape[0]
-
-
-def encode(tokenizer, prefix: str, text: str, max_length: int) -> Encoded:
-    """prefix + text + EOS (Kurakin et al. 2023, Prefix-LM); the text is truncated, never the prefix.
-
-    Prefix and text are tokenized separately so that sampling can prompt with exactly the
-    prefix tokens seen in training.
-    """
-    p = tokenizer(prefix, add_special_tokens=False).input_ids
-    room = max_length - len(p) - 1
-    if room < 1:
-        raise ValueError(f"model.max_length {max_length} leaves no room for text after the {len(p)}-token prefix")
-    t = tokenizer(text, add_special_tokens=False).input_ids[:room]
-    return Encoded(tuple(p + t + [tokenizer.eos_token_id]), (0,) * len(p) + (1,) * (len(t) + 1))
-
-
-def collate(examples: list[Encoded], pad_id: int, device: torch.device | str = "cpu") -> Batch:
-    """Pad to the batch's longest example (snippets are short: a fixed length wastes compute)."""
-    width = max((len(e.input_ids) for e in examples), default=1)
-    ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
-    attn = torch.zeros((len(examples), width), dtype=torch.long)
-    mask = torch.zeros((len(examples), width), dtype=torch.long)
-    for i, e in enumerate(examples):
-        n = len(e.input_ids)
-        ids[i, :n] = torch.tensor(e.input_ids)
-        attn[i, :n] = 1
-        mask[i, :n] = torch.tensor(e.loss_mask)
-    return Batch(ids.to(device), attn.to(device), mask.to(device))
-
-
-def per_example_loss(model, batch: Batch) -> torch.Tensor:
-    """Mean next-token NLL over each example's own text + EOS tokens, shape (B,).
-
-    Not the model's `labels=` loss, which averages over all tokens of the batch and so mixes
-    examples (per-example clipping needs one loss per example).
-    """
-    logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits[:, :-1]
-    targets = batch.input_ids[:, 1:]
-    weight = batch.loss_mask[:, 1:].to(logits.dtype)
-    nll = F.cross_entropy(logits.transpose(1, 2).float(), targets, reduction="none")
-    return (nll * weight).sum(1) / weight.sum(1).clamp_min(1.0)
 
 
 def trainable(model) -> list[torch.nn.Parameter]:
@@ -86,6 +28,27 @@ def make_optimizer(params, name: str, learning_rate: float) -> torch.optim.Optim
     return torch.optim.AdamW(params, lr=learning_rate, weight_decay=0.0)
 
 
+def auto_micro_batch_size(model, device: torch.device | str, tokens_per_example: int, logical_batch: int) -> int:
+    """Largest power-of-two micro-batch (<= the logical batch) that fits in free memory, by a deliberately
+    pessimistic estimate: ~34 x hidden activations per token per layer that backward goes through (Korthikanti et
+    al. 2022), a transient hidden-sized row per token per frozen layer, and two float32 copies of every example's
+    LoRA gradient. On a CPU, 32: throughput barely grows past it, and memory stays bounded."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return max(1, min(32, logical_batch))
+    lm = causal_lm(model)
+    hidden, layers = lm.config.hidden_size, lm.config.num_hidden_layers
+    adapted = {int(part) for n, p in lm.named_parameters() if p.requires_grad for part in n.split(".") if part.isdigit()}
+    backward_layers = layers - min(adapted) if adapted else layers  # backward stops below the lowest adapted block
+    width = next(lm.parameters()).element_size()
+    per_example = (tokens_per_example * hidden * width * (34 * backward_layers + 4 * layers)
+                   + 8 * sum(p.numel() for p in lm.parameters() if p.requires_grad))
+    free, _ = torch.cuda.mem_get_info(device)
+    fits = int(0.7 * free // max(1, per_example))
+    size = 1 << max(0, fits.bit_length() - 1) if fits >= 1 else 1
+    return max(1, min(size, logical_batch))
+
+
 class DPLoRAStep:
     """One DP-SGD step (Abadi et al. 2016) on the trainable (LoRA) parameters, on 1..W workers.
 
@@ -93,6 +56,12 @@ class DPLoRAStep:
     gradient to `max_grad_norm` jointly over all trainable parameters ("flat" clipping), sums,
     adds N(0, sigma^2 C^2) once, and divides by the *expected* batch size (Poisson sampling makes
     the real size random; dividing by it would leak it).
+
+    One logical (Poisson) batch may be cut into physical micro-batches of `micro_batch_size`
+    examples (Opacus' BatchMemoryManager idea): each micro-batch's per-example gradients are
+    clipped and added to the running sum, then dropped, and the noise is added once, after the
+    last one. Memory then depends on the micro-batch, not on the logical batch, and the update is
+    the same as the one-shot update for the same noise draw.
 
     With W > 1 workers each holds a shard of the global Poisson batch. Opacus's
     DistributedDPOptimizer adds the noise on rank 0 only and all-reduces the sums, so the noise
@@ -106,16 +75,19 @@ class DPLoRAStep:
     """
 
     def __init__(self, model, *, noise_multiplier: float, max_grad_norm: float, expected_batch_size: float,
-                 learning_rate: float, grad_sample_mode: str = "hooks", noise_generator: torch.Generator | None = None,
-                 optimizer: str = "adamw", deepspeed_config: dict | None = None):
+                 learning_rate: float, sampling_rate: float | None = None, grad_sample_mode: str = "hooks",
+                 noise_generator: torch.Generator | None = None, optimizer: str = "adamw",
+                 deepspeed_config: dict | None = None, micro_batch_size: int | None = None):
         import torch.distributed as dist
 
         from opacus.optimizers import DistributedDPOptimizer
 
         world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+        self.noise_multiplier, self.sampling_rate = noise_multiplier, sampling_rate
         model.train()  # Opacus captures activations only in train mode
         self.module = prepare_module(model, grad_sample_mode, batch_first=True, loss_reduction="mean")
         self.params = trainable(model)
+        self.micro_batch_size = micro_batch_size
         self.engine = None
         if deepspeed_config is not None:
             import deepspeed
@@ -131,20 +103,59 @@ class DPLoRAStep:
                                 expected_batch_size=expected_batch_size / world, loss_reduction="mean",
                                 generator=noise_generator)
 
-    def __call__(self, batch: Batch) -> float:
+    @property
+    def event(self) -> SampledGaussian:
+        """What one call releases: the Poisson-subsampled Gaussian mechanism this step runs (charged before it runs)."""
+        if self.sampling_rate is None:
+            raise ValueError("DPLoRAStep(sampling_rate=...) is needed to state the step's privacy event")
+        return SampledGaussian(self.noise_multiplier, self.sampling_rate)
+
+    def _per_example_grads(self, batch: Batch) -> float:
+        """Fill p.grad_sample (float32) for this micro-batch; return its summed loss."""
         if len(batch) == 0:  # an empty Poisson draw still takes a (pure-noise) step: skipping would change the mechanism
             for p in self.params:
-                p.grad_sample = torch.zeros((0, *p.shape), dtype=p.dtype, device=p.device)
-            loss = float("nan")
-        else:
-            losses = per_example_loss(self.module, batch)
-            if self.engine is None:
-                losses.mean().backward()
-            else:
-                torch.autograd.grad(losses.mean(), self.params)  # fills p.grad_sample only
-            loss = losses.detach().mean().item()
+                p.grad_sample = torch.zeros((0, *p.shape), dtype=torch.float32, device=p.device)
+            return 0.0
+        losses = per_example_loss(self.module, batch)
         if self.engine is None:
-            self.optimizer.step()
+            losses.mean().backward()
+        else:
+            torch.autograd.grad(losses.mean(), self.params)  # fills p.grad_sample only
+        for p in self.params:
+            # Norms and clipping in float32: a bf16 norm is off by up to 2^-8, which would let a clipped
+            # gradient exceed C (the sensitivity the accountant assumes).
+            if isinstance(p.grad_sample, list):
+                p.grad_sample = [g.float() for g in p.grad_sample]
+            elif p.grad_sample is not None:
+                p.grad_sample = p.grad_sample.float()
+        if batch.unit_index is not None:
+            self._per_unit(batch)
+        return losses.detach().sum().item()
+
+    def _per_unit(self, batch: Batch) -> None:
+        """One row per privacy unit: the mean of its records' gradients, so the optimizer clips each unit as one
+        (a unit with 50 records moves the clipped sum no more than a unit with one)."""
+        index = batch.unit_index
+        weight = 1.0 / torch.bincount(index).to(torch.float32)[index]
+        for p in self.params:
+            g = p.grad_sample
+            if isinstance(g, list):  # one backward per micro-batch: at most one entry here
+                g = torch.cat(g)
+            shaped = weight.view(-1, *([1] * (g.dim() - 1)))
+            p.grad_sample = torch.zeros((batch.units, *g.shape[1:]), dtype=g.dtype, device=g.device).index_add_(
+                0, index, g * shaped)
+
+    def __call__(self, batch: Batch) -> float:
+        parts = micro_batches(batch, self.micro_batch_size)
+        total = 0.0
+        for part in parts[:-1]:
+            total += self._per_example_grads(part)
+            self.optimizer.signal_skip_step(do_skip=True)
+            self.optimizer.pre_step()  # clip this micro-batch and add it to p.summed_grad; no noise yet
+            self.optimizer.zero_grad(set_to_none=True)  # drops grad_sample, keeps summed_grad
+        total += self._per_example_grads(parts[-1])
+        if self.engine is None:
+            self.optimizer.step()  # clip the last micro-batch, add the noise once, normalise, update
         else:
             self.optimizer.pre_step()  # p.grad = (local clipped sum [+ noise on rank 0]) / (expected batch / W)
             grads = [p.grad.detach().clone() for p in self.params]
@@ -152,26 +163,36 @@ class DPLoRAStep:
             self.engine.backward(sum((p * g.to(p.dtype)).sum() for p, g in zip(self.params, grads)))
             self.engine.step()
         self.optimizer.zero_grad(set_to_none=True)
-        return loss
+        return total / len(batch) if len(batch) else float("nan")
 
 
 class PlainLoRAStep:
     """The same step without privacy: the reference for tests and the DP-overhead benchmark."""
 
-    def __init__(self, model, *, expected_batch_size: int, learning_rate: float, optimizer: str = "adamw"):
+    def __init__(self, model, *, expected_batch_size: int, learning_rate: float, optimizer: str = "adamw",
+                 micro_batch_size: int | None = None):
         model.train()
         self.model = model
         self.expected_batch_size = expected_batch_size
+        self.micro_batch_size = micro_batch_size
         self.optimizer = make_optimizer(trainable(model), optimizer, learning_rate)
 
     def __call__(self, batch: Batch) -> float:
         import torch.distributed as dist
 
-        losses = per_example_loss(self.model, batch)
-        (losses.sum() / self.expected_batch_size).backward()  # this shard's share of the global mean
+        total = 0.0
+        for part in micro_batches(batch, self.micro_batch_size):
+            if len(part):
+                losses = per_example_loss(self.model, part)
+                if part.unit_index is not None:  # each unit weighs as one: the mean of its records
+                    losses = losses / torch.bincount(part.unit_index).to(losses.dtype)[part.unit_index]
+                (losses.sum() / self.expected_batch_size).backward()  # this shard's share of the global mean
+                total += losses.detach().sum().item()
         if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
             for p in trainable(self.model):
+                if p.grad is None:
+                    p.grad = torch.zeros_like(p)
                 dist.all_reduce(p.grad, op=dist.ReduceOp.SUM)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        return losses.detach().mean().item()
+        return total / len(batch) if len(batch) else float("nan")

@@ -1,24 +1,28 @@
 """The Ray Train worker loop: every worker runs this, rank 0 talks to the ledger.
 
 One step, on every worker:
-  1. rank 0 charges the step to the ledger actor; the answer is broadcast (all stop together
-     once the admitted plan is used up: steps charged before a failure and lost count too);
+  1. rank 0 checks for a stop request (SIGINT/SIGTERM to the driver) and charges the step's event, the one
+     the DP step is about to release, to the ledger actor; the answers are broadcast, so all workers stop
+     together: at a stop request (after a checkpoint), or once the admitted plan is used up (steps charged
+     before a failure and lost count too);
   2. all workers draw the same global Poisson batch from a shared seed and take their shard;
   3. DPLoRAStep: per-example clipping, one noise draw (rank 0), all-reduce, optimizer step.
 A checkpoint (adapter, optimizer, step, RNG state, ledger run id) goes to the run storage every
 `scaling.checkpoint_every` steps; a restarted worker group (Ray Train FailureConfig), or a re-run
-of the same job after the driver itself died, resumes from the latest one.
+of the same job after the driver itself stopped or died, resumes from the latest one.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import shutil
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -26,14 +30,50 @@ import torch
 from dpsynth.config import JobConfig
 from dpsynth.data import format_prefix
 from dpsynth.models import load_base, wrap_lora
-from dpsynth.privacy import RepeatAndSelect, SampledGaussian
+from dpsynth.prefixlm import collate, encode
+from dpsynth.privacy import RepeatAndSelect
+from dpsynth.privacy.run import PrivateRun
+from dpsynth.privacy.sampling import poisson_batches
 from dpsynth.storage import Storage
-from dpsynth.train.step import DPLoRAStep, PlainLoRAStep, collate, encode, trainable
+from dpsynth.train.step import DPLoRAStep, PlainLoRAStep, auto_micro_batch_size, trainable
 
 log = logging.getLogger(__name__)
 
 STATE = "state.json"
 LATEST = "LATEST"
+STOP = "STOP"
+"""Written into the job's storage by a driver asked to stop (SIGINT/SIGTERM): workers checkpoint and return."""
+ESTIMATE = "estimate.json"
+"""Rank 0's timing of one probe step, written before the first real step: the driver logs the duration estimate."""
+
+
+@dataclass(frozen=True)
+class WorkerPlan:
+    """Everything a Ray Train worker needs. The train split travels with it; validation and test never do."""
+
+    cfg: dict
+    """The job config (JSON form)."""
+    units: tuple[tuple[tuple[str, str], ...], ...]
+    """The train split by privacy unit: each unit's (text, label) records."""
+    dataset_name: str
+    run: PrivateRun | None
+    """The ledger run each step is charged to; None only for the non-private benchmark reference."""
+    sigma: float
+    q: float
+    steps: int
+    sampler_seed: int
+    noise_seed: int
+    scratch: str
+    """This fit's private storage: checkpoints (and its Ray Train state)."""
+    stop: str
+    """The storage holding the STOP request (the job's storage; a search trial watches its search's)."""
+    covered_by_search: bool = False
+    """A search trial: its steps are covered by the search's RepeatAndSelect charge, already on record."""
+    optimizer: str = "adamw"
+
+    @property
+    def private(self) -> bool:
+        return self.run is not None
 
 
 def latest_checkpoint(scratch: str | Path) -> Storage | None:
@@ -92,19 +132,54 @@ def deepspeed_config(cfg: JobConfig, world: int) -> dict | None:
             "zero_allow_untested_optimizer": True}
 
 
+def unit_batch(encoded: list[list], units: list[int], per_record: bool, cap: int, seed: tuple[int, int], pad_id: int,
+               device):
+    """The rows of one step's sampled units: each unit's records (at most `cap`, drawn with a seed fixed by the step,
+    so a resumed run redraws the same ones), contiguous, with their unit index."""
+    if per_record:
+        return collate([encoded[u][0] for u in units], pad_id, device)
+    import numpy as np
+
+    rng = np.random.default_rng(list(seed))
+    rows, index = [], []
+    for k, u in enumerate(units):
+        records = encoded[u]
+        pick = rng.choice(len(records), cap, replace=False) if len(records) > cap else range(len(records))
+        rows += [records[j] for j in pick]
+        index += [k] * len(pick)
+    return collate(rows, pad_id, device, unit_index=index)
+
+
+def _probe(step, encoded, tok, device, plan: WorkerPlan, world: int, start: int) -> dict:
+    """Time one forward/backward of an expected-size shard, then drop its gradients: nothing is updated or released."""
+    n = max(1, round(plan.q * len(encoded) / world))
+    batch = collate([r for unit in encoded[:n] for r in unit], tok.pad_token_id, device)
+    t0 = time.perf_counter()
+    if isinstance(step, DPLoRAStep):
+        step._per_example_grads(batch)
+        step.optimizer.zero_grad(set_to_none=True)
+    else:
+        from dpsynth.prefixlm import per_example_loss
+
+        per_example_loss(step.model, batch).sum().backward()
+        step.optimizer.zero_grad(set_to_none=True)
+    took = time.perf_counter() - t0
+    return {"probe_step_s": took, "examples": len(batch), "steps_left": plan.steps - start,
+            "eta_s": took * (plan.steps - start)}
+
+
 def train_loop(config: dict) -> None:
-    """Body of the TorchTrainer; `config` is built by dpsynth.train.driver.worker_config."""
+    """Body of the TorchTrainer; config["plan"] is the WorkerPlan built by dpsynth.train.driver."""
     import ray
     import ray.train
     import ray.train.torch
     from peft import set_peft_model_state_dict
     from safetensors.torch import load_file
 
-    from dpsynth.privacy.service import LedgerClient
-
+    plan: WorkerPlan = config["plan"]
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    cfg = JobConfig.model_validate(config["cfg"])
+    cfg = JobConfig.model_validate(plan.cfg)
     device = ray.train.torch.get_device()
     if device.type == "cpu":
         # Ray pins OMP_NUM_THREADS to the worker's CPU reservation (default 1); unless the user reserved
@@ -112,25 +187,28 @@ def train_loop(config: dict) -> None:
         cpus = (cfg.scaling.resources_per_worker or {}).get("CPU") or (os.cpu_count() or 1) / ctx.get_local_world_size()
         torch.set_num_threads(max(1, int(cpus)))
     torch.manual_seed(cfg.training.seed)  # LoRA init only; batches and noise come from the seeds below
-    model, tok, _ = load_base(cfg.model)
-    model = wrap_lora(model.to(device), cfg.lora)  # on its device before wrapping (opacus issue 820)
+    model, tok, _ = load_base(cfg.model, device)
+    model = wrap_lora(model, cfg.lora)  # on its device before wrapping (opacus issue 820)
     _sync_initial_weights(model)
-    encoded = [encode(tok, format_prefix(cfg.model.prefix_template, config["dataset_name"], label), text, cfg.model.max_length)
-               for text, label in config["examples"]]
-    sigma, q, steps, run_id = config["sigma"], config["q"], config["steps"], config["run_id"]
+    encoded = [[encode(tok, format_prefix(cfg.model.prefix_template, plan.dataset_name, label), text, cfg.model.max_length)
+                for text, label in unit] for unit in plan.units]
+    per_record = all(len(u) == 1 for u in encoded)
+    run_id = plan.run.run_id if plan.run is not None else "reference"
 
     ds_cfg = deepspeed_config(cfg, world)
-    noise = torch.Generator(device=device).manual_seed(config["noise_seed"] + rank)
-    optimizer = config.get("optimizer", "adamw")
-    if config.get("private", True):
-        step = DPLoRAStep(model, noise_multiplier=sigma, max_grad_norm=cfg.training.max_grad_norm,
+    noise = torch.Generator(device=device).manual_seed(plan.noise_seed + rank)
+    micro = cfg.training.micro_batch_size
+    if micro == "auto":
+        micro = auto_micro_batch_size(model, device, cfg.model.max_length, math.ceil(cfg.training.batch_size / world))
+    if plan.private:
+        step = DPLoRAStep(model, noise_multiplier=plan.sigma, sampling_rate=plan.q, max_grad_norm=cfg.training.max_grad_norm,
                           expected_batch_size=cfg.training.batch_size, learning_rate=cfg.training.learning_rate,
-                          grad_sample_mode=cfg.training.grad_sample_mode, noise_generator=noise, optimizer=optimizer,
-                          deepspeed_config=ds_cfg)
+                          grad_sample_mode=cfg.training.grad_sample_mode, noise_generator=noise, optimizer=plan.optimizer,
+                          deepspeed_config=ds_cfg, micro_batch_size=micro)
         inner = step.engine if step.engine is not None else step.optimizer.original_optimizer
     else:  # benchmark reference only: never reachable from the CLI
         step = PlainLoRAStep(model, expected_batch_size=cfg.training.batch_size, learning_rate=cfg.training.learning_rate,
-                             optimizer=optimizer)
+                             optimizer=plan.optimizer, micro_batch_size=micro)
         inner = step.optimizer
 
     start, history, restarts = 0, [], 0
@@ -141,7 +219,7 @@ def train_loop(config: dict) -> None:
         nodes = [ray.get_runtime_context().get_node_id()]
     # Our own checkpoints on the run storage, not Ray's registry: a worker can die before the
     # controller has registered its last report, and a resumed run must not start over.
-    with local_checkpoint(config["scratch"]) as ckpt:
+    with local_checkpoint(plan.scratch) as ckpt:
         if ckpt is not None:
             state = json.loads((ckpt / STATE).read_text())
             if state["run_id"] != run_id:
@@ -155,15 +233,11 @@ def train_loop(config: dict) -> None:
             start, history, restarts = state["step"], state["history"], state["restarts"] + 1
             log.info("rank %d resumed from step %d of run %s", rank, start, run_id)
 
-    ledger = LedgerClient(config["ledger"]) if config.get("private", True) else None
-    if ledger is not None and config.get("covered_by"):
-        # A search trial: its steps are covered by the search's RepeatAndSelect charge, which must
-        # already be on record; then it charges nothing per step.
-        if rank == 0 and not any(isinstance(e, RepeatAndSelect) for e in ledger.charged(config["covered_by"])):
-            raise RuntimeError(f"trial of search {config['covered_by']}: the search's cost is not charged; refusing to train")
-        ledger = None
+    charging = plan.private and not plan.covered_by_search
+    if plan.covered_by_search and rank == 0 and not any(isinstance(e, RepeatAndSelect) for e in plan.run.charged()):
+        raise RuntimeError(f"trial of search {run_id}: the search's cost is not charged; refusing to train")
 
-    store = Storage(config["scratch"]).child("ckpt")
+    store, stop_store = Storage(plan.scratch).child("ckpt"), Storage(plan.stop)
 
     def save(i: int) -> None:
         # Written straight to a path, or built locally and uploaded to an object store; LATEST, one small
@@ -188,25 +262,27 @@ def train_loop(config: dict) -> None:
                 store.delete(old)
         ray.train.report({"step": i, "loss": history[-1]["loss"] if history else float("nan")})
 
-    from opacus.utils.uniform_sampler import UniformWithReplacementSampler
+    if rank == 0 and start < plan.steps and ds_cfg is None:
+        Storage(plan.stop).write_text(ESTIMATE, json.dumps(_probe(step, encoded, tok, device, plan, world, start)))
 
-    sampler = UniformWithReplacementSampler(num_samples=len(encoded), sample_rate=q, steps=steps,
-                                            generator=torch.Generator().manual_seed(config["sampler_seed"]))
     last_saved = start
-    for i, idx in enumerate(sampler, start=1):
+    for i, idx in enumerate(poisson_batches(len(encoded), plan.q, plan.steps, plan.sampler_seed), start=1):  # units
         if i <= start:
             continue  # the batch stream is replayed from its seed so a resumed run draws the same batches
         t0 = time.perf_counter()
-        allowed = ledger.try_charge(run_id, SampledGaussian(sigma, q)) if (ledger and rank == 0) else True
+        if _broadcast_flag(rank == 0 and stop_store.exists(STOP), device):
+            log.warning("stop requested: run %s stops before step %d (checkpointed; the same command resumes it)", run_id, i)
+            break
+        allowed = plan.run.try_charge(step.event) if (charging and rank == 0) else True
         if not _broadcast_flag(allowed, device):  # before any noisy update of step i exists
             log.warning("ledger: run %s has no admitted steps left at step %d (steps charged before a failure)", run_id, i)
             break
-        shard = [encoded[j] for j in idx[rank::world]]
-        loss = step(collate(shard, tok.pad_token_id, device))
+        loss = step(unit_batch(encoded, idx[rank::world], per_record, cfg.privacy.max_records_per_unit,
+                               (plan.sampler_seed, i), tok.pad_token_id, device))
         history.append({"step": i, "batch_size": len(idx), "loss": loss, "seconds": time.perf_counter() - t0})
         if i % cfg.training.log_every == 0 and rank == 0:
-            log.info("step %d/%d loss %.4f batch %d", i, steps, loss, len(idx))
-        if i % cfg.scaling.checkpoint_every == 0 or i == steps:
+            log.info("step %d/%d loss %.4f batch %d", i, plan.steps, loss, len(idx))
+        if i % cfg.scaling.checkpoint_every == 0 or i == plan.steps:
             save(i)
             last_saved = i
     if history and history[-1]["step"] != last_saved:

@@ -1,0 +1,81 @@
+"""DP histograms of the private data: the label mix a synthetic corpus is drawn with, and the text lengths
+`auto` sizes a run by; both released by the Gaussian mechanism.
+
+Each privacy unit contributes its own distribution over the categories (a probability vector: one-hot for a
+one-record unit), so adding or removing a unit moves the summed counts by at most 1 in L2 (Dwork & Roth 2014,
+Thm A.1). The noise is calibrated to a stated share of the run's epsilon (the histogram alone spends that share),
+so a 500-unit dataset gets noise in proportion to its size instead of a fixed number of counts that would swamp it.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Sequence
+
+import numpy as np
+
+from .calibration import calibrate
+from .events import Gaussian
+
+
+def histogram_event(noise_multiplier: float) -> Gaussian:
+    return Gaussian(noise_multiplier)
+
+
+def calibrate_histogram(share: float, total_epsilon: float, delta: float, accountant: str) -> float:
+    """Noise multiplier of a histogram that alone spends `share` x total_epsilon at `delta`."""
+    return calibrate(lambda s: (histogram_event(s),), share * total_epsilon, delta, accountant=accountant,
+                     bounds=(0.05, 1e5))
+
+
+def release(unit_labels: Sequence[Sequence[str]], classes: Sequence[str], noise_multiplier: float,
+            rng: np.random.Generator | None = None, floor: float = 0.0) -> dict[str, float]:
+    """Category proportions from Gaussian-noised per-unit distributions, clipped at 0 and normalised.
+
+    `floor` (in units of the noise's std): noisy counts below it are taken as 0 (post-processing), so that many
+    empty categories' positive noise does not add up to a mass of its own; if nothing passes, the largest count
+    alone is kept. Fresh OS entropy unless `rng` is given (tests): DP noise must not be reproducible from a seed.
+    """
+    rng = rng or np.random.default_rng()
+    totals = np.zeros(len(classes))
+    index = {c: i for i, c in enumerate(classes)}
+    for labels in unit_labels:
+        counts = Counter(labels)
+        for label, k in counts.items():
+            totals[index[label]] += k / len(labels)
+    noisy = totals + rng.normal(0.0, noise_multiplier, len(classes))
+    if floor:
+        kept = np.where(noisy >= floor * noise_multiplier, noisy, 0.0)
+        noisy = kept if kept.sum() > 0 else np.where(np.arange(len(noisy)) == noisy.argmax(), 1.0, 0.0)
+    noisy = noisy.clip(min=0.0)
+    if noisy.sum() <= 0:
+        noisy = np.ones(len(classes))
+    return dict(zip(classes, (noisy / noisy.sum()).tolist()))
+
+
+def plan_histogram(share: float, total_epsilon: float, delta: float, accountant: str):
+    """A histogram's certificate block: noise calibrated to `share` of the run's epsilon."""
+    from .certificate import HistogramBlock
+
+    return HistogramBlock(noise_multiplier=calibrate_histogram(share, total_epsilon, delta, accountant), budget_share=share)
+
+
+def release_once(run, block, unit_categories: Sequence[Sequence[str]], categories: Sequence[str], storage,
+                 state: str, floor: float = 0.0) -> dict[str, float]:
+    """Charge the histogram to `run` and release it, once per run: a resumed run gets what it released before (kept
+    in its private `storage` under `state`). If a crash came between the charge and keeping the result, the lost
+    draw was never released, so one fresh draw under that same charge is still one release."""
+    import json
+
+    saved = storage.read_text(state) if storage is not None else None
+    if saved is not None:
+        return json.loads(saved)
+    charged_marker = state + ".charged"
+    if storage is None or not storage.exists(charged_marker):
+        run.charge(histogram_event(block.noise_multiplier))  # BudgetExceeded past the admitted plan
+        if storage is not None:
+            storage.write_text(charged_marker, "1")
+    proportions = release(unit_categories, categories, block.noise_multiplier, floor=floor)
+    if storage is not None:
+        storage.write_text(state, json.dumps(proportions))
+    return proportions
