@@ -7,7 +7,7 @@ test split, with the majority-class rate beside it, and the adapter itself as a 
     python bench/cpu_recipes.py --n 400 --calibrate --nodp --tag nodp --json bench/results/cpu_recipes-nodp.json
     python bench/cpu_recipes.py --n 400 --calibrate --zeroshot --tag zs --json bench/results/cpu_recipes-zs.json
 """
-import argparse, json, math, os, time, sys
+import argparse, json, math, time
 import numpy as np, torch
 from collections import Counter
 ap = argparse.ArgumentParser()

@@ -97,6 +97,20 @@ def generate_and_sharpen(model, tok, prompts, counts, sampling, max_length):
     return plain, [Example(r["text"], r["label"]) for r in kept], stats
 
 
+def exact_lengths(cfg, splits):
+    """`auto` lengths from the exact length distribution of the train split. This script is an experiment, not a
+    release: a real run reads the distribution through its DP length histogram (dpsynth.data_releases)."""
+    from dpsynth.data_releases import resolve_lengths
+    from dpsynth.lengths import bin_of, text_lengths
+    from dpsynth.models import load_tokenizer, model_context
+
+    tok = load_tokenizer(cfg.model)
+    lengths = text_lengths(tok, [ex.text for ex in splits.train])
+    shares = {k: v / len(lengths) for k, v in Counter(bin_of(n) for n in lengths).items()}
+    resolved, _ = resolve_lengths(cfg, splits, tok, shares, model_context(cfg.model))
+    return resolved
+
+
 def train_generator(cfg, splits, eps, delta):
     """DP-LoRA (or, for eps=inf, the same non-private step) on the train split; returns (model, tok, info)."""
     import torch
@@ -162,6 +176,8 @@ def main() -> None:
     t_start = time.perf_counter()
     cfg = load_config(None, args.set, preset=args.preset)
     splits = prepare(cfg.data)
+    cfg = exact_lengths(cfg, splits)
+    log(f"lengths: max_length {cfg.model.max_length}, max_new_tokens {cfg.sampling.max_new_tokens}")
     train, test = list(splits.train), list(splits.test)
     delta = cfg.privacy.delta or default_delta(splits.dataset_size)
     embedder = optional_embedder()

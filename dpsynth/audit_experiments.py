@@ -17,6 +17,7 @@ from pathlib import Path
 from dpsynth.config import EvaluationConfig, JobConfig, load_config
 from dpsynth.data import Splits, prepare
 from dpsynth.evaluate.audit import Canary, make_canaries, privacy_audit
+from dpsynth.evaluate.corpora import find_corpus, read_corpus
 from dpsynth.io import atomic_write_text
 from dpsynth.privacy.certificate import read_certificate
 

@@ -244,6 +244,17 @@ def run(config: ConfigOpt = None, set_: SetOpt = None, output: OutOpt = None, pr
     _summary(run_dir, run_evaluation(run_dir))
 
 
+def _ray_layer(name: str):
+    """The Ray Serve app builder or the Ray Tune trial runner, found through the `dpsynth.ray_layers` entry points
+    (pyproject.toml): serve/ and tune/ sit on top of dpsynth, which never imports them."""
+    from importlib.metadata import entry_points
+
+    found = entry_points(group="dpsynth.ray_layers", name=name)
+    if not found:
+        raise UserError(f"the Ray {name} layer is not installed (reinstall dpsynth: `make setup`)")
+    return next(iter(found)).load()
+
+
 @app.command("serve")
 def serve_cmd(
     adapters: Annotated[list[str], typer.Argument(help="Certified run directories to serve, each PATH or NAME=PATH.")],
@@ -258,11 +269,10 @@ def serve_cmd(
 ) -> None:
     """Serve certified adapters over HTTP (Ray Serve): /v1/corpus, OpenAI /v1/completions, /v1/models, /healthz."""
     from dpsynth.serving import serve_config, serve_forever
-    from serve.app import build_app  # the CLI wires the Ray Serve layer; dpsynth itself never imports serve/
 
     cfg = serve_config(adapters, set_, host=host, port=port, engine=engine, merged=merged, ledger=ledger, auth=auth,
                        max_replicas=max_replicas)
-    serve_forever(cfg, build_app)
+    serve_forever(cfg, _ray_layer("serve"))
 
 
 @app.command("tune")
@@ -270,11 +280,10 @@ def tune_cmd(config: ConfigOpt = None, set_: SetOpt = None, output: OutOpt = Non
              quiet: QuietOpt = False) -> None:
     """Private search over clipping norm and learning rate (Ray Tune); the whole search fits privacy.epsilon."""
     from dpsynth.tuning import search
-    from tune.search import run_trials  # the CLI wires the Ray Tune layer; dpsynth itself never imports tune/
 
     cfg = _config(config, set_, output, preset)
     _log_to(cfg.output_dir)
-    run_dir = search(cfg, runner=run_trials, show_progress=not quiet)
+    run_dir = search(cfg, runner=_ray_layer("tune"), show_progress=not quiet)
     _summary(run_dir)
     console.print(f"trials: {run_dir / 'trials.csv'}, {run_dir / 'trials.png'}")
 

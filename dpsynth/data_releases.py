@@ -60,7 +60,12 @@ def release(cfg: JobConfig, releases: DataReleases, run, splits: Splits, tokeniz
         distribution = release_once(run, releases.lengths,
                                     [[bin_of(n) for n in text_lengths(tokenizer, [ex.text for ex in u])] for u in units],
                                     [str(b) for b in LENGTH_BINS], storage, LENGTHS_STATE, floor=LENGTH_FLOOR)
+    resolved, lengths = resolve_lengths(cfg, splits, tokenizer, distribution, context)
+    return resolved, labels, lengths
+
+
+def resolve_lengths(cfg: JobConfig, splits, tokenizer, distribution: dict[str, float] | None, context: int):
+    """(the config with numbers for `auto` lengths, what they cut) from a length distribution over LENGTH_BINS."""
     prefix = max(len(tokenizer(format_prefix(cfg.model.prefix_template, splits.name, lab), add_special_tokens=False).input_ids)
                  for lab in splits.labels)
-    resolved, lengths = resolve(cfg, [ex.text for ex in splits.train], tokenizer, prefix, distribution, context)
-    return resolved, labels, lengths
+    return resolve(cfg, [ex.text for ex in splits.train], tokenizer, prefix, distribution, context)

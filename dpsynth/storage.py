@@ -166,15 +166,22 @@ class Storage:
         return sorted(PurePosixPath(i.path).name for i in infos)
 
     def delete(self, name: str = "") -> None:
-        """Remove `name/` (or this whole directory) if it exists."""
+        """Remove the file or directory `name` (or this whole directory) if it exists."""
         if self.is_local:
-            shutil.rmtree(Path(self.root) / name, ignore_errors=True)
+            path = Path(self.root) / name
+            if path.is_dir():
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                path.unlink(missing_ok=True)
             return
+        import pyarrow.fs as pafs
+
         fs, _ = self.filesystem()
-        try:
+        info = fs.get_file_info(self._path(name))
+        if info.type == pafs.FileType.File:
+            fs.delete_file(self._path(name))
+        elif info.type == pafs.FileType.Directory:
             fs.delete_dir(self._path(name))
-        except FileNotFoundError:
-            pass
 
     @contextmanager
     def writing_dir(self, name: str) -> Iterator[Path]:

@@ -180,7 +180,7 @@ def test_report_with_canary_runs_end_to_end(tiny_job, tmp_path, capsys):
     assert ex.value.code == 0, capsys.readouterr().err
     cfg = load_config(None, tiny_job)
     run_dir = Path(cfg.output_dir)
-    real_fp = json.loads((run_dir / "certificate.json").read_text())["dataset_fingerprint"]
+    real_fp = json.loads((run_dir / "certificate.json").read_text())["dataset"]["fingerprint"]
     ledger = Ledger(cfg.privacy.ledger)
     spent_before = ledger.spent(real_fp)
 

@@ -8,10 +8,8 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -68,6 +66,12 @@ def test_storage_round_trip(where, s3, tmp_path):
     local, temporary = job.child("ckpt").fetch("step-00000005")
     assert (local / "adapter" / "w.bin").read_bytes() == b"\x00\x01" * 1000 and (local / "opt.pt").read_bytes() == b"x"
     assert temporary == (where == "s3")
+    job.write_text("STOP", "2")  # a marker file (the stop request) is deleted like a directory is
+    job.delete("STOP")
+    job.delete("never-written")
+    assert not job.exists("STOP") and job.listdir() == ["ckpt", "state.json"]
+    job.child("ckpt").delete("step-00000005")
+    assert job.child("ckpt").listdir() == []
     job.delete()
     assert root.listdir() == [] and job.read_text("state.json") is None
     if where == "s3":
@@ -154,12 +158,12 @@ def test_training_with_checkpoints_and_ledger_on_s3_resumes_after_a_worker_is_ki
         return any(seen_checkpoint)
 
     run_dir = train_and_kill_a_worker(cfg, when=a_checkpoint_is_on_s3)
-    cert = json.loads((run_dir / "certificate.json").read_text())["mechanism"]
+    cert = json.loads((run_dir / "certificate.json").read_text())
     metrics = json.loads((run_dir / "metrics.json").read_text())
     assert metrics["restarts"] >= 1  # the restarted worker group resumed from the checkpoint on S3
     (run,) = open_ledger(ledger_uri, readonly=True).runs()
     assert run["status"] == "closed" and run["certificate"] == cert
-    assert cert["steps"] == sum(e.count for e in run["charged"]) == steps
+    assert cert["mechanism"]["steps"] == sum(e.count for e in run["charged"]) == steps
     assert _objects(s3, "e2e/checkpoints") == []  # private scratch removed from the bucket after release
     assert not (run_dir / ".checkpoints").exists()
 

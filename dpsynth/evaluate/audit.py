@@ -10,7 +10,6 @@ dpsynth.audit_experiments and hand their points to this module's attacks.
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 from dataclasses import dataclass
@@ -18,12 +17,10 @@ from pathlib import Path
 
 import numpy as np
 
-from dpsynth.config import EvaluationConfig, JobConfig, load_config
-from dpsynth.data import Example, Splits, format_prefix, group_by_unit, prepare
+from dpsynth.config import EvaluationConfig, JobConfig
+from dpsynth.data import Example, Splits, format_prefix, group_by_unit
 from dpsynth.evaluate import attacks
-from dpsynth.evaluate.corpora import find_corpus, read_corpus
 from dpsynth.evaluate.embed import Embedder
-from dpsynth.io import atomic_write_text
 from dpsynth.privacy.certificate import read_certificate
 
 log = logging.getLogger(__name__)

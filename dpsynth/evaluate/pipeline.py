@@ -157,8 +157,11 @@ def evaluate(run_dir: Path, ev: EvaluationConfig | None = None, *, show_progress
 
     zero_shot = None
     if ev.zero_shot_examples:
+        params = cfg.sampling
+        if params.max_new_tokens == "auto":  # an in-context run resolves no sampling length: use its own per text
+            params = params.model_copy(update={"max_new_tokens": cfg.incontext.max_new_tokens})
         zero_shot = timed("zero_shot_corpus", zero_shot_corpus, run_dir / "evaluation" / "zero_shot.jsonl", cfg.model,
-                          splits.name, list(splits.labels), ev.zero_shot_examples, ev.zero_shot_prompt, cfg.sampling,
+                          splits.name, list(splits.labels), ev.zero_shot_examples, ev.zero_shot_prompt, params,
                           show_progress)
     dp = None
     if ev.dp_baseline:

@@ -113,8 +113,28 @@ def fit(cfg: JobConfig, plan: WorkerPlan) -> Storage | None:
                              failure_config=FailureConfig(max_failures=cfg.scaling.max_failures),
                              checkpoint_config=CheckpointConfig(num_to_keep=2)),
     )
-    trainer.fit()
+    _fit_off_the_main_thread(trainer)
     return latest_checkpoint(plan.scratch)
+
+
+def _fit_off_the_main_thread(trainer) -> None:
+    """trainer.fit() in a helper thread. On the main thread Ray Train replaces the SIGINT handler with one that aborts
+    the run at once (workers killed mid-step); off it, dpsynth's own handler stays and Ctrl-C stops at a step
+    boundary like SIGTERM. Errors are re-raised here."""
+    errors: list[BaseException] = []
+
+    def target() -> None:
+        try:
+            trainer.fit()
+        except BaseException as e:  # noqa: BLE001 - handed to the caller
+            errors.append(e)
+
+    thread = threading.Thread(target=target, name="ray-train-fit", daemon=True)
+    thread.start()
+    while thread.is_alive():
+        thread.join(0.5)  # short joins: the main thread keeps running signal handlers
+    if errors:
+        raise errors[0]
 
 
 def mean_tokens(splits: Splits, tok, cfg: JobConfig, lengths: Lengths) -> float:
@@ -174,7 +194,8 @@ def train(cfg: JobConfig, *, show_progress: bool = True) -> Path:
     run = PrivateRun.open(ledger, dataset=dataset, plan=tp.plan, total_epsilon=cfg.privacy.dataset_epsilon or cfg.privacy.epsilon,
                           kind=run_dir.name, config_hash=cfg.training_hash(), storage=storage,
                           state={"sampler_seed": fresh_seed(), "noise_seed": fresh_seed()})
-    storage.delete(STOP)  # a resumed run: the stop request that ended its last attempt is served
+    for served in (STOP, ESTIMATE):  # a resumed run: the stop request that ended its last attempt is served
+        storage.delete(served)
     steps = tp.schedule.steps
     with graceful_stop(lambda signum: storage.write_text(STOP, str(signum))) as stop_signal:
         job = cfg
