@@ -149,7 +149,7 @@ def main() -> None:
                 print(f"round {r + 1} batch {b} {m}: {msg}", file=sys.stderr, flush=True)
 
     def med(m: str, b: int, key: str):
-        vals = [x[key] for x in runs[(m, b)] if key in x]
+        vals = [x[key] for x in runs.get((m, b), []) if key in x]
         return statistics.median(vals) if vals else None
 
     rows = []
