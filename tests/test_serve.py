@@ -19,6 +19,7 @@ import sys
 import time
 
 import httpx
+import numpy as np
 import pytest
 
 from dpsynth.config import SamplingConfig, load_config
@@ -57,8 +58,18 @@ def runs(ray_local, tmp_path_factory, vllm_tiny_model_dir):
     for name, rank in (("alpha", 2), ("beta", 8)):
         cfg = load_config(None, common + [f"lora.r={rank}", f"output_dir={root / name}"])
         dirs[name] = train(cfg, show_progress=False)
+    # long documents, lengths left `auto`: the run chooses them from its DP length histogram
+    rng = np.random.default_rng(0)
+    vocab = "great awful story cast plot film scene actor music camera dialogue ending".split()
+    long_data = root / "long.jsonl"
+    long_data.write_text("".join(json.dumps({"review": " ".join(rng.choice(vocab, size=int(n))), "sentiment": "pos" if i % 2 else "neg"}) + "\n"
+                                 for i, n in enumerate(rng.integers(150, 190, size=120))))
+    long_cfg = [o for o in common if not o.startswith(("data.source", "model.max_length"))]
+    long_dir = train(load_config(None, long_cfg + [f"data.source={long_data}", "lora.r=2", f"output_dir={root / 'long'}"]),
+                     show_progress=False)
     data.unlink()  # the server must work without the private data anywhere in reach
-    return {"dirs": dirs, "ledger": root / "ledger.sqlite", "data": data}
+    long_data.unlink()
+    return {"dirs": dirs, "long": long_dir, "ledger": root / "ledger.sqlite", "data": data}
 
 
 @pytest.fixture(scope="module")
@@ -75,7 +86,10 @@ def server(ray_local, runs):
     secure = {"adapters": [f"gamma={runs['dirs']['alpha']}"], "ledger": str(runs["ledger"]), "engine": "transformers",
               "auth": "on", "token": TOKEN, "max_model_len": 128, "cpus_per_replica": 0.5,
               "limits": {"max_concurrent_requests": 2, "max_tokens": 32}}
+    long = {"adapters": [f"long={runs['long']}"], "ledger": str(runs["ledger"]), "engine": "transformers",
+            "cpus_per_replica": 0.5}  # max_model_len and limits.max_tokens auto: from the run's lengths
     serve.run(build_app(secure), name="secure", route_prefix="/secure")
+    serve.run(build_app(long), name="long", route_prefix="/long")
     serve.run(build_app(main), name="dpsynth", route_prefix="/")
     yield f"http://127.0.0.1:{port}"
     serve.shutdown()
@@ -135,6 +149,16 @@ def test_openai_completions_with_both_adapters(server):
     greedy = {m: oc.completions.create(model=m, prompt="[reviews][pos]: ", max_tokens=8, temperature=0).choices[0].text
               for m in ("alpha", "beta")}
     assert greedy["alpha"] != greedy["beta"]
+
+
+def test_long_documents_through_the_openai_client(server, runs):
+    """A run whose lengths came from long texts (`auto`): the server's context and max_tokens follow it, and a
+    completion runs well past 64 tokens."""
+    released = load_config(runs["long"] / "config.yaml")
+    assert released.model.max_length > 128 and released.sampling.max_new_tokens >= 128
+    out = openai_client(f"{server}/long").completions.create(model="long", prompt="long text, label pos: ",
+                                                              max_tokens=released.sampling.max_new_tokens, seed=3)
+    assert out.usage.completion_tokens > 64 and len(out.choices[0].text.split()) > 32
 
 
 def test_openai_streaming_completion(server):
