@@ -83,7 +83,10 @@ def phase_transformers(args) -> dict:
     adapter, model_dir = _adapter(args.run), _merged(args.run)
     torch.set_num_threads(args.threads)
     tok = AutoTokenizer.from_pretrained(model_dir)
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=getattr(torch, adapter.model.dtype)).eval()
+    from dpsynth.models import resolve_dtype
+
+    dtype = resolve_dtype(adapter.model.dtype, "cpu")  # what `dpsynth sample` uses here (bf16 where the CPU has it)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).eval()
     engine = TransformersEngine(model, tok)
     params = GenParams(args.temperature, args.top_p, args.max_tokens)
     prompt = tok(adapter.prompts[adapter.labels[0]], add_special_tokens=False).input_ids
