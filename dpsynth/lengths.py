@@ -52,13 +52,6 @@ def covering_length(distribution: dict[str, float], percentile: float) -> int:
     return LENGTH_BINS[-1]
 
 
-def model_context(tokenizer, model_config=None) -> int:
-    for value in (getattr(model_config, "max_position_embeddings", None), getattr(tokenizer, "model_max_length", None)):
-        if isinstance(value, int) and 0 < value < 10**7:
-            return value
-    return LENGTH_BINS[-1]
-
-
 @dataclass(frozen=True)
 class Lengths:
     """The resolved lengths of a run and what they cut (for the data owner)."""
