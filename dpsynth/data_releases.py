@@ -47,9 +47,10 @@ def plan_releases(cfg: JobConfig, delta: float, accountant: str, samples: bool =
 
 
 def release(cfg: JobConfig, releases: DataReleases, run, splits: Splits, tokenizer, storage,
-            context: int) -> tuple[JobConfig, dict[str, float] | None, Lengths]:
+            context: int) -> tuple[JobConfig, dict[str, float] | None, dict[str, float] | None, Lengths]:
     """Charge and release the planned histograms through `run` (once per run: a resumed run reuses them), and
-    resolve `auto` lengths. Returns (the config with numbers for `auto`, the DP label mix or None, the lengths)."""
+    resolve `auto` lengths. Returns (the config with numbers for `auto`, the DP label mix or None, the DP length
+    distribution or None, the lengths and what they cut: the last is for the owner only)."""
     units = splits.train_units()  # each unit contributes its own distribution: sensitivity 1 per unit
     labels = None
     if releases.labels is not None:
@@ -61,7 +62,7 @@ def release(cfg: JobConfig, releases: DataReleases, run, splits: Splits, tokeniz
                                     [[bin_of(n) for n in text_lengths(tokenizer, [ex.text for ex in u])] for u in units],
                                     [str(b) for b in LENGTH_BINS], storage, LENGTHS_STATE, floor=LENGTH_FLOOR)
     resolved, lengths = resolve_lengths(cfg, splits, tokenizer, distribution, context)
-    return resolved, labels, lengths
+    return resolved, labels, distribution, lengths
 
 
 def resolve_lengths(cfg: JobConfig, splits, tokenizer, distribution: dict[str, float] | None, context: int):
