@@ -74,6 +74,8 @@ class JobContext:
     lengths: Any
     stop_signal: Callable[[], int | None]
     show_progress: bool
+    secret: bytes
+    """The owner's key (dpsynth.privacy.secret): for keyed-hash subsets; stays in the driver's memory."""
     resources: ExitStack
     """Closed after the release is committed (e.g. a downloaded checkpoint the release copies from)."""
 
@@ -128,7 +130,8 @@ def run_private_job(cfg: JobConfig, job: PrivateJob, *, show_progress: bool = Tr
     config_hash = job.config_hash(cfg)
     if reuse_existing(run_dir, config_hash):
         return run_dir
-    splits = prepare(cfg.data, ledger_secret(cfg.privacy.ledger))
+    secret = ledger_secret(cfg.privacy.ledger)
+    splits = prepare(cfg.data, secret)
     dataset = dataset_block(splits)
     base = base_info(cfg.model)
     tokenizer = load_tokenizer(cfg.model)  # a bad model fails here, in one line, before any worker starts
@@ -151,7 +154,8 @@ def run_private_job(cfg: JobConfig, job: PrivateJob, *, show_progress: bool = Tr
         ctx = JobContext(cfg=resolved, job_cfg=cfg, splits=splits, dataset=dataset, run=run, storage=storage,
                          run_dir=run_dir, delta=delta, plan=jp, tokenizer=tokenizer, base=base,
                          label_distribution=label_dist, length_distribution=length_dist, lengths=lengths,
-                         stop_signal=stop_signal, show_progress=show_progress, resources=resources)
+                         stop_signal=stop_signal, show_progress=show_progress, secret=secret,
+                         resources=resources)
         result = job.execute(ctx)
         cert = job.certify(ctx, result)
         rel = Release(run_dir, cert)

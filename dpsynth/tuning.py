@@ -15,6 +15,7 @@ stopped trial released nothing).
 from __future__ import annotations
 
 import csv
+import dataclasses
 import hashlib
 import io
 import json
@@ -28,16 +29,14 @@ from pathlib import Path
 import numpy as np
 
 from dpsynth.config import JobConfig, load_config
-from dpsynth.data import dataset_block, format_prefix, group_by_unit, prepare
+from dpsynth.data import Splits, format_prefix, group_by_unit, keyed_subset
+from dpsynth.data_releases import plan_releases
 from dpsynth.errors import UserError
-from dpsynth.interrupt import graceful_stop
-from dpsynth.io import atomic_write_bytes, atomic_write_json, atomic_write_text
-from dpsynth.data_releases import plan_releases, release
-from dpsynth.models import adapter_digest, base_info, load_base, load_tokenizer, model_context
+from dpsynth.models import adapter_digest, load_base
 from dpsynth.privacy import RepeatAndSelect, epsilon
-from dpsynth.privacy.certificate import SearchBlock, read_certificate
-from dpsynth.privacy.run import Plan, PrivateRun, resolve_delta
-from dpsynth.privacy.sampling import Schedule, fresh_seed, schedule
+from dpsynth.privacy.certificate import SearchBlock
+from dpsynth.privacy.run import Plan, PrivateRun
+from dpsynth.privacy.sampling import Schedule, schedule
 from dpsynth.privacy.tuning import ACCOUNTANT, calibrate_search, draw_num_trials, search_events, trial_events
 from dpsynth.storage import Storage
 from dpsynth.train.worker import STATE, STOP, local_checkpoint
@@ -71,16 +70,22 @@ def check_search(cfg: JobConfig) -> None:
 
 @dataclass(frozen=True)
 class TrialPlan:
-    """What every trial shares: the job, the search's ledger run (its cost already charged), the noise, storage."""
+    """What every trial shares, in memory (nothing a trial needs is re-read from the private data or from disk): the
+    job, the search's ledger run (its cost already charged), the noise, the train split and the validation units the
+    DP score reads, and the search's private storage."""
 
     cfg: dict
     run: PrivateRun
     sigma: float
     schedule: Schedule
     storage: str
+    splits: Splits
+    """Train and validation only (test never travels)."""
+    score_units: tuple
+    """The validation units every trial is scored on (a keyed-hash subset: it moves by one unit only)."""
 
 
-def dp_score(cfg: JobConfig, adapter_dir: Path, units: list[tuple], dataset_name: str) -> float:
+def dp_score(cfg: JobConfig, adapter_dir: Path, units, dataset_name: str) -> float:
     """Mean validation loss over privacy units with Gaussian noise: each unit's mean loss over its records is clipped
     to [0, L], so one unit moves the sum by at most L; noise N(0, (score_noise_multiplier * L)^2) (Gaussian
     mechanism, Dwork & Roth 2014), fresh OS entropy."""
@@ -102,140 +107,182 @@ def dp_score(cfg: JobConfig, adapter_dir: Path, units: list[tuple], dataset_name
     return (total + noise) / len(units)
 
 
+WORST = math.inf
+"""A failed or non-finite trial's score: it counts as a trial (the worst one), never re-drawn, so that which trials
+count cannot depend on the data."""
+
+
 def trial(config: dict) -> dict:
-    """One trial (runs inside a Ray Tune trial): DP-train with this (C, lr), then release a DP score. A trial
-    stopped by a stop request returns no score (it released nothing) and is run again, freshly drawn, on resume."""
+    """One trial (runs inside a Ray Tune trial): DP-train with this (C, lr), then release a DP score.
+
+    The trial is recorded as started before it trains. A trial that fails (an error, a non-finite score, or a death
+    that leaves no result) counts with the worst score; only a trial stopped by the owner's stop request (SIGINT /
+    SIGTERM: independent of the data) releases nothing and is drawn afresh on resume."""
     from dpsynth.train.driver import fit, worker_plan
 
     plan: TrialPlan = config["plan"]
     cfg = load_config(None, [f"training.max_grad_norm={config['max_grad_norm']}",
                              f"training.learning_rate={config['learning_rate']}"], base=plan.cfg)
-    splits = prepare(cfg.data)
     search_store = Storage(plan.storage)
+    records = search_store.child("trials")
     name = f"trial-{uuid.uuid4().hex[:8]}"
     scratch = search_store.child(name)
-    fit(cfg, worker_plan(cfg, splits, plan.run, sigma=plan.sigma, sched=plan.schedule, sampler_seed=fresh_seed(),
-                         noise_seed=fresh_seed(), scratch=scratch, stop=search_store, covered_by_search=True))
-    with local_checkpoint(scratch) as ckpt:
-        done = json.loads((ckpt / STATE).read_text())["step"] if ckpt is not None else 0
-        if done < plan.schedule.steps:
-            return {"score": None, "checkpoint": str(scratch), "stopped": True}
-        rng = np.random.default_rng(cfg.data.seed)  # which validation units: data-independent given the split size
-        val = group_by_unit(splits.validation)
-        pick = rng.choice(len(val), size=min(cfg.tune.score_examples, len(val)), replace=False)
-        score = dp_score(cfg, ckpt / "adapter", [val[i] for i in sorted(pick)], splits.name)
-    result = {"max_grad_norm": config["max_grad_norm"], "learning_rate": config["learning_rate"], "score": score,
+    result = {"trial": name, "max_grad_norm": config["max_grad_norm"], "learning_rate": config["learning_rate"],
               "checkpoint": str(scratch)}
-    search_store.child("trials").write_text(f"{name}.json", json.dumps(result))  # kept for a resumed search
+    records.write_text(f"{name}.started.json", json.dumps(result))
+    try:
+        fit(cfg, worker_plan(cfg, plan.splits, plan.run, sigma=plan.sigma, sched=plan.schedule, scratch=scratch,
+                             stop=search_store, covered_by_search=True))
+        with local_checkpoint(scratch) as ckpt:
+            done = json.loads((ckpt / STATE).read_text())["step"] if ckpt is not None else 0
+            if done < plan.schedule.steps and search_store.exists(STOP):
+                return {**result, "score": None, "status": "stopped"}  # nothing released; re-drawn on resume
+            if done < plan.schedule.steps:
+                raise RuntimeError(f"trained {done} of {plan.schedule.steps} steps")
+            score = dp_score(cfg, ckpt / "adapter", plan.score_units, plan.splits.name)
+        result.update(score=score, status="ok") if math.isfinite(score) else result.update(score=WORST, status="failed",
+                                                                                             error="non-finite score")
+    except Exception as e:  # noqa: BLE001 - a failed trial is a trial, with the worst score
+        log.warning("trial %s failed (%s): counted with the worst score", name, str(e).splitlines()[0] if str(e) else type(e).__name__)
+        result.update(score=WORST, status="failed", error=type(e).__name__)
+    records.write_text(f"{name}.json", json.dumps(result))
     return result
 
 
-def _finished_trials(storage: Storage) -> list[dict]:
+def trial_records(storage: Storage) -> list[dict]:
+    """Every trial that counts, in start order: finished (ok or failed), and started-but-never-finished as failed.
+    Trials stopped by a stop request do not count (they are drawn afresh)."""
     store = storage.child("trials")
-    return [json.loads(store.read_text(n)) for n in sorted(store.listdir()) if n.endswith(".json")]
+    names = sorted(store.listdir())
+    out = []
+    for n in names:
+        if not n.endswith(".started.json"):
+            continue
+        trial_name = n[: -len(".started.json")]
+        done = store.read_text(f"{trial_name}.json")
+        record = json.loads(done) if done is not None else {**json.loads(store.read_text(n)), "score": WORST,
+                                                            "status": "failed", "error": "no result"}
+        if record["status"] != "stopped":
+            out.append(record)
+    return out
 
 
-def search(cfg: JobConfig, *, runner: Runner, show_progress: bool = True, num_trials: int | None = None) -> Path:
-    """Run the private search; write the selected adapter, its certificate and the trial table into output_dir.
+class SearchJob:
+    """The private search, plugged into the private-job skeleton (dpsynth.private_job). Only the selected trial's
+    settings, adapter and DP score are released; every other trial, the number of trials and the plots stay with
+    the owner."""
 
-    `num_trials` exists for tests only: it replaces the secret random draw of K.
-    """
-    from dpsynth.interrupt import Interrupted
-    from dpsynth.privacy.service import LedgerClient
-    from dpsynth.runtime import ensure_ray, job_storage, remove_job_storage
-    from dpsynth.train.driver import _scaling, check_labels, write_release
+    kind = "search"
 
-    check_search(cfg)
-    run_dir = Path(cfg.output_dir).expanduser().resolve()
-    if (run_dir / "certificate.json").exists():
-        cert = read_certificate(run_dir / "certificate.json")
-        if cert.config_hash != search_hash(cfg) and cert.mechanism.kind == "private_search":
-            raise UserError(f"output_dir: {run_dir} already holds a certified search with a different config; "
-                            "choose another output_dir")
-        if cert.mechanism.kind != "private_search":
-            raise UserError(f"output_dir: {run_dir} already holds a certified run; choose another output_dir")
-        log.info("%s already holds the certified result of this search (eps=%.3f); reusing it", run_dir, cert.epsilon)
-        return run_dir
-    splits = prepare(cfg.data)
-    if not splits.validation:
-        raise UserError("data.validation_fraction: a search scores trials on the validation split; it must not be 0")
-    dataset = dataset_block(splits)
-    base = base_info(cfg.model)
-    tok = load_tokenizer(cfg.model)
-    check_labels(splits, cfg.training.batch_size)
-    _scaling(cfg)
-    ensure_ray(cfg.scaling.address)
-    ledger = LedgerClient(cfg.privacy.ledger)
-    delta = resolve_delta(cfg.privacy, dataset, ledger.budget(dataset.fingerprint))
-    t = cfg.training
-    sched = schedule(dataset.train_units, t.batch_size, epochs=t.epochs, steps=t.steps)
-    releases = plan_releases(cfg, delta, ACCOUNTANT)  # RDP, the search's accountant: shares counted as the search is
-    common = {"score_sigma": cfg.tune.score_noise_multiplier, "mean": cfg.tune.mean_trials, "shape": _shape(cfg),
-              "prior": releases.events}
-    try:
-        sigma = calibrate_search(cfg.privacy.epsilon, delta, sched.q, sched.steps, max_sigma=cfg.tune.max_noise_multiplier,
-                                 **common)
-    except ValueError as e:
-        raise UserError(f"tune: {e}") from None
-    plan = Plan(tuple(search_events(sigma, sched.q, sched.steps, **common)), ACCOUNTANT, delta)
-    name = f"{run_dir.name}-search"
-    storage = job_storage(cfg, run_dir, name)
-    k = num_trials if num_trials is not None else draw_num_trials(cfg.tune.mean_trials, _shape(cfg))
-    run = PrivateRun.open(ledger, dataset=dataset, plan=plan, total_epsilon=cfg.privacy.dataset_epsilon or cfg.privacy.epsilon,
-                          kind=name, config_hash=search_hash(cfg), storage=storage, state={"num_trials": k})
-    k = run.state["num_trials"]  # a resumed search keeps its secret K
-    storage.delete(STOP)
-    with graceful_stop(lambda signum: storage.write_text(STOP, str(signum))) as stop_signal:
+    def __init__(self, runner: Runner, num_trials: int | None = None) -> None:
+        self.runner, self.num_trials = runner, num_trials
+
+    def config_hash(self, cfg: JobConfig) -> str:
+        return search_hash(cfg)
+
+    def check(self, cfg: JobConfig, splits: Splits) -> None:
+        from dpsynth.train.driver import _scaling, check_labels
+
+        check_search(cfg)
+        if not splits.validation:
+            raise UserError("data.validation_fraction: a search scores trials on the validation split; it must not be 0")
+        check_labels(splits, cfg.training.batch_size)
+        _scaling(cfg)
+
+    def plan(self, cfg: JobConfig, splits: Splits, delta: float):
+        from dpsynth.private_job import JobPlan
+
+        t = cfg.training
+        self.sched = schedule(len(splits.train_units()), t.batch_size, epochs=t.epochs, steps=t.steps)
+        releases = plan_releases(cfg, delta, ACCOUNTANT)  # RDP, the search's accountant: shares counted as the search is
+        common = {"score_sigma": cfg.tune.score_noise_multiplier, "mean": cfg.tune.mean_trials, "shape": _shape(cfg),
+                  "prior": releases.events}
+        try:
+            self.sigma = calibrate_search(cfg.privacy.epsilon, delta, self.sched.q, self.sched.steps,
+                                          max_sigma=cfg.tune.max_noise_multiplier, **common)
+        except ValueError as e:
+            raise UserError(f"tune: {e}") from None
+        plan = Plan(tuple(search_events(self.sigma, self.sched.q, self.sched.steps, **common)), ACCOUNTANT, delta)
+        k = self.num_trials if self.num_trials is not None else draw_num_trials(cfg.tune.mean_trials, _shape(cfg))
+        return JobPlan(plan, releases, {"num_trials": k})  # K: secret, in the owner's private storage only
+
+    def execute(self, ctx):
+        from dpsynth.interrupt import Interrupted
+
+        cfg, run, storage = ctx.cfg, ctx.run, ctx.storage
         # The whole search is charged before the first trial exists; trials then charge nothing per step.
-        search_event = plan.events[-1]
         if not any(isinstance(e, RepeatAndSelect) for e in run.charged()):
-            run.charge(search_event)
-        job = cfg
-        cfg, label_dist, lengths = release(job, releases, run, splits, tok, storage, model_context(job.model))
+            run.charge(ctx.plan.plan.events[-1])
+        k = run.state["num_trials"]  # a resumed search keeps its secret K
         if k == 0:
             raise UserError("tune: the random number of trials came out 0 (Poisson); the search's budget is spent "
                             "and nothing is released")
-        done = [r for r in _finished_trials(storage) if r.get("score") is not None]
-        log.info("search: %s trials (secret draw, mean %g), %d finished before, %d steps each, q=%.5f, per-trial "
-                 "sigma=%.4f, delta=%.3g", k, cfg.tune.mean_trials, len(done), sched.steps, sched.q, sigma, delta)
+        done = trial_records(storage)
+        log.info("search: %s trials (secret draw, mean %g), %d counted before, %d steps each, q=%.5f, per-trial "
+                 "sigma=%.4f, delta=%.3g", k, cfg.tune.mean_trials, len(done), self.sched.steps, self.sched.q,
+                 self.sigma, ctx.delta)
         if len(done) < k:
-            runner(trial, plan=TrialPlan(cfg.model_dump(mode="json"), run, sigma, sched, str(storage)),
-                   space={"max_grad_norm": cfg.tune.max_grad_norm, "learning_rate": cfg.tune.learning_rate},
-                   num_trials=k - len(done), max_concurrent=cfg.tune.max_concurrent_trials,
-                   storage=str(storage.child("tune")))
-        trials = [r for r in _finished_trials(storage) if r.get("score") is not None and math.isfinite(r["score"])][:k]
-        if stop_signal() is not None and len(trials) < k:
-            raise Interrupted(stop_signal(), f"search stopped with {len(trials)} of {k} trials finished; ledger run "
-                                             f"{run.run_id} stays open (run the same command to resume it, or "
-                                             f"`dpsynth abandon {run.run_id}`)")
-        if not trials:
-            raise RuntimeError(f"search {run.run_id}: no trial finished")
+            splits = dataclasses.replace(ctx.splits, test=())
+            score_units = tuple(keyed_subset(group_by_unit(splits.validation), cfg.tune.score_examples,
+                                             ctx.secret, f"score:{cfg.data.seed}"))
+            self.runner(trial, plan=TrialPlan(cfg.model_dump(mode="json"), run, self.sigma, self.sched, str(storage),
+                                              splits, score_units),
+                        space={"max_grad_norm": cfg.tune.max_grad_norm, "learning_rate": cfg.tune.learning_rate},
+                        num_trials=k - len(done), max_concurrent=cfg.tune.max_concurrent_trials,
+                        storage=str(storage.child("tune")))
+        trials = trial_records(storage)[:k]
+        if ctx.stop_signal() is not None and len(trials) < k:
+            raise Interrupted(ctx.stop_signal(), f"search stopped with {len(trials)} of {k} trials counted; ledger run "
+                                                 f"{run.run_id} stays open (run the same command to resume it, or "
+                                                 f"`dpsynth abandon {run.run_id}`)")
         if len(trials) < k:
-            raise RuntimeError(f"search {run.run_id}: only {len(trials)} of {k} trials finished; run the same command "
-                               "to run the missing ones")
+            raise RuntimeError(f"search {run.run_id}: only {len(trials)} of {k} trials ran; run the same command to run "
+                               "the missing ones")
         best = min(trials, key=lambda r: r["score"])
-        selected = load_config(None, [f"training.max_grad_norm={best['max_grad_norm']}",
-                                      f"training.learning_rate={best['learning_rate']}"], base=cfg.model_dump(mode="json"))
-        trial_eps = epsilon(trial_events(sigma, sched.q, sched.steps, cfg.tune.score_noise_multiplier), delta, ACCOUNTANT)
-        shape = _shape(cfg)
-        with local_checkpoint(best["checkpoint"]) as ckpt:
-            certificate = run.certify(
-                mechanism=SearchBlock(noise_multiplier=sigma, sampling_rate=sched.q, steps_per_trial=sched.steps,
-                                      expected_batch_size=t.batch_size, score_noise_multiplier=cfg.tune.score_noise_multiplier,
-                                      mean_trials=cfg.tune.mean_trials, distribution=cfg.tune.distribution,
-                                      shape=shape if math.isfinite(shape) else "inf", trials_run=len(trials),
-                                      per_trial_epsilon_alone=trial_eps, lora=cfg.lora.model_dump(mode="json"),
-                                      selected={"max_grad_norm": best["max_grad_norm"], "learning_rate": best["learning_rate"],
-                                                "dp_validation_loss": best["score"]}),
-                base_model=base, config_hash=search_hash(job), label_histogram=releases.labels,
-                length_histogram=releases.lengths,
-                lengths={"max_length": cfg.model.max_length, "max_new_tokens": cfg.sampling.max_new_tokens},
-                artefacts={"adapter": adapter_digest(ckpt / "adapter")})
-            write_release(run_dir, selected, ckpt, splits, label_dist, certificate, lengths)
-        _write_trials(run_dir, trials, best, trial_eps, certificate.epsilon,
-                      {"max_grad_norm": cfg.tune.max_grad_norm, "learning_rate": cfg.tune.learning_rate})
-    remove_job_storage(storage)  # unselected trials' adapters are never released
-    return run_dir
+        if not math.isfinite(best["score"]):
+            raise RuntimeError(f"search {run.run_id}: every trial failed; its budget is spent and nothing is released "
+                               f"(see {storage})")
+        self.trials, self.best = trials, best
+        self.selected = load_config(None, [f"training.max_grad_norm={best['max_grad_norm']}",
+                                           f"training.learning_rate={best['learning_rate']}"],
+                                    base=cfg.model_dump(mode="json"))
+        return ctx.resources.enter_context(local_checkpoint(best["checkpoint"]))
+
+    def certify(self, ctx, ckpt: Path):
+        cfg, best, shape = ctx.cfg, self.best, _shape(ctx.cfg)
+        self.trial_eps = epsilon(trial_events(self.sigma, self.sched.q, self.sched.steps, cfg.tune.score_noise_multiplier),
+                                 ctx.delta, ACCOUNTANT)
+        return ctx.run.certify(
+            mechanism=SearchBlock(noise_multiplier=self.sigma, sampling_rate=self.sched.q,
+                                  steps_per_trial=self.sched.steps, expected_batch_size=cfg.training.batch_size,
+                                  score_noise_multiplier=cfg.tune.score_noise_multiplier, mean_trials=cfg.tune.mean_trials,
+                                  distribution=cfg.tune.distribution, shape=shape if math.isfinite(shape) else "inf",
+                                  per_trial_epsilon_alone=self.trial_eps, lora=cfg.lora.model_dump(mode="json"),
+                                  selected={"max_grad_norm": best["max_grad_norm"], "learning_rate": best["learning_rate"],
+                                            "dp_validation_loss": best["score"]}),
+            base_model=ctx.base, config_hash=search_hash(ctx.job_cfg), label_histogram=ctx.plan.releases.labels,
+            length_histogram=ctx.plan.releases.lengths,
+            lengths={"max_length": cfg.model.max_length, "max_new_tokens": cfg.sampling.max_new_tokens},
+            artefacts={"adapter": adapter_digest(ckpt / "adapter")})
+
+    def released_config(self, ctx, ckpt: Path) -> JobConfig:
+        return self.selected
+
+    def write(self, release, ctx, ckpt: Path) -> dict:
+        from dpsynth.train.driver import release_adapter, training_metrics
+
+        release_adapter(release, ckpt, "private_search")
+        write_trials(release, self.trials, self.best, self.trial_eps, release.cert.epsilon,
+                     {"max_grad_norm": ctx.cfg.tune.max_grad_norm, "learning_rate": ctx.cfg.tune.learning_rate})
+        return training_metrics(ckpt)
+
+
+def search(cfg: JobConfig, *, runner: Runner, show_progress: bool = True, num_trials: int | None = None) -> Path:
+    """Run the private search; write the selected adapter and its certificate into output_dir (the trial table and
+    plot into its owner-only part). `num_trials` exists for tests only: it replaces the secret random draw of K."""
+    from dpsynth.private_job import run_private_job
+
+    return run_private_job(cfg, SearchJob(runner, num_trials), show_progress=show_progress)
 
 
 def _log_axis(axis, lo: float, hi: float) -> None:
@@ -250,24 +297,26 @@ def _log_axis(axis, lo: float, hi: float) -> None:
     axis.set_minor_formatter(NullFormatter())
 
 
-def _write_trials(run_dir: Path, trials: list[dict], best: dict, trial_eps: float, total_eps: float,
-                  space: dict[str, tuple[float, float]]) -> None:
-    """trials.csv and trials.png: every trial's C, lr, DP score and epsilon (alone; the search total is certified)."""
+def write_trials(release, trials: list[dict], best: dict, trial_eps: float, total_eps: float,
+                 space: dict[str, tuple[float, float]]) -> None:
+    """trials.csv, trials.png and tuning.json, owner-only: every trial's C, lr, DP score (the worst, inf, for a failed
+    one) and epsilon alone. Releasing them would need a charge the search does not make."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     rows = [{"trial": i, "max_grad_norm": r["max_grad_norm"], "learning_rate": r["learning_rate"],
-             "dp_validation_loss": r.get("score"), "epsilon_trial_alone": trial_eps, "selected": r is best}
+             "dp_validation_loss": r.get("score"), "status": r.get("status", "ok"), "epsilon_trial_alone": trial_eps,
+             "selected": r is best}
             for i, r in enumerate(trials)]
     buf = io.StringIO()
     writer = csv.DictWriter(buf, fieldnames=list(rows[0]))
     writer.writeheader()
     writer.writerows(rows)
-    atomic_write_text(run_dir / "trials.csv", buf.getvalue())
+    release.owner_text("trials.csv", buf.getvalue())
     fig, ax = plt.subplots(figsize=(6, 4.5))
-    ok = [r for r in rows if r["dp_validation_loss"] is not None]
+    ok = [r for r in rows if r["dp_validation_loss"] is not None and math.isfinite(r["dp_validation_loss"])]
     sc = ax.scatter([r["max_grad_norm"] for r in ok], [r["learning_rate"] for r in ok],
                     c=[r["dp_validation_loss"] for r in ok], cmap="viridis_r", s=80)
     for r in ok:
@@ -284,5 +333,6 @@ def _write_trials(run_dir: Path, trials: list[dict], best: dict, trial_eps: floa
     out = io.BytesIO()
     fig.savefig(out, format="png", dpi=100, bbox_inches="tight")
     plt.close(fig)
-    atomic_write_bytes(run_dir / "trials.png", out.getvalue())
-    atomic_write_json(run_dir / "tuning.json", {"trials": rows})
+    release.owner_bytes("trials.png", out.getvalue())
+    release.owner_json("tuning.json", {"trials": [{**r, "dp_validation_loss": r["dp_validation_loss"]
+                                                   if math.isfinite(r["dp_validation_loss"]) else None} for r in rows]})

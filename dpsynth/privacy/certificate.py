@@ -20,7 +20,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from dpsynth.errors import UserError
 from dpsynth.io import atomic_write_json
 
-FORMAT = "dpsynth-certificate/2"
+FORMAT = "dpsynth-certificate/3"
 
 
 class _Block(BaseModel):
@@ -39,8 +39,8 @@ class DatasetBlock(_Block):
     """Privacy units in the whole dataset: the N of delta < 1/N."""
     train_units: int
     """Units in the train split: the population DP-SGD samples from."""
-    records: int
-    train_records: int
+    records: int | None = None
+    train_records: int | None = None
 
 
 class BaseModelBlock(_Block):
@@ -91,7 +91,6 @@ class SearchBlock(_Block):
     mean_trials: float
     distribution: str
     shape: float | Literal["inf"]
-    trials_run: int
     per_trial_epsilon_alone: float
     selected: dict[str, float]
     """The released trial's clipping norm, learning rate and DP validation loss."""
@@ -119,7 +118,6 @@ class InContextBlock(_Block):
     planned_epsilon: float
     pure_dp_epsilon: float | None = None
     settings: dict[str, Any] = {}
-    examples_in_groups: dict[str, int] = {}
 
 
 Mechanism = Annotated[Union[DpSgdBlock, SearchBlock, InContextBlock], Field(discriminator="kind")]
@@ -140,7 +138,7 @@ class CorpusBlock(_Block):
 
 
 class Certificate(_Block):
-    format: Literal["dpsynth-certificate/2"] = FORMAT
+    format: Literal["dpsynth-certificate/3"] = FORMAT
     run_id: str
     created: str
     code_version: str
