@@ -40,8 +40,11 @@ def _config(config: Path | None, overrides: list[str] | None, output: Path | Non
 
 
 def _log_to(run_dir: Path) -> None:
-    run_dir.mkdir(parents=True, exist_ok=True)
-    handler = logging.FileHandler(run_dir / "dpsynth.log")
+    from dpsynth.release import owner_path
+
+    log_file = owner_path(run_dir, "dpsynth.log")  # the log names private facts: owner-only, never exported
+    log_file.parent.mkdir(parents=True, exist_ok=True)
+    handler = logging.FileHandler(log_file)
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     logging.getLogger().addHandler(handler)
 
@@ -59,7 +62,7 @@ def _summary(run_dir: Path, evaluation: dict | None = None) -> None:
     m = cert.mechanism
     if m.kind == "private_search":
         sel = m.selected
-        table.add_row("private search", f"{m.trials_run} trials (secret random count, mean {m.mean_trials:g}); "
+        table.add_row("private search", f"a secret random number of trials (mean {m.mean_trials:g}); "
                       f"selected C={sel['max_grad_norm']:.3g}, lr={sel['learning_rate']:.2e}, "
                       f"DP validation loss {sel['dp_validation_loss']:.3f}")
     lengths = _lengths(run_dir)
@@ -111,7 +114,9 @@ def _summary(run_dir: Path, evaluation: dict | None = None) -> None:
 
 
 def _lengths(run_dir: Path) -> dict | None:
-    path = run_dir / "metrics.json"
+    from dpsynth.release import owner_path
+
+    path = owner_path(run_dir, "metrics.json")
     if not path.is_file():
         return None
     metrics = json.loads(path.read_text())
@@ -285,7 +290,21 @@ def tune_cmd(config: ConfigOpt = None, set_: SetOpt = None, output: OutOpt = Non
     _log_to(cfg.output_dir)
     run_dir = search(cfg, runner=_ray_layer("tune"), show_progress=not quiet)
     _summary(run_dir)
-    console.print(f"trials: {run_dir / 'trials.csv'}, {run_dir / 'trials.png'}")
+    from dpsynth.release import owner_path
+
+    console.print(f"trials (owner-only, never exported): {owner_path(run_dir, 'trials.csv')}, "
+                  f"{owner_path(run_dir, 'trials.png')}")
+
+
+@app.command("export")
+def export_cmd(run_dir: RunArg,
+               dest: Annotated[Path, typer.Argument(help="An empty or new directory to write the shareable part into.")]) -> None:
+    """Copy exactly what may leave the data owner (MANIFEST.json's files: adapter, corpus, certificates, DP
+    histograms, the config without local paths) into DEST. Logs, metrics, evaluation, trials and checkpoints stay."""
+    from dpsynth.release import export
+
+    files = export(run_dir, dest)
+    console.print(f"exported {len(files)} files to {dest} (see {dest / 'MANIFEST.json'} for why each may leave)")
 
 
 @app.command("budget")
@@ -300,14 +319,14 @@ def budget(ledger: Annotated[Optional[str], typer.Option(help="Ledger file or s3
     book = open_ledger(path, readonly=True)
     out = Console()
     table = Table(title=f"privacy ledger {path}")
-    for col in ("dataset fingerprint", "total eps", "delta", "spent eps", "left eps", "runs"):
+    for col in ("dataset fingerprint", "total eps", "delta", "spent eps", "left eps", "composed with", "runs"):
         table.add_column(col)
     all_runs = book.runs()
-    for d in book.datasets():
+    for d in book.datasets():  # each dataset composed by its one rule: its budget's accountant, or the fallback
         b = d["budget"]
         n = sum(r["fingerprint"] == d["fingerprint"] for r in all_runs)
         table.add_row(d["fingerprint"][:16], f"{b.epsilon:.3f}", f"{b.delta:.3g}", f"{d['spent']:.3f}",
-                      f"{max(0.0, b.epsilon - d['spent']):.3f}", str(n))
+                      f"{max(0.0, b.epsilon - d['spent']):.3f}", d["accountant"], str(n))
     out.print(table)
     if runs and all_runs:
         rt = Table(title="runs")

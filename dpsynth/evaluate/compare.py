@@ -13,6 +13,7 @@ import logging
 import math
 from pathlib import Path
 
+from dpsynth.release import owner_path
 from dpsynth.config import EvaluationConfig
 from dpsynth.errors import UserError
 from dpsynth.privacy.certificate import Certificate, read_certificate
@@ -50,7 +51,7 @@ def unit_sentence(cert: Certificate) -> str:
 
 def saved_evaluation(run_dir: Path, cert: Certificate) -> dict | None:
     """The run's evaluation.json if it evaluated the current certificate and corpus (not older than either)."""
-    path = run_dir / "evaluation.json"
+    path = owner_path(run_dir, "evaluation.json")
     if not path.is_file():
         return None
     res = json.loads(path.read_text())

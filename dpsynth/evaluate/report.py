@@ -8,6 +8,7 @@ import io
 import json
 from pathlib import Path
 
+from dpsynth.release import owner_path
 from dpsynth.config import EvaluationConfig
 from dpsynth.evaluate.compare import certificates, compare, method, table_rows, unit_sentence
 from dpsynth.io import atomic_write_json, atomic_write_text
@@ -276,6 +277,7 @@ def report(run_dir: Path, ev: EvaluationConfig | None = None, *, compare_with: P
     cert = read_certificate(run_dir / "certificate.json")
     comparison = compare(run_dir, compare_with, evaluation_a=res, show_progress=show_progress) if compare_with else None
     doc = {"run_dir": str(run_dir), "certificate": cert.to_json(), **res, **({"comparison": comparison} if comparison else {})}
-    atomic_write_json(run_dir / "report.json", doc)
-    atomic_write_text(run_dir / "report.html", render_html(res, cert, run_dir, comparison))
-    return run_dir / "report.html", run_dir / "report.json"
+    # The report is the evaluation's: measured on the owner's test data, so it stays in the owner-only part.
+    atomic_write_json(owner_path(run_dir, "report.json"), doc)
+    atomic_write_text(owner_path(run_dir, "report.html"), render_html(res, cert, run_dir, comparison))
+    return owner_path(run_dir, "report.html"), owner_path(run_dir, "report.json")

@@ -14,15 +14,13 @@ from pathlib import Path
 import torch
 
 from dpsynth.config import JobConfig
-from dpsynth.data import Splits, dataset_block, prepare
-from dpsynth.data_releases import plan_releases, release
-from dpsynth.models import load_tokenizer, model_context
+from dpsynth.data import Splits
+from dpsynth.data_releases import plan_releases
 from dpsynth.errors import UserError
-from dpsynth.interrupt import Interrupted, graceful_stop
-from dpsynth.io import atomic_write_json, atomic_write_text
+from dpsynth.interrupt import Interrupted
 from dpsynth.privacy import Event
-from dpsynth.privacy.certificate import CorpusBlock, InContextBlock, now, read_certificate, write_certificate
-from dpsynth.privacy.run import Plan, PrivateRun, resolve_delta
+from dpsynth.privacy.certificate import CorpusBlock, InContextBlock, now
+from dpsynth.privacy.run import Plan, PrivateRun
 from dpsynth.sample.corpus import label_counts, resolve_proportions, serialize
 
 from .mechanism import (SENSITIVITY_L1, SENSITIVITY_L2, assign_groups, calibrate_noise, generate_rows, noise_scale,
@@ -56,105 +54,109 @@ def _fresh_generator() -> torch.Generator:
     return torch.Generator().manual_seed(int.from_bytes(os.urandom(8), "little") & ((1 << 63) - 1))
 
 
-def generate(cfg: JobConfig, *, show_progress: bool = True, generator: torch.Generator | None = None) -> Path:
-    """Training-free DP corpus into cfg.output_dir: synthetic.jsonl + certificates (see dpsynth.incontext)."""
-    from dpsynth.privacy.service import LedgerClient
-    from dpsynth.runtime import ensure_ray, job_storage, remove_job_storage
+class InContextJob:
+    """Training-free DP generation, plugged into the private-job skeleton (dpsynth.private_job)."""
 
-    from .voters import VLLMVoter, make_voter
+    kind = "incontext"
 
-    ic, acc = cfg.incontext, cfg.privacy.accountant
-    run_dir = Path(cfg.output_dir).expanduser().resolve()
-    if (run_dir / "certificate.json").exists():
-        cert = read_certificate(run_dir / "certificate.json")
-        if cert.config_hash != incontext_hash(cfg):
-            raise UserError(f"output_dir: {run_dir} already holds a certified run with a different config; choose another output_dir")
-        log.info("%s already holds a certified in-context corpus for this config (eps=%.3f); reusing it", run_dir, cert.epsilon)
-        return run_dir
-    if ic.mechanism == "laplace" and acc == "prv":
-        raise UserError("privacy.accountant: 'prv' cannot account Laplace; use pld (or rdp) with incontext.mechanism=laplace")
-    splits: Splits = prepare(cfg.data)
-    dataset = dataset_block(splits)
-    ensure_ray(cfg.scaling.address)
-    ledger = LedgerClient(cfg.privacy.ledger)  # the central accountant, as for training and the search
-    delta = resolve_delta(cfg.privacy, dataset, ledger.budget(dataset.fingerprint))
-    releases = plan_releases(cfg, delta, acc, samples=False)  # its token count is incontext.max_new_tokens
-    prior: tuple[Event, ...] = releases.events
-    nm = ic.noise_multiplier or calibrate_noise(ic, cfg.privacy.epsilon, delta, acc, ic.num_examples, prior)
-    plan = Plan(tuple(plan_events(ic, nm, ic.num_examples, list(prior))), acc, delta)
-    if plan.epsilon > cfg.privacy.epsilon * (1 + 1e-9):
-        raise UserError(f"incontext.noise_multiplier: {nm} spends eps={plan.epsilon:.3f} over {ic.num_examples} x "
-                        f"{ic.max_new_tokens} tokens, above privacy.epsilon={cfg.privacy.epsilon}")
-    storage = job_storage(cfg, run_dir, f"{run_dir.name}-incontext")
-    run = PrivateRun.open(ledger, dataset=dataset, plan=plan, total_epsilon=cfg.privacy.dataset_epsilon or cfg.privacy.epsilon,
-                          kind=f"{run_dir.name}-incontext", config_hash=incontext_hash(cfg), storage=storage)
-    storage.delete(STOP)
-    log.info("in-context DP generation: %s, noise multiplier %.4g (scale %.4g), %d groups x %d examples per label, "
-             "plan eps=%.3f (%s, delta=%.3g)", ic.mechanism, nm, noise_scale(ic.mechanism, nm), ic.groups,
-             ic.examples_per_group, plan.epsilon, acc, delta)
+    def __init__(self, generator: torch.Generator | None = None) -> None:
+        self.generator = generator
 
-    charge = example_charger(run)
+    def config_hash(self, cfg: JobConfig) -> str:
+        return incontext_hash(cfg)
 
-    voter = None
-    with graceful_stop() as stop_signal:
+    def check(self, cfg: JobConfig, splits: Splits) -> None:
+        if cfg.incontext.mechanism == "laplace" and cfg.privacy.accountant == "prv":
+            raise UserError("privacy.accountant: 'prv' cannot account Laplace; use pld (or rdp) with "
+                            "incontext.mechanism=laplace")
+
+    def plan(self, cfg: JobConfig, splits: Splits, delta: float):
+        from dpsynth.private_job import JobPlan
+
+        ic, acc = cfg.incontext, cfg.privacy.accountant
+        releases = plan_releases(cfg, delta, acc, samples=False)  # its token count is incontext.max_new_tokens
+        prior: tuple[Event, ...] = releases.events
+        self.nm = ic.noise_multiplier or calibrate_noise(ic, cfg.privacy.epsilon, delta, acc, ic.num_examples, prior)
+        plan = Plan(tuple(plan_events(ic, self.nm, ic.num_examples, list(prior))), acc, delta)
+        if plan.epsilon > cfg.privacy.epsilon * (1 + 1e-9):
+            raise UserError(f"incontext.noise_multiplier: {self.nm} spends eps={plan.epsilon:.3f} over {ic.num_examples} "
+                            f"x {ic.max_new_tokens} tokens, above privacy.epsilon={cfg.privacy.epsilon}")
+        self.prior = prior
+        log.info("in-context DP generation: %s, noise multiplier %.4g (scale %.4g), %d groups x %d examples per label, "
+                 "plan eps=%.3f (%s, delta=%.3g)", ic.mechanism, self.nm, noise_scale(ic.mechanism, self.nm), ic.groups,
+                 ic.examples_per_group, plan.epsilon, acc, delta)
+        return JobPlan(plan, releases)
+
+    def execute(self, ctx) -> dict:
+        from .voters import VLLMVoter, make_voter
+
+        cfg, ic, run, storage = ctx.cfg, ctx.cfg.incontext, ctx.run, ctx.storage
+        voter = None
         try:
-            job = cfg
-            cfg, label_dist, lengths = release(job, releases, run, splits, load_tokenizer(cfg.model), storage,
-                                              model_context(cfg.model))
             t_engine = time.monotonic()
-            voter, base = make_voter(cfg, splits)  # before any charge: an engine that fails to start costs nothing
+            voter, self.base = make_voter(cfg, ctx.splits)  # before any charge: an engine that fails to start costs nothing
             engine_start = time.monotonic() - t_engine
-            if label_dist is not None:
-                props = label_dist
-            else:
-                props = resolve_proportions(run_dir, splits.labels, cfg.sampling.label_proportions)
-            counts = label_counts(splits.labels, props, ic.num_examples)
-            groups = assign_groups(splits.train, splits.labels, ic.groups, ic.examples_per_group, ic.seed)
+            props = ctx.label_distribution if ctx.label_distribution is not None else \
+                resolve_proportions(ctx.run_dir, ctx.splits.labels, cfg.sampling.label_proportions)
+            counts = label_counts(ctx.splits.labels, props, ic.num_examples)
+            groups = assign_groups(ctx.splits.train, ctx.splits.labels, ic.groups, ic.examples_per_group, ic.seed)
             sizes = {lab: sum(len(g) for g in gs) for lab, gs in groups.items()}
             saved = storage.read_text(ROWS_STATE)
             t0 = time.monotonic()
-            state, finished = generate_rows(voter, groups, counts, ic, nm, charge, generator or _fresh_generator(),
+            state, finished = generate_rows(voter, groups, counts, ic, self.nm, example_charger(run),
+                                            self.generator or _fresh_generator(),
                                             state=json.loads(saved) if saved else None,
-                                            stop=lambda: stop_signal() is not None,
+                                            stop=lambda: ctx.stop_signal() is not None,
                                             save=lambda st: storage.write_text(ROWS_STATE, json.dumps(st)),
-                                            show_progress=show_progress)
+                                            show_progress=ctx.show_progress)
             wall = time.monotonic() - t0
             if not finished:
-                raise Interrupted(stop_signal(), f"stopped after {state['jobs_done']} of {ic.num_examples} examples; "
-                                                 f"ledger run {run.run_id} stays open with its charges (run the same "
-                                                 f"command to resume it, or `dpsynth abandon {run.run_id}`)")
-            rows, stats = state["rows"], state["stats"]
-            charged = run.charged()
-            certificate = run.certify(
-                mechanism=InContextBlock(
-                    mechanism=ic.mechanism, noise_multiplier=nm, noise_scale=noise_scale(ic.mechanism, nm),
-                    sensitivity={"l1": SENSITIVITY_L1, "l2": SENSITIVITY_L2, "adjacency": f"add/remove one {dataset.unit}"},
-                    token_steps=stats["token_steps_charged"], examples_charged=stats["examples_charged"],
-                    planned_epsilon=plan.epsilon,
-                    pure_dp_epsilon=pure_epsilon(charged) if ic.mechanism == "laplace" and not prior else None,
-                    settings=ic.model_dump(mode="json"), examples_in_groups=sizes),
-                base_model=base, config_hash=incontext_hash(job), label_histogram=releases.labels,
-                length_histogram=releases.lengths, lengths={"max_length": cfg.model.max_length})
+                raise Interrupted(ctx.stop_signal(), f"stopped after {state['jobs_done']} of {ic.num_examples} examples; "
+                                                     f"ledger run {run.run_id} stays open with its charges (run the "
+                                                     f"same command to resume it, or `dpsynth abandon {run.run_id}`)")
         finally:
             if voter is not None:
                 voter.close()  # vLLM's engine process and KV cache, now rather than at exit
-    if isinstance(voter, VLLMVoter):
-        stats.update(prompt_tokens=voter.prompt_tokens, prefix_cache_hit_tokens=voter.cached_tokens)
-    metrics = {**stats, "lengths": lengths.to_json(), "engine": voter.engine, "engine_start_s": round(engine_start, 3), "wall_s": round(wall, 3),
-               "tokens_per_s": stats["tokens_released"] / wall if wall else None,
-               "token_steps_per_s": stats["token_steps_computed"] / wall if wall else None, "label_counts": counts,
-               "examples": len(rows)}
-    body = serialize(rows, "jsonl")
-    run_dir.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(run_dir / "config.yaml", cfg.to_yaml())
-    atomic_write_json(run_dir / "labels.json", list(splits.labels))
-    if label_dist is not None:
-        atomic_write_json(run_dir / "label_distribution.json", label_dist)
-    atomic_write_json(run_dir / "metrics.json", {"incontext": metrics})
-    atomic_write_text(run_dir / "synthetic.jsonl", body)
-    write_certificate(run_dir / "synthetic.jsonl.certificate.json", certificate.with_corpus(CorpusBlock(
-        file="synthetic.jsonl", sha256=hashlib.sha256(body.encode()).hexdigest(), examples=len(rows), label_counts=counts,
-        engine=voter.engine, created=now())))
-    write_certificate(run_dir / "certificate.json", certificate)  # last: its presence marks a complete run
-    remove_job_storage(storage)
-    return run_dir
+        stats = dict(state["stats"])
+        if isinstance(voter, VLLMVoter):
+            stats.update(prompt_tokens=voter.prompt_tokens, prefix_cache_hit_tokens=voter.cached_tokens)
+        metrics = {**stats, "engine": voter.engine, "engine_start_s": round(engine_start, 3), "wall_s": round(wall, 3),
+                   "tokens_per_s": stats["tokens_released"] / wall if wall else None,
+                   "token_steps_per_s": stats["token_steps_computed"] / wall if wall else None, "label_counts": counts,
+                   "examples": len(state["rows"]), "examples_in_groups": sizes}  # exact counts: owner-only
+        return {"rows": state["rows"], "stats": state["stats"], "counts": counts, "engine": voter.engine,
+                "metrics": metrics}
+
+    def certify(self, ctx, result: dict):
+        ic, stats = ctx.cfg.incontext, result["stats"]
+        charged = ctx.run.charged()
+        return ctx.run.certify(
+            mechanism=InContextBlock(
+                mechanism=ic.mechanism, noise_multiplier=self.nm, noise_scale=noise_scale(ic.mechanism, self.nm),
+                sensitivity={"l1": SENSITIVITY_L1, "l2": SENSITIVITY_L2, "adjacency": f"add/remove one {ctx.dataset.unit}"},
+                token_steps=stats["token_steps_charged"], examples_charged=stats["examples_charged"],
+                planned_epsilon=ctx.plan.plan.epsilon,
+                pure_dp_epsilon=pure_epsilon(charged) if ic.mechanism == "laplace" and not self.prior else None,
+                settings=ic.model_dump(mode="json")),
+            base_model=self.base, config_hash=incontext_hash(ctx.job_cfg), label_histogram=ctx.plan.releases.labels,
+            length_histogram=ctx.plan.releases.lengths, lengths={"max_length": ctx.cfg.model.max_length})
+
+    def released_config(self, ctx, result: dict) -> JobConfig:
+        return ctx.cfg
+
+    def write(self, release, ctx, result: dict) -> dict:
+        from dpsynth.release import mechanism
+
+        body = serialize(result["rows"], "jsonl")
+        release.share_text("synthetic.jsonl", body, mechanism("in_context"))
+        release.share_certificate("synthetic.jsonl.certificate.json", release.cert.with_corpus(CorpusBlock(
+            file="synthetic.jsonl", sha256=hashlib.sha256(body.encode()).hexdigest(), examples=len(result["rows"]),
+            label_counts=result["counts"], engine=result["engine"], created=now())))
+        return {"incontext": result["metrics"]}
+
+
+def generate(cfg: JobConfig, *, show_progress: bool = True, generator: torch.Generator | None = None) -> Path:
+    """Training-free DP corpus into cfg.output_dir: synthetic.jsonl + certificates (see dpsynth.incontext)."""
+    from dpsynth.private_job import run_private_job
+
+    return run_private_job(cfg, InContextJob(generator), show_progress=show_progress)

@@ -16,8 +16,8 @@ import torch
 
 from dpsynth.config import SamplingConfig
 from dpsynth.errors import UserError
-from dpsynth.io import atomic_write_text
-from dpsynth.privacy.certificate import CorpusBlock, now, read_certificate, write_certificate
+from dpsynth.privacy.certificate import CorpusBlock, now, read_certificate
+from dpsynth.release import Release, post_processing
 
 from .corpus import generate_corpus, label_counts, load_run_config, resolve_proportions, serialize
 from .engines import TransformersEngine, choose_engine
@@ -56,6 +56,9 @@ def sample(run_dir: Path, params: SamplingConfig | None = None, *, show_progress
         params = params.model_copy(update={"max_new_tokens": cfg.sampling.max_new_tokens})
     labels = tuple(sorted(json.loads((run_dir / "labels.json").read_text())))
     proportions = resolve_proportions(run_dir, labels, params.label_proportions)
+    # Sampling reads only released files: the adapter (and the DP label mix), so the corpus is post-processing.
+    release = Release(run_dir, cert)
+    made_from = post_processing("adapter", *(["label_distribution.json"] if params.label_proportions == "dp" else []))
     counts = label_counts(labels, proportions, params.num_examples)
     wanted = {lab: candidates_needed(n, params.keep_rate) for lab, n in counts.items()}
     prompts = {lab: format_prefix(cfg.model.prefix_template, cert.dataset.name, lab) for lab in labels}
@@ -79,14 +82,14 @@ def sample(run_dir: Path, params: SamplingConfig | None = None, *, show_progress
             model, tok = load_adapter(run_dir, cfg.model)
         candidates = rows
         rows, sharpening = sharpen(model, tok, candidates, counts, prompts, proportions, cfg.model.max_length)
-        atomic_write_text(run_dir / CANDIDATES, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in candidates))
+        release.share_text(CANDIDATES, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in candidates), made_from)
         log.info("label sharpening kept %d of %d candidates; the adapter agreed with %.0f%% of the labels",
                  len(rows), len(candidates), 100 * sharpening["adapter_agrees"])
     body = serialize(rows, params.format)
-    corpus = run_dir / f"synthetic.{params.format}"
-    atomic_write_text(corpus, body)
-    write_certificate(run_dir / f"synthetic.{params.format}.certificate.json", cert.with_corpus(CorpusBlock(
+    corpus = release.share_text(f"synthetic.{params.format}", body, made_from)
+    release.share_certificate(f"synthetic.{params.format}.certificate.json", cert.with_corpus(CorpusBlock(
         file=corpus.name, sha256=hashlib.sha256(body.encode()).hexdigest(), examples=len(rows), label_counts=counts,
         engine=engine, sampling=params.model_dump(mode="json"), sharpening=sharpening, created=now(),
         candidates_file=CANDIDATES if sharpening is not None else None)))
+    release.commit(with_certificate=False)  # the manifest now lists the corpus; the run's certificate is unchanged
     return corpus

@@ -24,7 +24,13 @@ from .engines import Engine, sample_texts
 
 
 def load_run_config(run_dir: Path) -> JobConfig:
-    path = Path(run_dir) / "config.yaml"
+    """The run's config: the owner's full copy when this is the owner's run directory, else the released one
+    (local paths taken out: enough to sample and serve, which read nothing private)."""
+    from dpsynth.release import owner_path
+
+    path = owner_path(run_dir, "config.yaml")
+    if not path.is_file():
+        path = Path(run_dir) / "config.yaml"
     if not path.is_file():
         raise UserError(f"{run_dir}: not a dpsynth run directory (no config.yaml)")
     return JobConfig.model_validate(yaml.safe_load(path.read_text()))
