@@ -119,8 +119,10 @@ def model_context(cfg: ModelConfig) -> int:
 
 
 def base_info(cfg: ModelConfig) -> dict:
-    """What a certificate says about the base model: its name and the sha256 of its weights."""
-    return {"name": cfg.base, "sha256": weights_digest(resolve_base(cfg.base))}
+    """What a certificate says about the base model: its name (a local directory by its own name only: the owner's
+    paths are not released) and the sha256 of its weights, which pins it whatever it is called."""
+    name = Path(cfg.base).name if Path(cfg.base).expanduser().is_dir() else cfg.base
+    return {"name": name, "sha256": weights_digest(resolve_base(cfg.base))}
 
 
 def load_tokenizer(cfg: ModelConfig):

@@ -28,7 +28,7 @@ from dpsynth.privacy.certificate import Certificate, DpSgdBlock, read_certificat
 from dpsynth.data_releases import release
 from dpsynth.lengths import Lengths
 from dpsynth.privacy.run import PrivateRun, resolve_delta
-from dpsynth.privacy.sampling import Schedule, fresh_seed
+from dpsynth.privacy.sampling import Schedule
 from dpsynth.progress import progress_bar
 from dpsynth.runtime import ensure_ray, job_storage, remove_job_storage
 from dpsynth.storage import Storage
@@ -89,11 +89,12 @@ def _scaling(cfg: JobConfig):
 
 
 def worker_plan(cfg: JobConfig, splits: Splits, run: PrivateRun | None, *, sigma: float, sched: Schedule,
-                sampler_seed: int, noise_seed: int, scratch: Storage, stop: Storage, **extra) -> WorkerPlan:
+                scratch: Storage, stop: Storage, **extra) -> WorkerPlan:
+    """No seeds: the worker draws batches and noise from OS entropy and stores neither (a resume draws afresh)."""
     return WorkerPlan(cfg=cfg.model_dump(mode="json"),
                       units=tuple(tuple((ex.text, ex.label) for ex in unit) for unit in splits.train_units()),
                       dataset_name=splits.name, run=run, sigma=sigma, q=sched.q, steps=sched.steps,
-                      sampler_seed=sampler_seed, noise_seed=noise_seed, scratch=str(scratch), stop=str(stop), **extra)
+                      scratch=str(scratch), stop=str(stop), **extra)
 
 
 def fit(cfg: JobConfig, plan: WorkerPlan) -> Storage | None:
@@ -192,8 +193,7 @@ def train(cfg: JobConfig, *, show_progress: bool = True) -> Path:
     tp = plan_training(cfg, dataset.train_units, delta)
     storage = job_storage(cfg, run_dir, run_dir.name)
     run = PrivateRun.open(ledger, dataset=dataset, plan=tp.plan, total_epsilon=cfg.privacy.dataset_epsilon or cfg.privacy.epsilon,
-                          kind=run_dir.name, config_hash=cfg.training_hash(), storage=storage,
-                          state={"sampler_seed": fresh_seed(), "noise_seed": fresh_seed()})
+                          kind=run_dir.name, config_hash=cfg.training_hash(), storage=storage)
     for served in (STOP, ESTIMATE):  # a resumed run: the stop request that ended its last attempt is served
         storage.delete(served)
     steps = tp.schedule.steps
@@ -205,8 +205,7 @@ def train(cfg: JobConfig, *, show_progress: bool = True) -> Path:
                  cfg.training.max_grad_norm, delta, dataset.train_units,
                  cfg.training.batch_size * mean_tokens(splits, tok, cfg, lengths), cfg.training.batch_size,
                  mean_tokens(splits, tok, cfg, lengths), lengths.summary())
-        plan = worker_plan(cfg, splits, run, sigma=tp.sigma, sched=tp.schedule, sampler_seed=run.state["sampler_seed"],
-                           noise_seed=run.state["noise_seed"], scratch=storage, stop=storage)
+        plan = worker_plan(cfg, splits, run, sigma=tp.sigma, sched=tp.schedule, scratch=storage, stop=storage)
         with _ledger_progress(run, steps, show_progress, storage):
             fit(cfg, plan)
         with local_checkpoint(storage) as ckpt:
