@@ -28,7 +28,7 @@ from dpsynth.models import load_base, wrap_lora
 from dpsynth.prefixlm import encode, collate, score_texts
 from dpsynth.train.step import DPLoRAStep, PlainLoRAStep
 from dpsynth.train.plan import plan_training
-from dpsynth.privacy.sampling import poisson_batches, fresh_seed
+from dpsynth.privacy.sampling import poisson_batches
 from dpsynth.sample.engines import TransformersEngine, sample_texts
 from dpsynth.evaluate.classifiers import tfidf_logreg
 t_all = time.time()
@@ -51,7 +51,7 @@ if not a.zeroshot:
     else:
         step = DPLoRAStep(model, noise_multiplier=sigma, max_grad_norm=a.clip, expected_batch_size=a.batch, learning_rate=a.lr, micro_batch_size=32)
     t0 = time.time(); losses = []
-    for i, idx in enumerate(poisson_batches(n, q, steps, fresh_seed())):
+    for i, idx in enumerate(poisson_batches(n, q, steps)):
         losses.append(step(collate([enc[j] for j in idx], tok.pad_token_id)))
         if (i + 1) % 10 == 0:
             print(f"step {i+1} loss {np.nanmean(losses[-10:]):.3f} {time.time()-t0:.0f}s", flush=True)

@@ -49,7 +49,7 @@ def plain_loop(cfg, splits, private: bool, q: float, steps: int, seed: int) -> l
                        learning_rate=t.learning_rate) if private else
             PlainLoRAStep(model, expected_batch_size=t.batch_size, learning_rate=t.learning_rate))
     times, sizes = [], []
-    for idx in poisson_batches(len(enc), q, steps, seed):
+    for idx in poisson_batches(len(enc), q, steps, torch.Generator().manual_seed(seed)):  # a benchmark replays batches
         t0 = time.perf_counter()
         step(collate([enc[j] for j in idx], tok.pad_token_id))
         times.append(time.perf_counter() - t0)
@@ -71,7 +71,7 @@ def ray_fit(cfg, splits, private: bool, q: float, steps: int, seed: int, tmp: Pa
                           plan=Plan((SampledGaussian(1.0, sched.q, steps),), "rdp", 1e-6), total_epsilon=1e9, kind=name,
                           config_hash=name) if private else None
     scratch = Storage(tmp / name)
-    ckpt = fit(cfg, worker_plan(cfg, splits, run, sigma=1.0, sched=sched, sampler_seed=seed, noise_seed=1, scratch=scratch,
+    ckpt = fit(cfg, worker_plan(cfg, splits, run, sigma=1.0, sched=sched, scratch=scratch,
                                 stop=scratch))
     history = json.loads(ckpt.read_text(STATE))["history"]
     return [(h["batch_size"], h["seconds"]) for h in history]

@@ -119,7 +119,7 @@ def train_generator(cfg, splits, eps, delta):
     from dpsynth.data import format_prefix
     from dpsynth.models import load_base, resolve_device, wrap_lora
     from dpsynth.prefixlm import collate, encode
-    from dpsynth.privacy.sampling import fresh_seed, poisson_batches
+    from dpsynth.privacy.sampling import poisson_batches
     from dpsynth.train.plan import plan_training
     from dpsynth.train.step import DPLoRAStep, PlainLoRAStep, auto_micro_batch_size
 
@@ -144,7 +144,7 @@ def train_generator(cfg, splits, eps, delta):
     encoded = [encode(tok, format_prefix(cfg.model.prefix_template, splits.name, ex.label), ex.text, cfg.model.max_length)
                for ex in splits.train]
     t0 = time.perf_counter()
-    for i, idx in enumerate(poisson_batches(n, q, steps, fresh_seed()), start=1):
+    for i, idx in enumerate(poisson_batches(n, q, steps), start=1):
         loss = step(collate([encoded[j] for j in idx], tok.pad_token_id, device))
         if i % 20 == 0 or i == steps:
             log(f"eps={eps}: step {i}/{steps} loss {loss:.3f} ({time.perf_counter() - t0:.0f} s)")

@@ -23,7 +23,7 @@ from opacus import GradSampleModule
 from opacus.optimizers import DPOptimizer
 
 from dpsynth.privacy import SampledGaussian, calibrate, epsilon as account
-from dpsynth.privacy.sampling import fresh_seed, poisson_batches, schedule
+from dpsynth.privacy.sampling import poisson_batches, schedule
 
 _HOOK_WARNING = "Full backward hook is firing when gradients are computed with respect to module outputs"
 
@@ -67,7 +67,7 @@ def dp_sgd_train(module: torch.nn.Module, n: int, get_batch: Callable[[np.ndarra
     optimizer = DPOptimizer(inner, noise_multiplier=sigma, max_grad_norm=max_grad_norm,
                             expected_batch_size=batch_size, loss_reduction="mean", generator=_entropy_generator())
     result = DPTrainResult(0.0, delta, accountant, sigma, q, steps, max_grad_norm, batch_size)
-    for idx in poisson_batches(n, q, steps, fresh_seed()):
+    for idx in poisson_batches(n, q, steps):  # a fresh secure generator
         idx = np.asarray(idx, dtype=np.int64)
         result.batch_sizes.append(len(idx))
         if len(idx) == 0:  # an empty Poisson draw is still a (pure-noise) step

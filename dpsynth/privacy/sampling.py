@@ -37,18 +37,29 @@ def schedule(population: int, expected_batch: int, *, epochs: float | None = Non
     return Schedule(population, expected_batch, q, int(steps))
 
 
-def fresh_seed() -> int:
-    """OS entropy: batch membership and noise are part of the mechanism and must not be reproducible from a config."""
-    return int.from_bytes(os.urandom(7), "little")
+def secure_generator(device=None):
+    """A torch.Generator seeded with 64 bits of OS entropy (os.urandom) and never written anywhere: the batch
+    membership and the noise it draws cannot be replayed from a config, a checkpoint or the ledger, and a resumed
+    run (a new generator) draws afresh.
 
-
-def poisson_batches(population: int, q: float, steps: int, seed: int) -> Iterator[list[int]]:
-    """`steps` batches of unit indices, each unit included independently with probability q (Opacus'
-    UniformWithReplacementSampler). The stream is a function of the seed, so a resumed run replays it."""
+    Why not a true CSPRNG stream: Opacus' secure_mode RNG needs torchcsprng, whose last release (0.2.1, 2021) is
+    built for torch 1.8 and does not install beside torch 2.x. torch's own generators (Mersenne Twister on CPU,
+    Philox on CUDA) are not cryptographic, but their raw outputs are never released (batch membership stays in
+    the worker; the noise only ever leaves added to the clipped gradient sum), so what keeps them unpredictable
+    is the unstored 64-bit seed."""
     import torch
+
+    return torch.Generator(device=device).manual_seed(int.from_bytes(os.urandom(8), "little"))
+
+
+def poisson_batches(population: int, q: float, steps: int, generator=None) -> Iterator[list[int]]:
+    """`steps` batches of unit indices, each unit included independently with probability q (Opacus'
+    UniformWithReplacementSampler). `generator`: None (production) draws from a fresh `secure_generator()`, so
+    no two calls, and no resumed run, draw the same batches; a caller-seeded torch.Generator is for benchmarks
+    that replay batches, never for the private mechanism."""
     from opacus.utils.uniform_sampler import UniformWithReplacementSampler
 
     sampler = UniformWithReplacementSampler(num_samples=population, sample_rate=q, steps=steps,
-                                            generator=torch.Generator().manual_seed(seed))
+                                            generator=generator if generator is not None else secure_generator())
     for batch in sampler:
         yield [int(i) for i in batch]

@@ -13,6 +13,7 @@ from opacus.optimizers import DPOptimizer
 
 from dpsynth.prefixlm import Batch, causal_lm, micro_batches, per_example_loss
 from dpsynth.privacy.events import SampledGaussian
+from dpsynth.privacy.sampling import secure_generator
 
 # Opacus's backward hooks fire on module outputs when the frozen layers below need no input grads: expected.
 warnings.filterwarnings("ignore", message="Full backward hook is firing when gradients are computed with respect to module outputs")
@@ -68,6 +69,11 @@ class DPLoRAStep:
     enters exactly once; each worker divides by the expected global batch / W and the all-reduce
     averages over W, which is (sum of clipped + noise) / expected global batch.
 
+    The noise comes from `noise_generator`; None (production) means a fresh
+    dpsynth.privacy.sampling.secure_generator() on rank 0, seeded from OS entropy and never stored (Opacus would
+    otherwise draw from torch's global RNG, which the worker seeds from the config for the LoRA init). Ranks
+    other than 0 never draw noise and get none. A caller-seeded generator is for tests that compare updates.
+
     Under DeepSpeed the same DP gradient is computed first (per-example backward through
     `torch.autograd.grad`, which fires Opacus's module hooks but not DeepSpeed's gradient hooks),
     then handed to the engine as the gradient of a surrogate loss sum(p * g): DeepSpeed averages
@@ -82,11 +88,15 @@ class DPLoRAStep:
 
         from opacus.optimizers import DistributedDPOptimizer
 
-        world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+        distributed = dist.is_available() and dist.is_initialized()
+        world = dist.get_world_size() if distributed else 1
+        rank = dist.get_rank() if distributed else 0
         self.noise_multiplier, self.sampling_rate = noise_multiplier, sampling_rate
         model.train()  # Opacus captures activations only in train mode
         self.module = prepare_module(model, grad_sample_mode, batch_first=True, loss_reduction="mean")
         self.params = trainable(model)
+        if noise_generator is None and rank == 0:
+            noise_generator = secure_generator(self.params[0].device)
         self.micro_batch_size = micro_batch_size
         self.engine = None
         if deepspeed_config is not None:

@@ -5,9 +5,12 @@ One step, on every worker:
      the DP step is about to release, to the ledger actor; the answers are broadcast, so all workers stop
      together: at a stop request (after a checkpoint), or once the admitted plan is used up (steps charged
      before a failure and lost count too);
-  2. all workers draw the same global Poisson batch from a shared seed and take their shard;
-  3. DPLoRAStep: per-example clipping, one noise draw (rank 0), all-reduce, optimizer step.
-A checkpoint (adapter, optimizer, step, RNG state, ledger run id) goes to the run storage every
+  2. rank 0 draws the step's global Poisson batch (fresh OS entropy, see sampling.secure_generator) and broadcasts
+     it; every worker takes its shard of that same batch;
+  3. DPLoRAStep: per-example clipping, one noise draw (rank 0, from OS entropy), all-reduce, optimizer step.
+No seed and no generator state of the mechanism is ever stored: a resumed run draws fresh batches for the steps it
+still has to run, and fresh noise (the steps lost in between were never released and stay charged).
+A checkpoint (adapter, optimizer, step, per-step history, ledger run id) goes to the run storage every
 `scaling.checkpoint_every` steps; a restarted worker group (Ray Train FailureConfig), or a re-run
 of the same job after the driver itself stopped or died, resumes from the latest one.
 """
@@ -43,6 +46,9 @@ STATE = "state.json"
 LATEST = "LATEST"
 STOP = "STOP"
 """Written into the job's storage by a driver asked to stop (SIGINT/SIGTERM): workers checkpoint and return."""
+BATCHES = "batches-rank{}.json"
+"""In each checkpoint, one per rank: [step, size, sum of unit indices] of the global batch that rank trained on at
+each step, the owner's evidence that every worker used rank 0's batch (private scratch, like all of a checkpoint)."""
 ESTIMATE = "estimate.json"
 """Rank 0's timing of one probe step, written before the first real step: the driver logs the duration estimate."""
 
@@ -61,8 +67,6 @@ class WorkerPlan:
     sigma: float
     q: float
     steps: int
-    sampler_seed: int
-    noise_seed: int
     scratch: str
     """This fit's private storage: checkpoints (and its Ray Train state)."""
     stop: str
@@ -132,15 +136,32 @@ def deepspeed_config(cfg: JobConfig, world: int) -> dict | None:
             "zero_allow_untested_optimizer": True}
 
 
-def unit_batch(encoded: list[list], units: list[int], per_record: bool, cap: int, seed: tuple[int, int], pad_id: int,
-               device):
-    """The rows of one step's sampled units: each unit's records (at most `cap`, drawn with a seed fixed by the step,
-    so a resumed run redraws the same ones), contiguous, with their unit index."""
+def _broadcast_batch(idx: list[int] | None, device) -> list[int]:
+    """Rank 0's global batch (unit indices) on every rank: its length, then the indices. Nothing else decides it."""
+    dist = _dist()
+    if dist is None:
+        return idx
+    root = dist.get_rank() == 0
+    n = torch.tensor([len(idx) if root else 0], dtype=torch.int64, device=device)
+    dist.broadcast(n, src=0)
+    if n.item() == 0:
+        return []
+    t = (torch.tensor(idx, dtype=torch.int64, device=device) if root
+         else torch.empty(int(n.item()), dtype=torch.int64, device=device))
+    dist.broadcast(t, src=0)
+    return t.tolist()
+
+
+def unit_batch(encoded: list[list], units: list[int], per_record: bool, cap: int, pad_id: int, device, rng=None):
+    """The rows of one step's sampled units: each unit's records (at most `cap`, picked by `rng`, by default a
+    generator on fresh OS entropy: never stored, so a resumed run picks afresh), contiguous, with their unit index.
+    Each unit is in exactly one rank's shard, so a rank-local generator needs no agreement across ranks."""
     if per_record:
         return collate([encoded[u][0] for u in units], pad_id, device)
     import numpy as np
 
-    rng = np.random.default_rng(list(seed))
+    if rng is None:
+        rng = np.random.default_rng(int.from_bytes(os.urandom(16), "little"))
     rows, index = [], []
     for k, u in enumerate(units):
         records = encoded[u]
@@ -186,7 +207,7 @@ def train_loop(config: dict) -> None:
         # CPUs explicitly, share this node's cores among its workers so one local worker uses them all.
         cpus = (cfg.scaling.resources_per_worker or {}).get("CPU") or (os.cpu_count() or 1) / ctx.get_local_world_size()
         torch.set_num_threads(max(1, int(cpus)))
-    torch.manual_seed(cfg.training.seed)  # LoRA init only; batches and noise come from the seeds below
+    torch.manual_seed(cfg.training.seed)  # LoRA init only; batches, record picks and noise come from OS entropy
     model, tok, _ = load_base(cfg.model, device)
     model = wrap_lora(model, cfg.lora)  # on its device before wrapping (opacus issue 820)
     _sync_initial_weights(model)
@@ -196,14 +217,13 @@ def train_loop(config: dict) -> None:
     run_id = plan.run.run_id if plan.run is not None else "reference"
 
     ds_cfg = deepspeed_config(cfg, world)
-    noise = torch.Generator(device=device).manual_seed(plan.noise_seed + rank)
     micro = cfg.training.micro_batch_size
     if micro == "auto":
         micro = auto_micro_batch_size(model, device, cfg.model.max_length, math.ceil(cfg.training.batch_size / world))
     if plan.private:
         step = DPLoRAStep(model, noise_multiplier=plan.sigma, sampling_rate=plan.q, max_grad_norm=cfg.training.max_grad_norm,
                           expected_batch_size=cfg.training.batch_size, learning_rate=cfg.training.learning_rate,
-                          grad_sample_mode=cfg.training.grad_sample_mode, noise_generator=noise, optimizer=plan.optimizer,
+                          grad_sample_mode=cfg.training.grad_sample_mode, optimizer=plan.optimizer,  # noise: OS entropy
                           deepspeed_config=ds_cfg, micro_batch_size=micro)
         inner = step.engine if step.engine is not None else step.optimizer.original_optimizer
     else:  # benchmark reference only: never reachable from the CLI
@@ -211,7 +231,7 @@ def train_loop(config: dict) -> None:
                              optimizer=plan.optimizer, micro_batch_size=micro)
         inner = step.optimizer
 
-    start, history, restarts = 0, [], 0
+    start, history, restarts, seen = 0, [], 0, []
     nodes = [None] * world
     if _dist() is not None:
         _dist().all_gather_object(nodes, ray.get_runtime_context().get_node_id())
@@ -229,8 +249,9 @@ def train_loop(config: dict) -> None:
                 inner.load_checkpoint(str(ckpt / "deepspeed"), tag="dp", load_module_strict=False)
             else:
                 inner.load_state_dict(torch.load(ckpt / "optimizer.pt", map_location=device, weights_only=True))
-            noise.set_state(torch.load(ckpt / f"noise_rng_{rank}.pt", weights_only=True))
             start, history, restarts = state["step"], state["history"], state["restarts"] + 1
+            if (ckpt / BATCHES.format(rank)).exists():
+                seen = json.loads((ckpt / BATCHES.format(rank)).read_text())
             log.info("rank %d resumed from step %d of run %s", rank, start, run_id)
 
     charging = plan.private and not plan.covered_by_search
@@ -246,7 +267,7 @@ def train_loop(config: dict) -> None:
         with store.writing_dir(name) as d:
             if ds_cfg is not None:  # collective: every rank writes its optimizer partition
                 inner.save_checkpoint(str(d / "deepspeed"), tag="dp")
-            torch.save(noise.get_state(), d / f"noise_rng_{rank}.pt")
+            (d / BATCHES.format(rank)).write_text(json.dumps(seen))
             if rank == 0:
                 model.save_pretrained(d / "adapter")  # peft format: the driver certifies it as is
                 tok.save_pretrained(d / "adapter")
@@ -266,9 +287,14 @@ def train_loop(config: dict) -> None:
         Storage(plan.stop).write_text(ESTIMATE, json.dumps(_probe(step, encoded, tok, device, plan, world, start)))
 
     last_saved = start
-    for i, idx in enumerate(poisson_batches(len(encoded), plan.q, plan.steps, plan.sampler_seed), start=1):  # units
-        if i <= start:
-            continue  # the batch stream is replayed from its seed so a resumed run draws the same batches
+    # Rank 0's sampler for the steps still to run, on a fresh secure generator (a resumed run draws new batches).
+    batches = poisson_batches(len(encoded), plan.q, plan.steps - start) if rank == 0 else None
+    picks = None
+    if not per_record:
+        import numpy as np
+
+        picks = np.random.default_rng(int.from_bytes(os.urandom(16), "little"))  # this rank's record picks
+    for i in range(start + 1, plan.steps + 1):
         t0 = time.perf_counter()
         if _broadcast_flag(rank == 0 and stop_store.exists(STOP), device):
             log.warning("stop requested: run %s stops before step %d (checkpointed; the same command resumes it)", run_id, i)
@@ -277,9 +303,11 @@ def train_loop(config: dict) -> None:
         if not _broadcast_flag(allowed, device):  # before any noisy update of step i exists
             log.warning("ledger: run %s has no admitted steps left at step %d (steps charged before a failure)", run_id, i)
             break
+        idx = _broadcast_batch(next(batches) if rank == 0 else None, device)  # the same global batch on every rank
         loss = step(unit_batch(encoded, idx[rank::world], per_record, cfg.privacy.max_records_per_unit,
-                               (plan.sampler_seed, i), tok.pad_token_id, device))
+                               tok.pad_token_id, device, picks))
         history.append({"step": i, "batch_size": len(idx), "loss": loss, "seconds": time.perf_counter() - t0})
+        seen.append([i, len(idx), sum(idx)])
         if i % cfg.training.log_every == 0 and rank == 0:
             log.info("step %d/%d loss %.4f batch %d", i, plan.steps, loss, len(idx))
         if i % cfg.scaling.checkpoint_every == 0 or i == plan.steps:
