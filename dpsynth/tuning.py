@@ -214,6 +214,8 @@ class SearchJob:
         if not any(isinstance(e, RepeatAndSelect) for e in run.charged()):
             run.charge(ctx.plan.plan.events[-1])
         k = run.state["num_trials"]  # a resumed search keeps its secret K
+        if not run.resumed:  # trials left by an abandoned search on this storage belong to another run
+            storage.child("trials").delete()
         if k == 0:
             raise UserError("tune: the random number of trials came out 0 (Poisson); the search's budget is spent "
                             "and nothing is released")

@@ -17,6 +17,7 @@ from dpsynth.errors import UserError
 from dpsynth.privacy import Gaussian, Ledger, RepeatAndSelect, SampledGaussian, epsilon
 from dpsynth.privacy.events import from_dict, to_dict
 from dpsynth.privacy.tuning import calibrate_search, draw_num_trials, largest_feasible_mean, search_events
+from dpsynth.release import export, owner_path
 from tune.search import run_trials
 
 
@@ -65,12 +66,80 @@ def test_too_many_trials_refused_with_the_largest_feasible_mean():
     assert largest_feasible_mean(0.01, 1e-5, 0.01, 100, sigma=20.0, **kw) is None
 
 
-@pytest.mark.parametrize("shape", [1.0, 0.5, math.inf])
-def test_number_of_trials_has_the_configured_distribution(shape):
+def _pmf(k: np.ndarray, mean: float, shape: float) -> np.ndarray:
+    """Papernot & Steinke 2022 (Sec. 2): Poisson(mean) for shape = inf, else the truncated negative binomial
+    P[K=k] = (1-g)^k / (g^-shape - 1) * prod_{l<k} (l+shape)/(l+1), k >= 1, with g solving its mean."""
+    from scipy.special import gammaln
+    from scipy.stats import poisson
+
+    from dpsynth.privacy.tuning import _tnb_gamma
+
+    if math.isinf(shape):
+        return poisson.pmf(k, mean)
+    g = _tnb_gamma(mean, shape)
+    log_prod = gammaln(k + shape) - gammaln(shape) - gammaln(k + 1)
+    return np.where(k >= 1, np.exp(k * np.log1p(-g) + log_prod) / (g**-shape - 1), 0.0)
+
+
+@pytest.mark.parametrize("mean,shape", [(4.0, 1.0), (4.0, 0.5), (4.0, math.inf), (2.5, 2.0)])
+def test_number_of_trials_has_the_configured_distribution(mean, shape):
+    """The whole shape, not just the mean: a chi-square goodness-of-fit against the closed-form pmf (a sampler of the
+    right mean but the wrong law, e.g. a geometric or a shifted Poisson, fails it)."""
+    from scipy.stats import chi2
+
     rng = np.random.default_rng(0)
-    ks = np.array([draw_num_trials(4.0, shape, rng) for _ in range(20000)])
-    assert ks.mean() == pytest.approx(4.0, rel=0.03)
-    assert (ks.min() >= 1) if math.isfinite(shape) else (ks == 0).mean() == pytest.approx(math.exp(-4.0), abs=0.01)
+    n = 20000
+    ks = np.array([draw_num_trials(mean, shape, rng) for _ in range(n)])
+    top = 12
+    support = np.arange(0, top)
+    expected = np.append(_pmf(support, mean, shape), 0.0) * n
+    expected[-1] = n - expected[:-1].sum()  # the tail k >= top
+    observed = np.append(np.bincount(np.minimum(ks, top), minlength=top + 1)[:top], (ks >= top).sum())
+    keep = expected > 5
+    stat = ((observed[keep] - expected[keep]) ** 2 / expected[keep]).sum()
+    assert stat < chi2.ppf(0.999, keep.sum() - 1), (observed, expected.round(1))
+    assert ks.mean() == pytest.approx(mean, rel=0.03)
+    if math.isfinite(shape):
+        assert ks.min() >= 1
+
+
+def test_a_wrong_trial_count_law_fails_the_shape_check():
+    """The check above has teeth: a geometric K of the same mean (the truncated negative binomial of shape 1, not the
+    configured 0.5) is rejected by the same statistic."""
+    from scipy.stats import chi2
+
+    rng = np.random.default_rng(0)
+    n, mean, shape, top = 20000, 4.0, 0.5, 12
+    ks = rng.geometric(1 / mean, n)  # mean 4, support >= 1, the right mean and minimum but the wrong law
+    expected = np.append(_pmf(np.arange(top), mean, shape), 0.0) * n
+    expected[-1] = n - expected[:-1].sum()
+    observed = np.append(np.bincount(np.minimum(ks, top), minlength=top + 1)[:top], (ks >= top).sum())
+    keep = expected > 5
+    stat = ((observed[keep] - expected[keep]) ** 2 / expected[keep]).sum()
+    assert stat > chi2.ppf(0.999, keep.sum() - 1)
+
+
+def test_failed_and_unfinished_trials_count_as_the_worst_and_stopped_ones_do_not(tmp_path):
+    """Which trials count must not depend on the data: a failure, a non-finite score or a trial that died without a
+    result is a trial with the worst score; only a trial stopped by the owner's stop request is drawn again."""
+    from dpsynth.storage import Storage
+    from dpsynth.tuning import WORST, trial_records
+
+    store = Storage(tmp_path).child("trials")
+    def started(name, **result):
+        store.write_text(f"{name}.started.json", json.dumps({"trial": name, "max_grad_norm": 1.0, "learning_rate": 1e-3}))
+        if result:
+            store.write_text(f"{name}.json", json.dumps({"trial": name, "max_grad_norm": 1.0, "learning_rate": 1e-3,
+                                                         **result}))
+    started("trial-a", score=2.5, status="ok")
+    started("trial-b", score=WORST, status="failed", error="RuntimeError")
+    started("trial-c")  # killed: no result
+    started("trial-d", score=None, status="stopped")
+    records = {r["trial"]: r for r in trial_records(Storage(tmp_path))}
+    assert set(records) == {"trial-a", "trial-b", "trial-c"}
+    assert records["trial-a"]["score"] == 2.5
+    assert records["trial-b"]["score"] == records["trial-c"]["score"] == math.inf
+    assert min(records.values(), key=lambda r: r["score"])["trial"] == "trial-a"
 
 
 def test_early_stopping_scheduler_refused(tiny_job):
@@ -92,7 +161,7 @@ def test_infeasible_search_refused_before_any_trial(tiny_job):
 
 
 @pytest.mark.slow
-def test_three_trial_search_end_to_end(tiny_job):
+def test_three_trial_search_end_to_end(tiny_job, tmp_path):
     from dpsynth.models import load_adapter
     from dpsynth.tuning import search
 
@@ -100,14 +169,15 @@ def test_three_trial_search_end_to_end(tiny_job):
                              "tune.max_concurrent_trials=1"])
     run_dir = search(cfg, runner=run_trials, show_progress=False, num_trials=3)  # K fixed here only; a real search draws it in secret
     cert = json.loads((run_dir / "certificate.json").read_text())
-    rows = list(csv.DictReader((run_dir / "trials.csv").open()))
+    assert not (run_dir / "trials.csv").exists() and not (run_dir / "tuning.json").exists()  # owner-only
+    rows = list(csv.DictReader(owner_path(run_dir, "trials.csv").open()))
     assert len(rows) == 3 and sum(r["selected"] == "True" for r in rows) == 1
     best = next(r for r in rows if r["selected"] == "True")
     assert float(best["dp_validation_loss"]) == min(float(r["dp_validation_loss"]) for r in rows)
     lo, hi = cfg.tune.max_grad_norm
     assert all(lo <= float(r["max_grad_norm"]) <= hi for r in rows)
     search_block = cert["mechanism"]
-    assert search_block["kind"] == "private_search" and search_block["trials_run"] == 3
+    assert search_block["kind"] == "private_search" and "trials_run" not in search_block  # K stays secret
     assert search_block["selected"]["max_grad_norm"] == pytest.approx(float(best["max_grad_norm"]))
     assert search_block["selected"]["learning_rate"] == pytest.approx(float(best["learning_rate"]))
     assert search_block["selected"]["dp_validation_loss"] == pytest.approx(float(best["dp_validation_loss"]))
@@ -122,7 +192,17 @@ def test_three_trial_search_end_to_end(tiny_job):
     (run,) = Ledger(cfg.privacy.ledger).runs()
     assert run["status"] == "closed" and run["certificate"] == cert
     assert Ledger(cfg.privacy.ledger).spent(cert["dataset"]["fingerprint"], "rdp") <= cfg.privacy.epsilon
-    assert (run_dir / "trials.png").read_bytes()[:4] == b"\x89PNG"
+    assert owner_path(run_dir, "trials.png").read_bytes()[:4] == b"\x89PNG"
     assert not (run_dir / ".checkpoints").exists()  # unselected trials' adapters are not left behind
+    # the export: only the selected trial leaves; no trace of the others, of K, or of the plots
+    dest = tmp_path / "shared"
+    written = export(run_dir, dest)
+    assert not {"trials.csv", "trials.png", "tuning.json"} & set(written)
+    text = "\n".join((dest / f).read_text(errors="replace") for f in written if not f.endswith(".safetensors"))
+    for r in rows:
+        if r["selected"] != "True":
+            for key in ("max_grad_norm", "learning_rate", "dp_validation_loss"):
+                assert r[key] not in text and repr(float(r[key])) not in text, (key, r[key])
+    assert "trials_run" not in text and "num_trials" not in text
     model, _ = load_adapter(run_dir, cfg.model)
     assert model is not None
