@@ -55,3 +55,21 @@ def test_the_cli_finds_the_ray_layers_through_entry_points():
     from tune.search import run_trials
 
     assert _ray_layer("serve") is build_app and _ray_layer("tune") is run_trials
+
+
+WRITERS = {"atomic_write_bytes", "atomic_write_text", "atomic_write_json", "atomic_dir", "write_certificate"}
+"""Calls that put a file somewhere: in a job, they would bypass the release boundary."""
+
+
+@pytest.mark.parametrize("module", ["train/driver.py", "tuning.py", "incontext/run.py", "sample/__init__.py"])
+def test_jobs_write_the_run_directory_only_through_the_release(module):
+    """Training, the search, in-context generation and sampling reach the run directory only through
+    dpsynth.release.Release (which records each shared file's provenance in the manifest): no direct writer calls."""
+    tree = ast.parse((ROOT / "dpsynth" / module).read_text())
+    called = {n.func.id if isinstance(n.func, ast.Name) else getattr(n.func, "attr", None)
+              for n in ast.walk(tree) if isinstance(n, ast.Call)}
+    assert not called & WRITERS, f"{module} calls {called & WRITERS}"
+    jobs = [n for n in ast.walk(tree) if isinstance(n, ast.FunctionDef) and n.name in {"train", "search", "generate"}]
+    for fn in jobs:  # each job entry point is the skeleton with its job plugged in, nothing more
+        calls = {c.func.id for c in ast.walk(fn) if isinstance(c, ast.Call) and isinstance(c.func, ast.Name)}
+        assert "run_private_job" in calls, f"{module}:{fn.name} does not go through run_private_job"
