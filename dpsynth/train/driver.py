@@ -11,29 +11,25 @@ from __future__ import annotations
 import json
 import logging
 import os
-import shutil
 import threading
 from collections import Counter
 from contextlib import contextmanager
 from pathlib import Path
 
 from dpsynth.config import JobConfig
-from dpsynth.data import Splits, dataset_block, prepare
+from dpsynth.data import Splits
 from dpsynth.errors import UserError
-from dpsynth.interrupt import Interrupted, graceful_stop
-from dpsynth.io import atomic_dir, atomic_write_json, atomic_write_text
-from dpsynth.models import adapter_digest, base_info, load_tokenizer, model_context
+from dpsynth.interrupt import Interrupted
+from dpsynth.models import adapter_digest
 from dpsynth.privacy import SampledGaussian
-from dpsynth.privacy.certificate import Certificate, DpSgdBlock, read_certificate, write_certificate
-from dpsynth.data_releases import release
+from dpsynth.privacy.certificate import Certificate, DpSgdBlock
 from dpsynth.lengths import Lengths
-from dpsynth.privacy.run import PrivateRun, resolve_delta
+from dpsynth.privacy.run import PrivateRun
 from dpsynth.privacy.sampling import Schedule
 from dpsynth.progress import progress_bar
-from dpsynth.runtime import ensure_ray, job_storage, remove_job_storage
 from dpsynth.storage import Storage
 from dpsynth.train.plan import TrainingPlan, plan_training  # noqa: F401 (TrainingPlan: part of this module's API)
-from dpsynth.train.worker import ESTIMATE, STATE, STOP, WorkerPlan, latest_checkpoint, local_checkpoint
+from dpsynth.train.worker import ESTIMATE, STATE, WorkerPlan, latest_checkpoint, local_checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -44,17 +40,6 @@ def check_labels(splits: Splits, batch_size: int) -> None:
         if counts[label] < batch_size:
             raise UserError(f"data: label '{label}' has {counts[label]} training examples; "
                             f"training.batch_size {batch_size} needs at least that many per label")
-
-
-def _reuse_existing(cfg: JobConfig, run_dir: Path) -> bool:
-    cert_path = run_dir / "certificate.json"
-    if not cert_path.exists():
-        return False
-    cert = read_certificate(cert_path)
-    if cert.config_hash != cfg.training_hash():
-        raise UserError(f"output_dir: {run_dir} already holds a certified run with a different config; choose another output_dir")
-    log.info("%s already holds a certified adapter for this config (eps=%.3f); reusing it", run_dir, cert.epsilon)
-    return True
 
 
 def check_gpus(cfg: JobConfig) -> None:
@@ -147,24 +132,6 @@ def mean_tokens(splits: Splits, tok, cfg: JobConfig, lengths: Lengths) -> float:
     return prefix + sum(min(n, lengths.text_tokens) for n in text) / max(1, len(text))
 
 
-def write_release(run_dir: Path, cfg: JobConfig, ckpt: Path, splits: Splits, label_dist: dict | None,
-                  certificate: Certificate, lengths: Lengths | None = None) -> None:
-    """The released run directory, each file atomic; the certificate last: its presence marks a complete run.
-    (metrics.json, the training history and what was cut, is for the data owner: it is not part of the release.)"""
-    final = json.loads((ckpt / STATE).read_text())
-    run_dir.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(run_dir / "config.yaml", cfg.to_yaml())
-    with atomic_dir(run_dir / "adapter") as tmp:
-        shutil.copytree(ckpt / "adapter", tmp, dirs_exist_ok=True)
-    atomic_write_json(run_dir / "metrics.json", {"train": final["history"], "restarts": final["restarts"],
-                                                 "worker_nodes": final["worker_nodes"],
-                                                 **({"lengths": lengths.to_json()} if lengths is not None else {})})
-    atomic_write_json(run_dir / "labels.json", list(splits.labels))
-    if label_dist is not None:
-        atomic_write_json(run_dir / "label_distribution.json", label_dist)
-    write_certificate(run_dir / "certificate.json", certificate)
-
-
 def interrupted(signum: int, run: PrivateRun, done: int, total: int) -> Interrupted:
     import signal
 
@@ -173,62 +140,97 @@ def interrupted(signum: int, run: PrivateRun, done: int, total: int) -> Interrup
                                f"`dpsynth abandon {run.run_id}` to close it; its spend stays spent)")
 
 
-def train(cfg: JobConfig, *, show_progress: bool = True) -> Path:
-    """DP-LoRA fine-tune on the train split with Ray Train; write adapter + certificate into cfg.output_dir."""
-    from dpsynth.privacy.service import LedgerClient
+def release_adapter(release, ckpt: Path, mechanism_name: str) -> None:
+    """The trained adapter (LoRA weights: the DP mechanism's output; its tokenizer files: the public base's), with
+    the base model named as the certificate names it rather than by its local path on the owner's machine."""
+    import shutil
+    import tempfile
 
-    run_dir = Path(cfg.output_dir).expanduser().resolve()
-    if _reuse_existing(cfg, run_dir):
-        return run_dir
-    splits = prepare(cfg.data)
-    dataset = dataset_block(splits)
-    base = base_info(cfg.model)
-    tok = load_tokenizer(cfg.model)  # a bad model fails here, in one line, before any worker starts
-    check_labels(splits, cfg.training.batch_size)
-    _scaling(cfg)  # refuse a configuration that cannot keep the guarantee before anything starts
-    ensure_ray(cfg.scaling.address)
-    check_gpus(cfg)
-    ledger = LedgerClient(cfg.privacy.ledger)
-    delta = resolve_delta(cfg.privacy, dataset, ledger.budget(dataset.fingerprint))
-    tp = plan_training(cfg, dataset.train_units, delta)
-    storage = job_storage(cfg, run_dir, run_dir.name)
-    run = PrivateRun.open(ledger, dataset=dataset, plan=tp.plan, total_epsilon=cfg.privacy.dataset_epsilon or cfg.privacy.epsilon,
-                          kind=run_dir.name, config_hash=cfg.training_hash(), storage=storage)
-    for served in (STOP, ESTIMATE):  # a resumed run: the stop request that ended its last attempt is served
-        storage.delete(served)
-    steps = tp.schedule.steps
-    with graceful_stop(lambda signum: storage.write_text(STOP, str(signum))) as stop_signal:
-        job = cfg
-        cfg, label_dist, lengths = release(job, tp.releases, run, splits, tok, storage, model_context(job.model))
+    from dpsynth.release import mechanism
+
+    with tempfile.TemporaryDirectory() as tmp:
+        src = Path(tmp) / "adapter"
+        shutil.copytree(ckpt / "adapter", src)
+        conf = src / "adapter_config.json"
+        doc = json.loads(conf.read_text())
+        doc["base_model_name_or_path"] = release.cert.base_model.name
+        conf.write_text(json.dumps(doc, indent=2))
+        release.share_dir("adapter", src, mechanism(mechanism_name))
+
+
+def training_metrics(ckpt: Path) -> dict:
+    """The owner's record of a fit: per-step true batch sizes and losses, restarts, nodes. Never released."""
+    final = json.loads((ckpt / STATE).read_text())
+    return {"train": final["history"], "restarts": final["restarts"], "worker_nodes": final["worker_nodes"]}
+
+
+class TrainJob:
+    """DP-LoRA fine-tuning on Ray Train, plugged into the private-job skeleton (dpsynth.private_job)."""
+
+    kind = "train"
+
+    def config_hash(self, cfg: JobConfig) -> str:
+        return cfg.training_hash()
+
+    def check(self, cfg: JobConfig, splits: Splits) -> None:
+        check_labels(splits, cfg.training.batch_size)
+        _scaling(cfg)  # refuse a configuration that cannot keep the guarantee before anything starts
+
+    def plan(self, cfg: JobConfig, splits: Splits, delta: float):
+        from dpsynth.private_job import JobPlan
+
+        check_gpus(cfg)
+        self.tp = plan_training(cfg, len(splits.train_units()), delta)
+        return JobPlan(self.tp.plan, self.tp.releases)
+
+    def execute(self, ctx) -> Path:
+        cfg, tp, run, storage = ctx.cfg, self.tp, ctx.run, ctx.storage
+        storage.delete(ESTIMATE)
+        steps = tp.schedule.steps
+        per_example = mean_tokens(ctx.splits, ctx.tokenizer, cfg, ctx.lengths)
         log.info("training %d steps on %d worker(s): q=%.5f sigma=%.4f C=%g delta=%.3g (N=%d); planned about %.0f tokens "
                  "per step (%d examples x %.0f tokens); %s", steps, cfg.scaling.num_workers, tp.schedule.q, tp.sigma,
-                 cfg.training.max_grad_norm, delta, dataset.train_units,
-                 cfg.training.batch_size * mean_tokens(splits, tok, cfg, lengths), cfg.training.batch_size,
-                 mean_tokens(splits, tok, cfg, lengths), lengths.summary())
-        plan = worker_plan(cfg, splits, run, sigma=tp.sigma, sched=tp.schedule, scratch=storage, stop=storage)
-        with _ledger_progress(run, steps, show_progress, storage):
+                 cfg.training.max_grad_norm, ctx.delta, ctx.dataset.train_units, cfg.training.batch_size * per_example,
+                 cfg.training.batch_size, per_example, ctx.lengths.summary())
+        plan = worker_plan(cfg, ctx.splits, run, sigma=tp.sigma, sched=tp.schedule, scratch=storage, stop=storage)
+        with _ledger_progress(run, steps, ctx.show_progress, storage):
             fit(cfg, plan)
-        with local_checkpoint(storage) as ckpt:
-            history = json.loads((ckpt / STATE).read_text())["history"] if ckpt is not None else []
-            applied = history[-1]["step"] if history else 0
-            if stop_signal() is not None and applied < steps:
-                raise interrupted(stop_signal(), run, applied, steps)
-            if ckpt is None:
-                raise RuntimeError(f"training run {run.run_id} produced no checkpoint")
-            charged = run.charged_count(SampledGaussian)
-            certificate = run.certify(
-                mechanism=DpSgdBlock(noise_multiplier=tp.sigma, sampling_rate=tp.schedule.q, steps=charged,
-                                     steps_applied=applied, max_grad_norm=cfg.training.max_grad_norm,
-                                     expected_batch_size=cfg.training.batch_size, workers=cfg.scaling.num_workers,
-                                     max_records_per_unit=cfg.privacy.max_records_per_unit if dataset.unit != "record" else None,
-                                     deepspeed_stage=cfg.scaling.deepspeed_stage, lora=cfg.lora.model_dump(mode="json")),
-                base_model=base, config_hash=job.training_hash(), label_histogram=tp.releases.labels,
-                length_histogram=tp.releases.lengths, lengths={"max_length": cfg.model.max_length,
-                                                               "max_new_tokens": cfg.sampling.max_new_tokens},
-                artefacts={"adapter": adapter_digest(ckpt / "adapter")})
-            write_release(run_dir, cfg, ckpt, splits, label_dist, certificate, lengths)
-    remove_job_storage(storage)
-    return run_dir
+        ckpt = ctx.resources.enter_context(local_checkpoint(storage))
+        history = json.loads((ckpt / STATE).read_text())["history"] if ckpt is not None else []
+        self.applied = history[-1]["step"] if history else 0
+        if ctx.stop_signal() is not None and self.applied < steps:
+            raise interrupted(ctx.stop_signal(), run, self.applied, steps)
+        if ckpt is None:
+            raise RuntimeError(f"training run {run.run_id} produced no checkpoint")
+        return ckpt
+
+    def certify(self, ctx, ckpt: Path) -> Certificate:
+        cfg, tp = ctx.cfg, self.tp
+        return ctx.run.certify(
+            mechanism=DpSgdBlock(noise_multiplier=tp.sigma, sampling_rate=tp.schedule.q,
+                                 steps=ctx.run.charged_count(SampledGaussian), steps_applied=self.applied,
+                                 max_grad_norm=cfg.training.max_grad_norm, expected_batch_size=cfg.training.batch_size,
+                                 workers=cfg.scaling.num_workers,
+                                 max_records_per_unit=cfg.privacy.max_records_per_unit if ctx.dataset.unit != "record" else None,
+                                 deepspeed_stage=cfg.scaling.deepspeed_stage, lora=cfg.lora.model_dump(mode="json")),
+            base_model=ctx.base, config_hash=ctx.job_cfg.training_hash(), label_histogram=tp.releases.labels,
+            length_histogram=tp.releases.lengths,
+            lengths={"max_length": cfg.model.max_length, "max_new_tokens": cfg.sampling.max_new_tokens},
+            artefacts={"adapter": adapter_digest(ckpt / "adapter")})
+
+    def released_config(self, ctx, ckpt: Path) -> JobConfig:
+        return ctx.cfg
+
+    def write(self, release, ctx, ckpt: Path) -> dict:
+        release_adapter(release, ckpt, "dp_sgd")
+        return training_metrics(ckpt)
+
+
+def train(cfg: JobConfig, *, show_progress: bool = True) -> Path:
+    """DP-LoRA fine-tune on the train split with Ray Train; write adapter + certificate into cfg.output_dir."""
+    from dpsynth.private_job import run_private_job
+
+    return run_private_job(cfg, TrainJob(), show_progress=show_progress)
 
 
 @contextmanager
