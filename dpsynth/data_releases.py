@@ -52,15 +52,24 @@ def release(cfg: JobConfig, releases: DataReleases, run, splits: Splits, tokeniz
     resolve `auto` lengths. Returns (the config with numbers for `auto`, the DP label mix or None, the DP length
     distribution or None, the lengths and what they cut: the last is for the owner only)."""
     units = splits.train_units()  # each unit contributes its own distribution: sensitivity 1 per unit
+    # Always in this order (labels, then lengths): the k-th histogram of one noise multiplier is the one the ledger
+    # has charged k of, which is how a resumed run knows it was charged (see release_once).
+    seen: dict[float, int] = {}
+
+    def ordinal(block: HistogramBlock) -> int:
+        seen[block.noise_multiplier] = seen.get(block.noise_multiplier, 0) + 1
+        return seen[block.noise_multiplier]
+
     labels = None
     if releases.labels is not None:
         labels = release_once(run, releases.labels, [[ex.label for ex in u] for u in units], splits.labels, storage,
-                              LABELS_STATE)
+                              LABELS_STATE, ordinal=ordinal(releases.labels))
     distribution = None
     if releases.lengths is not None:
         distribution = release_once(run, releases.lengths,
                                     [[bin_of(n) for n in text_lengths(tokenizer, [ex.text for ex in u])] for u in units],
-                                    [str(b) for b in LENGTH_BINS], storage, LENGTHS_STATE, floor=LENGTH_FLOOR)
+                                    [str(b) for b in LENGTH_BINS], storage, LENGTHS_STATE, floor=LENGTH_FLOOR,
+                                    ordinal=ordinal(releases.lengths))
     resolved, lengths = resolve_lengths(cfg, splits, tokenizer, distribution, context)
     return resolved, labels, distribution, lengths
 

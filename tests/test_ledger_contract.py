@@ -3,14 +3,18 @@ server on loopback) and the client of the central accountant (the Ray actor). Wh
 
 from __future__ import annotations
 
+import itertools
 import math
 import multiprocessing
+import sqlite3
 import threading
 
 import pytest
 
 from conftest import kill_and_await_restart
-from dpsynth.privacy import Budget, BudgetExceeded, Gaussian, Ledger, MirroredLedger, SampledGaussian, epsilon, to_dict
+from dpsynth.privacy import (Budget, BudgetExceeded, Gaussian, Laplace, Ledger, MirroredLedger, RepeatAndSelect,
+                             SampledGaussian, epsilon, to_dict)
+from dpsynth.privacy.accountants import dataset_epsilon
 from dpsynth.privacy.service import LEDGER_API, LedgerClient
 
 FP = "3f2a9c0e5d7b11aa"
@@ -85,7 +89,7 @@ def test_admission_refuses_with_spent_requested_and_total(impl):
     ledger = impl.ledger
     with pytest.raises(ValueError, match="no budget"):
         ledger.open_run("r0", FP, [TRAIN], "rdp")
-    ledger.set_budget(FP, Budget(2.0, DELTA))
+    ledger.set_budget(FP, Budget(2.0, DELTA, accountant="rdp"))
     with pytest.raises(BudgetExceeded) as exc:
         ledger.open_run("r1", FP, [TRAIN], "rdp")  # 2.10 > 2.0
     msg = str(exc.value)
@@ -99,7 +103,7 @@ def test_admission_refuses_with_spent_requested_and_total(impl):
 
 def test_open_runs_reserve_their_plan_and_abandon_releases_the_unused_rest(impl):
     ledger = impl.ledger
-    ledger.set_budget(FP, Budget(2.7, DELTA))
+    ledger.set_budget(FP, Budget(2.7, DELTA, accountant="rdp"))
     ledger.open_run("a", FP, [TRAIN], "rdp")
     with pytest.raises(BudgetExceeded, match="charged \\+ reserved"):
         ledger.open_run("b", FP, [TRAIN], "rdp")  # 2000 steps: 2.87 > 2.7
@@ -212,3 +216,132 @@ def test_sqlite_ledger_serialises_charges_from_several_processes(tmp_path):
         w.join(timeout=30)
     assert total == 20 and ledger.charged("r") == (SampledGaussian(1.0, 0.01, 20),)
     assert math.isclose(ledger.spent(FP, "rdp"), epsilon([SampledGaussian(1.0, 0.01, 20)], DELTA, "rdp"))
+
+
+# ------------------------------------------------------------------ one composition rule per dataset budget
+
+# Three features on one dataset, each under its own accountant: DP-SGD training (PRV), a private search (RDP: only RDP
+# accounts RepeatAndSelect) and Laplace in-context generation (PLD: PRV cannot account Laplace).
+SEARCH = RepeatAndSelect((SampledGaussian(1.0, 0.01, 200), Gaussian(20.0)), 3.0, 1.0)  # rdp eps 2.07 alone
+VOTES = Laplace(5.0, 10)  # pld eps 1.99 alone
+FEATURES = {"train": ([TRAIN], "prv"), "search": ([SEARCH], "rdp"), "incontext": ([VOTES, Gaussian(30.0, purpose="histogram")], "pld")}
+
+
+def _close(ledger, run_id: str, events, accountant: str) -> None:
+    for e in events:
+        ledger.charge(run_id, e)
+    ledger.certify(run_id, certificate_for(ledger, run_id, accountant))
+
+
+@pytest.mark.parametrize("order", list(itertools.permutations(FEATURES)), ids="-".join)
+def test_runs_under_different_accountants_spend_one_dataset_budget(impl, order):
+    """Any two fit (at most eps 3.3 together), all three do not (4.1 > 3.5, composed with RDP): in every order the
+    first two are admitted, the third is refused by the budget, and the spend is always readable."""
+    ledger = impl.ledger
+    registered = FEATURES[order[0]][1]
+    charged = []
+    for i, name in enumerate(order):
+        events, accountant = FEATURES[name]
+        ledger.set_budget(FP, Budget(3.5, DELTA, accountant=accountant))  # another accountant does not refuse the run
+        if i < 2:
+            ledger.open_run(name, FP, events, accountant)
+            _close(ledger, name, events, accountant)
+            charged += events
+        else:
+            with pytest.raises(BudgetExceeded, match="composed with rdp"):
+                ledger.open_run(name, FP, events, accountant)
+        assert ledger.budget(FP) == Budget(3.5, DELTA, accountant=registered)  # fixed by the first registration
+        want = dataset_epsilon(charged, DELTA, registered)
+        assert ledger.spent(FP) == pytest.approx(want, rel=1e-6)
+        (row,) = ledger.datasets()
+        assert row["spent"] == pytest.approx(want, rel=1e-6) and row["budget"].accountant == registered
+    assert [r["run_id"] for r in ledger.runs(FP)] == list(order[:2])
+    assert all(r["status"] == "closed" and r["certificate"]["accountant"] == FEATURES[r["run_id"]][1]
+               for r in ledger.runs(FP))
+
+
+def test_admission_is_refused_when_the_fallback_composition_exceeds_the_budget(impl):
+    ledger = impl.ledger
+    ledger.set_budget(FP, Budget(2.5, DELTA))  # prv
+    ledger.open_run("train", FP, [TRAIN], "prv")
+    _close(ledger, "train", [TRAIN], "prv")  # prv eps 1.83
+    with pytest.raises(BudgetExceeded, match=r"total eps=2.50.*composed with pld"):
+        ledger.open_run("votes", FP, [VOTES], "pld")  # 1.99 alone fits; with the training, PLD says 2.98
+    with pytest.raises(BudgetExceeded, match="composed with rdp"):
+        ledger.open_run("search", FP, [SEARCH], "rdp")  # 2.07 alone; with the training, RDP says 3.01
+    assert ledger.run("votes") is None and ledger.run("search") is None
+    assert ledger.spent(FP) == pytest.approx(epsilon([TRAIN], DELTA, "prv"), rel=1e-6)
+
+
+def test_a_plan_over_the_total_under_its_own_accountant_is_refused(impl):
+    """What the run's certificate will state must fit too, even when the dataset's tighter accountant would admit it."""
+    ledger = impl.ledger
+    ledger.set_budget(FP, Budget(2.0, DELTA))  # prv: TRAIN is 1.83 there, but 2.10 under rdp
+    with pytest.raises(BudgetExceeded, match="under its accountant rdp"):
+        ledger.open_run("r", FP, [TRAIN], "rdp")
+    with pytest.raises(ValueError, match="cannot account"):
+        ledger.open_run("r", FP, [SEARCH], "prv")
+    ledger.open_run("r", FP, [TRAIN], "prv")
+
+
+def test_rename_dataset_moves_the_budget_and_its_runs(impl):
+    ledger = impl.ledger
+    old, new, other = "a" * 64, "b" * 64, "c" * 64
+    assert ledger.rename_dataset(old, new) is False  # nothing to move
+    ledger.set_budget(old, Budget(8.0, DELTA, accountant="rdp"))
+    ledger.open_run("r", old, [SampledGaussian(1.0, 0.01, 10)], "rdp")
+    ledger.charge("r", SampledGaussian(1.0, 0.01, 4))
+    spent = ledger.spent(old)
+    assert ledger.rename_dataset(old, new) is True
+    again = impl.restart()
+    assert again.budget(old) is None and again.budget(new) == Budget(8.0, DELTA, accountant="rdp")
+    assert [r["run_id"] for r in again.runs(new)] == ["r"] and again.runs(old) == []
+    assert again.spent(new) == pytest.approx(spent)
+    again.charge("r", SampledGaussian(1.0, 0.01, 6))  # the open run goes on under the new fingerprint
+    assert again.rename_dataset(old, new) is False  # done already: a no-op
+    again.set_budget(other, Budget(8.0, DELTA))
+    with pytest.raises(ValueError, match="both hold a budget"):
+        again.rename_dataset(new, other)
+    assert again.budget(new) is not None and [r["run_id"] for r in again.runs(new)] == ["r"]
+
+
+def test_a_ledger_from_before_budgets_named_their_accountant(tmp_path):
+    """The migration: a budget row without an accountant composes with its first run's, or PRV."""
+    path = tmp_path / "old.sqlite"
+    db = sqlite3.connect(path)
+    db.executescript("""
+        CREATE TABLE datasets (fingerprint TEXT PRIMARY KEY, epsilon REAL NOT NULL, delta REAL NOT NULL,
+                               unit TEXT NOT NULL DEFAULT 'record');
+        CREATE TABLE runs (run_id TEXT PRIMARY KEY, fingerprint TEXT NOT NULL REFERENCES datasets,
+                           accountant TEXT NOT NULL, planned TEXT NOT NULL, status TEXT NOT NULL, certificate TEXT);
+        CREATE TABLE charges (run_id TEXT NOT NULL REFERENCES runs, params TEXT NOT NULL, count INTEGER NOT NULL,
+                              PRIMARY KEY (run_id, params));
+        INSERT INTO datasets VALUES ('tuned', 8.0, 1e-5, 'record'), ('fresh', 8.0, 1e-5, 'record');
+        INSERT INTO runs VALUES ('t', 'tuned', 'rdp', '[]', 'closed', NULL);
+    """)
+    db.close()
+    ledger = Ledger(path)
+    assert ledger.budget("tuned") == Budget(8.0, 1e-5, accountant="rdp")
+    assert ledger.budget("fresh") == Budget(8.0, 1e-5, accountant="prv")
+    assert [d["accountant"] for d in ledger.datasets()] == ["rdp", "prv"]
+
+
+def test_dpsynth_budget_lists_every_run_whatever_its_accountant(tmp_path, monkeypatch):
+    from typer.testing import CliRunner
+
+    from dpsynth.cli import app
+
+    path = tmp_path / "ledger.sqlite"
+    ledger = Ledger(path)
+    ledger.set_budget(FP, Budget(8.0, DELTA))
+    for name in ("train", "search", "incontext"):
+        events, accountant = FEATURES[name]
+        ledger.open_run(name + "-run", FP, events, accountant)
+        for e in events:
+            ledger.charge(name + "-run", e)
+    ledger.certify("train-run", certificate_for(ledger, "train-run", "prv"))
+    monkeypatch.setenv("COLUMNS", "200")
+    res = CliRunner().invoke(app, ["budget", "--ledger", str(path)])
+    assert res.exit_code == 0, res.output
+    assert all(f"{name}-run" in res.output for name in FEATURES)
+    assert f"{dataset_epsilon([e for n in FEATURES for e in FEATURES[n][0]], DELTA, 'prv'):.3f}" in res.output

@@ -234,3 +234,102 @@ def test_impossible_calibration_raises(target, prior, match):
 
 
 # ---------------------------------------------------------------- the ledger: see test_ledger_contract.py
+
+
+# ---------------------------------------------------------------- one composition rule per dataset
+
+
+def test_a_gaussians_purpose_keeps_it_apart_in_the_ledger_but_not_in_accounting():
+    hist = Gaussian(5.0, purpose="histogram")
+    assert to_dict(hist) == {"kind": "gaussian", "noise_multiplier": 5.0, "count": 1, "purpose": "histogram"}
+    assert from_dict(to_dict(hist)) == hist and "purpose" not in to_dict(Gaussian(5.0))
+    assert merge([Gaussian(5.0), hist, hist]) == (Gaussian(5.0), Gaussian(5.0, 2, "histogram"))
+    for acc in ACCOUNTANTS:
+        assert epsilon([hist, TRAIN], DELTA, acc) == pytest.approx(epsilon([Gaussian(5.0), TRAIN], DELTA, acc))
+    with pytest.raises(TypeError, match="purpose"):
+        Gaussian(5.0, purpose=1)
+
+
+def test_a_dataset_composes_with_its_accountant_or_the_tightest_that_can():
+    from dpsynth.privacy import RepeatAndSelect
+    from dpsynth.privacy.accountants import can_account, dataset_accountant, dataset_epsilon
+
+    search = RepeatAndSelect((SampledGaussian(1.0, 0.01, 100), Gaussian(20.0)), 2.0, 1.0)
+    assert dataset_accountant([TRAIN, Gaussian(5.0)], "prv") == "prv"
+    assert dataset_accountant([TRAIN, Laplace(3.0)], "prv") == "pld"  # PRV cannot account Laplace
+    assert dataset_accountant([TRAIN, search], "prv") == dataset_accountant([TRAIN, search], "pld") == "rdp"
+    assert dataset_accountant([Laplace(3.0), search], "pld") == "rdp"  # RDP accounts Laplace with RepeatAndSelect
+    assert dataset_accountant([TRAIN], "rdp") == "rdp"  # the registered one whenever it can
+    assert not can_account([search], "pld") and not can_account([Laplace(1.0)], "prv") and can_account([search], "rdp")
+    assert dataset_epsilon([TRAIN, Laplace(3.0)], DELTA, "prv") == epsilon([TRAIN, Laplace(3.0)], DELTA, "pld")
+    assert dataset_epsilon([], DELTA, "prv") == 0.0
+
+
+# ---------------------------------------------------------------- a histogram is charged once, by the ledger's record
+
+
+class _Counting:
+    """A PrivateRun stand-in over a real ledger that counts its charges."""
+
+    def __init__(self, run):
+        self.run, self.charges = run, 0
+
+    def charge(self, event):
+        self.charges += 1
+        self.run.charge(event)
+
+    def charged(self):
+        return self.run.charged()
+
+
+@pytest.fixture()
+def histogram_run(tmp_path):
+    from dpsynth.privacy import Ledger
+    from dpsynth.privacy.certificate import DatasetBlock, HistogramBlock
+    from dpsynth.privacy.histogram import histogram_event
+    from dpsynth.privacy.run import Plan, PrivateRun
+    from dpsynth.storage import Storage
+
+    block = HistogramBlock(noise_multiplier=20.0, budget_share=0.05)
+    dataset = DatasetBlock(name="d", fingerprint="f" * 64, units=100, train_units=80, records=100, train_records=80)
+    # labels then lengths with the same noise, and an in-context style Gaussian of that same noise besides
+    plan = Plan((histogram_event(20.0), histogram_event(20.0), Gaussian(20.0, 3)), "prv", DELTA)
+    run = PrivateRun.open(Ledger(tmp_path / "ledger.sqlite"), dataset=dataset, plan=plan, total_epsilon=8.0,
+                          kind="t", config_hash="h")
+    return _Counting(run), block, Storage(tmp_path / "private")
+
+
+UNITS = [["a"]] * 30 + [["b"]] * 10
+
+
+def test_a_crash_between_the_charge_and_the_saved_release_is_not_charged_again(histogram_run):
+    from dpsynth.privacy.histogram import histogram_event, release_once
+
+    run, block, storage = histogram_run
+    run.charge(Gaussian(20.0))  # an in-context token step of the same noise: not a histogram
+    run.charge(histogram_event(20.0))  # the label histogram was charged, then the process died before saving it
+    first = release_once(run, block, UNITS, ["a", "b"], storage, "labels.json", ordinal=1)
+    assert run.charges == 2 and set(first) == {"a", "b"}  # drawn fresh under the charge on record
+    # the lengths histogram, same noise: second of its kind, not charged yet
+    release_once(run, block, UNITS, ["a", "b"], storage, "lengths.json", ordinal=2)
+    assert run.charges == 3
+    assert run.charged() == (Gaussian(20.0), Gaussian(20.0, 2, purpose="histogram"))
+    assert not any(name.endswith(".charged") for name in storage.listdir())
+
+
+def test_a_resumed_release_returns_what_was_saved_and_charges_nothing(histogram_run):
+    from dpsynth.privacy import BudgetExceeded
+    from dpsynth.privacy.histogram import release_once
+
+    run, block, storage = histogram_run
+    first = release_once(run, block, UNITS, ["a", "b"], storage, "labels.json", ordinal=1)
+    assert run.charges == 1
+    assert release_once(run, block, UNITS, ["a", "b"], storage, "labels.json", ordinal=1) == first
+    assert run.charges == 1
+    second = release_once(run, block, UNITS, ["a", "b"], storage, "lengths.json", ordinal=2)
+    assert release_once(run, block, UNITS, ["a", "b"], storage, "lengths.json", ordinal=2) == second
+    assert run.charges == 2
+    with pytest.raises(BudgetExceeded):  # a third histogram of that noise was never planned
+        release_once(run, block, UNITS, ["a", "b"], storage, "third.json", ordinal=3)
+    with pytest.raises(ValueError, match="ordinal"):
+        release_once(run, block, UNITS, ["a", "b"], storage, "x.json", ordinal=0)

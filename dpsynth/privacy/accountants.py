@@ -61,6 +61,38 @@ def epsilon(events: Iterable[Event], delta: float, accountant: str = "prv") -> f
     return eps
 
 
+def can_account(events: Iterable[Event], accountant: str) -> bool:
+    """Whether `accountant` can compose every one of `events`: RDP composes them all (dp_accounting's RDP has the
+    Laplace mechanism's exact RDP and the RepeatAndSelect analysis); PLD all but RepeatAndSelect; PRV Gaussians only."""
+    if accountant not in ACCOUNTANTS:
+        raise ValueError(f"unknown accountant {accountant!r}; expected one of {ACCOUNTANTS}")
+    events = merge(events)
+    if accountant == "rdp":
+        return True
+    if any(isinstance(e, RepeatAndSelect) for e in events):
+        return False
+    return accountant == "pld" or not any(isinstance(e, Laplace) for e in events)
+
+
+def dataset_accountant(events: Iterable[Event], registered: str) -> str:
+    """The accountant a dataset's budget composes `events` with: the one registered with its budget when it can
+    account every event, else the tightest that can (PLD, then RDP, which accounts every event dpsynth charges)."""
+    events = merge(events)
+    for accountant in dict.fromkeys((registered, "pld", "rdp")):
+        if can_account(events, accountant):
+            return accountant
+    kinds = sorted({type(e).__name__ for e in events})
+    raise ValueError(f"no accountant can compose {', '.join(kinds)} on one dataset; the composition is refused")
+
+
+def dataset_epsilon(events: Iterable[Event], delta: float, registered: str) -> float:
+    """Epsilon at `delta` of every event on one dataset, under `dataset_accountant(events, registered)`: the one
+    composition rule of a dataset's budget (admission, spend, `dpsynth budget`). Each accountant's epsilon is an upper
+    bound, so whichever one composes is a valid (conservative) spend."""
+    events = merge(events)
+    return epsilon(events, delta, dataset_accountant(events, registered))
+
+
 def _rdp_only(events: tuple[Event, ...], accountant: str) -> None:
     if any(isinstance(e, RepeatAndSelect) for e in events):
         raise ValueError(f"accountant {accountant!r} cannot account a private hyperparameter search "

@@ -68,14 +68,21 @@ class Gaussian:
 
     Used e.g. for a DP label histogram: adding/removing one example changes
     one count by 1 (Dwork & Roth 2014, "The Algorithmic Foundations of DP").
+
+    ``purpose`` tells a run's Gaussian releases apart in the ledger (charges are summed per kind and parameters,
+    so a histogram's Gaussian never merges with an in-context token's of the same noise); accountants ignore it.
+    Empty (the default) is left out of the event's dict, so plain Gaussians serialise as they always did.
     """
 
     noise_multiplier: float
     count: int = 1
+    purpose: str = ""
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "noise_multiplier", _check_noise(self.noise_multiplier))
         object.__setattr__(self, "count", _check_count(self.count))
+        if not isinstance(self.purpose, str):
+            raise TypeError(f"purpose must be a string, got {self.purpose!r}")
 
 
 @dataclass(frozen=True)
@@ -143,7 +150,10 @@ def to_dict(event: Event) -> dict[str, Any]:
         shape = event.shape if math.isfinite(event.shape) else "inf"  # JSON has no infinity
         return {"kind": _kind(event), "trial": [to_dict(e) for e in event.trial], "mean": event.mean, "shape": shape,
                 "count": event.count}
-    return {"kind": _kind(event), **dataclasses.asdict(event)}
+    d = {"kind": _kind(event), **dataclasses.asdict(event)}
+    if d.get("purpose") == "":
+        del d["purpose"]
+    return d
 
 
 def from_dict(d: dict[str, Any]) -> Event:

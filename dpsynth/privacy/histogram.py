@@ -18,8 +18,13 @@ from .calibration import calibrate
 from .events import Gaussian
 
 
+HISTOGRAM = "histogram"
+"""The `purpose` of a histogram's Gaussian event: the ledger keeps its charges apart from any other Gaussian a run
+releases (an in-context token's, a search's score), so a run's histogram charges can be counted exactly."""
+
+
 def histogram_event(noise_multiplier: float) -> Gaussian:
-    return Gaussian(noise_multiplier)
+    return Gaussian(noise_multiplier, purpose=HISTOGRAM)
 
 
 def calibrate_histogram(share: float, total_epsilon: float, delta: float, accountant: str) -> float:
@@ -61,21 +66,33 @@ def plan_histogram(share: float, total_epsilon: float, delta: float, accountant:
 
 
 def release_once(run, block, unit_categories: Sequence[Sequence[str]], categories: Sequence[str], storage,
-                 state: str, floor: float = 0.0) -> dict[str, float]:
+                 state: str, floor: float = 0.0, *, ordinal: int) -> dict[str, float]:
     """Charge the histogram to `run` and release it, once per run: a resumed run gets what it released before (kept
-    in its private `storage` under `state`). If a crash came between the charge and keeping the result, the lost
-    draw was never released, so one fresh draw under that same charge is still one release."""
+    in its private `storage` under `state`).
+
+    Whether it was charged already is the ledger's record, never a file: this is the run's `ordinal`-th histogram
+    (1, 2, ..., in the fixed order the caller releases them) with this noise multiplier, so it was charged iff the
+    run's charges hold at least `ordinal` histogram events of that noise (they merge in the ledger under one key).
+    If a crash came between the charge and keeping the result, the lost draw was never released, so one fresh draw
+    under that same charge is still one release."""
     import json
 
+    if isinstance(ordinal, bool) or not isinstance(ordinal, int) or ordinal < 1:
+        raise ValueError(f"ordinal must be an integer >= 1, got {ordinal!r}")
     saved = storage.read_text(state) if storage is not None else None
     if saved is not None:
         return json.loads(saved)
-    charged_marker = state + ".charged"
-    if storage is None or not storage.exists(charged_marker):
-        run.charge(histogram_event(block.noise_multiplier))  # BudgetExceeded past the admitted plan
-        if storage is not None:
-            storage.write_text(charged_marker, "1")
+    event = histogram_event(block.noise_multiplier)
+    if charged_histograms(run, block.noise_multiplier) < ordinal:
+        run.charge(event)  # BudgetExceeded past the admitted plan
     proportions = release(unit_categories, categories, block.noise_multiplier, floor=floor)
     if storage is not None:
         storage.write_text(state, json.dumps(proportions))
     return proportions
+
+
+def charged_histograms(run, noise_multiplier: float) -> int:
+    """How many histograms of this noise multiplier the ledger has charged to `run` (a PrivateRun)."""
+    event = histogram_event(noise_multiplier)
+    return sum(e.count for e in run.charged() if isinstance(e, Gaussian) and e.purpose == event.purpose
+               and e.noise_multiplier == event.noise_multiplier)

@@ -6,6 +6,14 @@ read-check-write inside one ``BEGIN IMMEDIATE`` transaction, so concurrent
 processes and threads serialise on the file lock. ``synchronous=FULL`` makes
 each commit durable before the call returns: a crash can over-count what was
 spent (a charged step whose result was never used), never under-count.
+
+One composition rule per dataset budget: the accountant registered with the budget (``Budget.accountant``) composes
+every charge and reservation on the dataset (admission, `spent`, `datasets`), falling back to the tightest accountant
+that can account them all when it cannot (`accountants.dataset_accountant`): a PRV-registered dataset that a private
+search (RepeatAndSelect) or a Laplace run has touched is composed with RDP or PLD, never refused by a raw accountant
+error. A run's own certificate keeps its own accountant for its own charges (`certify`). A ledger written before
+budgets named their accountant holds NULL there, read as the accountant of the dataset's first run (or PRV when it
+has none), the accountant its admissions were computed with until then.
 """
 
 from __future__ import annotations
@@ -19,12 +27,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .accountants import epsilon
+from .accountants import ACCOUNTANTS, can_account, dataset_accountant, dataset_epsilon, epsilon
 from .events import Event, from_dict, merge, to_dict
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS datasets (
-    fingerprint TEXT PRIMARY KEY, epsilon REAL NOT NULL, delta REAL NOT NULL, unit TEXT NOT NULL DEFAULT 'record');
+    fingerprint TEXT PRIMARY KEY, epsilon REAL NOT NULL, delta REAL NOT NULL, unit TEXT NOT NULL DEFAULT 'record',
+    accountant TEXT);
 CREATE TABLE IF NOT EXISTS runs (
     run_id TEXT PRIMARY KEY, fingerprint TEXT NOT NULL REFERENCES datasets,
     accountant TEXT NOT NULL, planned TEXT NOT NULL, status TEXT NOT NULL,
@@ -35,23 +44,32 @@ CREATE TABLE IF NOT EXISTS charges (
 """
 # Admission tolerates only float noise from re-ordering the composition.
 _REL_TOL = 1e-9
+# A dataset's budget row with its composition accountant (NULL in a ledger from before: its first run's, else prv).
+_BUDGET_COLUMNS = ("d.epsilon, d.delta, d.unit, COALESCE(d.accountant, (SELECT r.accountant FROM runs r "
+                   "WHERE r.fingerprint = d.fingerprint ORDER BY r.rowid LIMIT 1), 'prv')")
 
 
 @dataclass(frozen=True)
 class Budget:
     """A dataset's total (epsilon, delta) privacy budget, held per privacy `unit` (a record, or a person's records):
     runs that protect another unit cannot spend it (a record-level epsilon is only a k-fold weaker one for a person
-    with k records)."""
+    with k records).
+
+    `accountant` composes everything spent on the dataset (see the module docstring); it is chosen when the budget
+    is first registered and a run under another accountant may still spend the budget."""
 
     epsilon: float
     delta: float
     unit: str = "record"
+    accountant: str = "prv"
 
     def __post_init__(self) -> None:
         if not (math.isfinite(self.epsilon) and self.epsilon > 0):
             raise ValueError(f"epsilon must be finite and > 0, got {self.epsilon!r}")
         if not 0 < self.delta < 1:
             raise ValueError(f"delta must be in (0, 1), got {self.delta!r}")
+        if self.accountant not in ACCOUNTANTS:
+            raise ValueError(f"unknown accountant {self.accountant!r}; expected one of {ACCOUNTANTS}")
 
 
 class BudgetExceeded(RuntimeError):
@@ -86,6 +104,8 @@ class Ledger:
             columns = {row[1] for row in db.execute("PRAGMA table_info(datasets)")}
             if "unit" not in columns:  # a ledger written before budgets named their unit: those were per record
                 db.execute("ALTER TABLE datasets ADD COLUMN unit TEXT NOT NULL DEFAULT 'record'")
+            if "accountant" not in columns:  # ... or their accountant: NULL, read as their first run's (_BUDGET_COLUMNS)
+                db.execute("ALTER TABLE datasets ADD COLUMN accountant TEXT")
 
     @property
     def location(self) -> str:
@@ -111,16 +131,17 @@ class Ledger:
             db.close()
 
     def set_budget(self, fingerprint: str, budget: Budget) -> None:
-        """Register a dataset's total budget. Fixed once set; re-setting it equal is a no-op."""
+        """Register a dataset's total budget and its accountant. Fixed once set; re-setting it with the same epsilon,
+        delta and unit is a no-op whatever its accountant (the registered one keeps composing the dataset)."""
         with self._tx() as db:
             existing = self._budget(db, fingerprint)
             if existing is None:
-                db.execute("INSERT INTO datasets (fingerprint, epsilon, delta, unit) VALUES (?, ?, ?, ?)",
-                           (fingerprint, budget.epsilon, budget.delta, budget.unit))
+                db.execute("INSERT INTO datasets (fingerprint, epsilon, delta, unit, accountant) VALUES (?, ?, ?, ?, ?)",
+                           (fingerprint, budget.epsilon, budget.delta, budget.unit, budget.accountant))
             elif existing.unit != budget.unit:
                 raise ValueError(f"dataset {fingerprint}'s budget is held per {existing.unit}; a run protecting one "
                                  f"{budget.unit} cannot spend it (the guarantees would not compose)")
-            elif existing != budget:
+            elif (existing.epsilon, existing.delta) != (budget.epsilon, budget.delta):
                 raise ValueError(f"dataset {fingerprint} already has total budget {existing}; "
                                  f"refusing to change it to {budget}")
 
@@ -134,9 +155,15 @@ class Ledger:
 
         The committed budget is every charge on the dataset plus the uncharged
         rest of every open run's plan; since an open run's charges are covered
-        by its plan, that is: closed runs' charges + open runs' plans.
+        by its plan, that is: closed runs' charges + open runs' plans. It is
+        composed with the dataset's rule (`dataset_epsilon`, the budget's
+        accountant or its fallback), and the plan alone under the run's own
+        `accountant` (what its certificate will state) must fit the total too.
         """
         planned = merge(planned)
+        if not can_account(planned, accountant):
+            raise ValueError(f"run {run_id!r}: accountant {accountant!r} cannot account its plan "
+                             f"({', '.join(sorted({type(e).__name__ for e in planned}))})")
         with self._tx() as db:
             budget = self._budget(db, fingerprint)
             if budget is None:
@@ -148,13 +175,20 @@ class Ledger:
                     "SELECT run_id, status, planned FROM runs WHERE fingerprint=? ORDER BY rowid",
                     (fingerprint,)).fetchall():
                 committed += _events(plan) if status == "open" else self._charged(db, rid)
-            total = epsilon(committed + list(planned), budget.delta, accountant)
+            rule = dataset_accountant(committed + list(planned), budget.accountant)
+            total = epsilon(committed + list(planned), budget.delta, rule)
             if not total <= budget.epsilon * (1 + _REL_TOL):  # written so NaN refuses
-                before = epsilon(committed, budget.delta, accountant)
+                before = epsilon(committed, budget.delta, rule)
                 raise BudgetExceeded(
                     f"privacy budget exceeded for dataset {fingerprint[:12]}..: spent "
                     f"eps={before:.2f} (charged + reserved), requested +{total - before:.2f}, "
-                    f"total eps={budget.epsilon:.2f} at delta={budget.delta:.2g}")
+                    f"total eps={budget.epsilon:.2f} at delta={budget.delta:.2g} (composed with {rule})")
+            own = total if rule == accountant and not committed else epsilon(planned, budget.delta, accountant)
+            if not own <= budget.epsilon * (1 + _REL_TOL):
+                raise BudgetExceeded(
+                    f"privacy budget exceeded for dataset {fingerprint[:12]}..: run {run_id!r} alone plans "
+                    f"eps={own:.2f} under its accountant {accountant}, more than the total "
+                    f"eps={budget.epsilon:.2f} at delta={budget.delta:.2g}")
             db.execute("INSERT INTO runs VALUES (?, ?, ?, ?, 'open', NULL)",
                        (run_id, fingerprint, accountant,
                         json.dumps([to_dict(e) for e in planned])))
@@ -245,14 +279,37 @@ class Ledger:
                 raise ValueError(f"run {run_id!r} is unknown")
             return self._charged(db, run_id)
 
-    def spent(self, fingerprint: str, accountant: str = "prv") -> float:
-        """Epsilon of every charge on the dataset, at the dataset's delta."""
+    def spent(self, fingerprint: str, accountant: str | None = None) -> float:
+        """Epsilon of every charge on the dataset, at the dataset's delta, composed by the dataset's rule
+        (`dataset_epsilon`) from its registered accountant, or from `accountant` when given (with the same fallback,
+        so it never fails on an event that accountant cannot account)."""
         with self._tx(write=False) as db:
             budget = self._budget(db, fingerprint)
             if budget is None:
                 raise ValueError(f"dataset {fingerprint} has no budget")
             events = self._dataset_charges(db, fingerprint)
-        return epsilon(events, budget.delta, accountant)
+        return dataset_epsilon(events, budget.delta, accountant or budget.accountant)
+
+    def rename_dataset(self, old_fingerprint: str, new_fingerprint: str) -> bool:
+        """Re-key a dataset's budget and its runs from `old_fingerprint` to `new_fingerprint`, atomically, when the
+        old one is registered and the new one is not (True); a no-op otherwise (False). Refused with ValueError when
+        both are registered: two budgets for one dataset cannot be merged after the fact. (A ledger from before
+        fingerprints were keyed holds its budgets under the unkeyed hash: renaming keeps their spend.)"""
+        if old_fingerprint == new_fingerprint:
+            return False
+        with self._tx() as db:
+            old = self._budget(db, old_fingerprint)
+            new = self._budget(db, new_fingerprint)
+            if old is None:
+                return False
+            if new is not None:
+                raise ValueError(f"dataset {old_fingerprint[:12]}.. and {new_fingerprint[:12]}.. both hold a budget; "
+                                 "refusing to rename one onto the other")
+            # Pin the composition accountant the old row was read with (NULL resolves through its runs' order).
+            db.execute("UPDATE datasets SET fingerprint=?, accountant=? WHERE fingerprint=?",
+                       (new_fingerprint, old.accountant, old_fingerprint))
+            db.execute("UPDATE runs SET fingerprint=? WHERE fingerprint=?", (new_fingerprint, old_fingerprint))
+            return True
 
     def runs(self, fingerprint: str | None = None) -> list[dict[str, Any]]:
         with self._tx(write=False) as db:
@@ -267,16 +324,20 @@ class Ledger:
         return {"run_id": rid, "fingerprint": fp, "accountant": acc, "status": status, "planned": _events(plan),
                 "charged": cls._charged(db, rid), "certificate": None if cert is None else json.loads(cert)}
 
-    def datasets(self, accountant: str = "prv") -> list[dict[str, Any]]:
+    def datasets(self, accountant: str | None = None) -> list[dict[str, Any]]:
+        """Every dataset: its budget, its spend (as `spent`) and the accountant that composed it."""
         with self._tx(write=False) as db:
-            rows = [(fp, Budget(eps, delta, unit), self._dataset_charges(db, fp)) for fp, eps, delta, unit
-                    in db.execute("SELECT fingerprint, epsilon, delta, unit FROM datasets ORDER BY rowid").fetchall()]
-        return [{"fingerprint": fp, "budget": b, "spent": epsilon(ev, b.delta, accountant)}
-                for fp, b, ev in rows]
+            rows = [(fp, Budget(*rest), self._dataset_charges(db, fp)) for fp, *rest
+                    in db.execute(f"SELECT d.fingerprint, {_BUDGET_COLUMNS} FROM datasets d ORDER BY d.rowid").fetchall()]
+        out = []
+        for fp, b, ev in rows:
+            rule = dataset_accountant(ev, accountant or b.accountant)
+            out.append({"fingerprint": fp, "budget": b, "spent": epsilon(ev, b.delta, rule), "accountant": rule})
+        return out
 
     @staticmethod
     def _budget(db: sqlite3.Connection, fingerprint: str) -> Budget | None:
-        row = db.execute("SELECT epsilon, delta, unit FROM datasets WHERE fingerprint=?",
+        row = db.execute(f"SELECT {_BUDGET_COLUMNS} FROM datasets d WHERE d.fingerprint=?",
                          (fingerprint,)).fetchone()
         return None if row is None else Budget(*row)
 

@@ -95,6 +95,7 @@ class MirroredLedger(Ledger):
     charge = _publishes(Ledger.charge)
     certify = _publishes(Ledger.certify)
     abandon = _publishes(Ledger.abandon)
+    rename_dataset = _publishes(Ledger.rename_dataset)
 
     def __del__(self) -> None:
         shutil.rmtree(getattr(self, "_dir", ""), ignore_errors=True)

@@ -73,7 +73,7 @@ def ledger_actor(path: str | Path):
 
 
 LEDGER_API = ("set_budget", "budget", "open_run", "charge", "try_charge", "charged", "certify", "abandon", "run",
-              "spent", "runs", "datasets")
+              "spent", "runs", "datasets", "rename_dataset")
 """What every ledger offers (Ledger, MirroredLedger, LedgerClient): the contract tests/test_ledger_contract.py runs."""
 
 
@@ -133,11 +133,14 @@ class LedgerClient:
     def run(self, run_id: str) -> dict[str, Any] | None:
         return self._call("run", run_id)
 
-    def spent(self, fingerprint: str, accountant: str = "prv") -> float:
+    def spent(self, fingerprint: str, accountant: str | None = None) -> float:
         return self._call("spent", fingerprint, accountant)
+
+    def rename_dataset(self, old_fingerprint: str, new_fingerprint: str) -> bool:
+        return self._call("rename_dataset", old_fingerprint, new_fingerprint)
 
     def runs(self, fingerprint: str | None = None) -> list[dict[str, Any]]:
         return self._call("runs", fingerprint)
 
-    def datasets(self, accountant: str = "prv") -> list[dict[str, Any]]:
+    def datasets(self, accountant: str | None = None) -> list[dict[str, Any]]:
         return self._call("datasets", accountant)
