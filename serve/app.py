@@ -2,6 +2,9 @@
 
 build_app(args) validates the args (dpsynth.config.ServeConfig), refuses adapters whose
 certificate is not in the privacy ledger, and wires Gateway (HTTP) -> Sampler (engine).
+
+The ledger is the server's own (`ledger` in the args, else DPSYNTH_LEDGER, else ~/.dpsynth/ledger.sqlite), resolved
+once here and handed to every replica; never the ledger a run directory's config names.
 """
 
 from __future__ import annotations
@@ -13,7 +16,7 @@ from pydantic import ValidationError
 
 from dpsynth.config import ServeConfig, describe_validation_error
 from dpsynth.errors import UserError
-from dpsynth.sample.adapters import load_certified
+from dpsynth.sample.adapters import load_certified, server_ledger
 
 from .gateway import Gateway
 from .sampler import Sampler
@@ -29,10 +32,12 @@ def is_loopback(host: str) -> bool:
 
 
 def parse_config(args: dict) -> ServeConfig:
+    """The serve config, its ledger resolved to the server's own (see the module docstring)."""
     try:
-        return ServeConfig.model_validate(args)
+        cfg = ServeConfig.model_validate(args)
     except ValidationError as e:
         raise UserError(describe_validation_error(e, "serve config")) from None
+    return cfg.model_copy(update={"ledger": server_ledger(cfg.ledger)})
 
 
 def auth_on(cfg: ServeConfig) -> bool:
@@ -73,6 +78,6 @@ def build_app(args: dict):
         autoscaling_config={"min_replicas": cfg.min_replicas, "max_replicas": max(cfg.max_replicas, cfg.min_replicas),
                             "initial_replicas": cfg.min_replicas, "target_ongoing_requests": cfg.target_ongoing_requests},
         ray_actor_options={"num_cpus": cfg.cpus_per_replica, "num_gpus": cfg.gpus_per_replica},
-    ).bind(specs, None if cfg.ledger is None else str(cfg.ledger), cfg.engine, options)
+    ).bind(specs, str(cfg.ledger), cfg.engine, options)
     gateway_cfg = {**cfg.model_dump(mode="json"), "_adapters": specs, "_auth_on": on}
     return Gateway.options(max_ongoing_requests=cfg.limits.max_concurrent_requests + 32).bind(sampler, gateway_cfg)

@@ -2,6 +2,10 @@
 
 Only the adapter, its certificate and the run's public metadata (labels, DP label histogram,
 model section of the config) are read; the private data never is.
+
+The ledger a certificate is checked against is the server's (or sampler's) own: named by its operator (`--ledger`,
+the serve config's `ledger`), else DPSYNTH_LEDGER, else ~/.dpsynth/ledger.sqlite (`server_ledger`). Never one a
+run directory names: a forged run directory could name a forged ledger holding its forged certificate.
 """
 
 from __future__ import annotations
@@ -12,7 +16,7 @@ import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from dpsynth.config import ModelConfig
+from dpsynth.config import ModelConfig, PrivacyConfig
 from dpsynth.data import format_prefix
 from dpsynth.errors import UserError
 from dpsynth.io import atomic_dir
@@ -35,8 +39,6 @@ class CertifiedAdapter:
     dp_proportions: dict[str, float] | None
     rank: int
     prompts: dict[str, str] = field(default_factory=dict)
-    ledger: Path | None = None
-    """The ledger the run was trained against (from its config)."""
     max_new_tokens: int = 40
     """The run's own sampling length (its DP length histogram's, when `auto`)."""
 
@@ -71,10 +73,16 @@ def verify_in_ledger(cert: Certificate, ledger_path: str | Path, where: str) -> 
         raise UserError(f"{where}: certificate of run '{cert.run_id}' is not in the ledger {ledger_path}; refusing to serve it")
 
 
-def load_certified(run_dir: str | Path, name: str | None = None, ledger: Path | None = None) -> CertifiedAdapter:
-    """Read one run directory and check its certificate against the ledger (default: the run's own)."""
+def server_ledger(ledger: str | Path | None = None) -> Path | str:
+    """The ledger certificates are verified against: `ledger` as the server's operator named it, else the default
+    ledger (DPSYNTH_LEDGER, else ~/.dpsynth/ledger.sqlite, resolved as privacy.ledger's default is). Never a run's."""
+    return PrivacyConfig().ledger if ledger is None else PrivacyConfig(ledger=ledger).ledger
+
+
+def load_certified(run_dir: str | Path, name: str | None = None, ledger: str | Path | None = None) -> CertifiedAdapter:
+    """Read one run directory and check its certificate against the server's ledger (`server_ledger(ledger)`)."""
     adapter = read_adapter(run_dir, name)
-    verify_in_ledger(adapter.certificate, ledger or adapter.ledger, str(adapter.run_dir))
+    verify_in_ledger(adapter.certificate, server_ledger(ledger), str(adapter.run_dir))
     return adapter
 
 
@@ -92,8 +100,7 @@ def read_adapter(run_dir: str | Path, name: str | None = None) -> CertifiedAdapt
     prompts = {lab: format_prefix(cfg.model.prefix_template, cert.dataset.name, lab) for lab in labels}
     new_tokens = cfg.sampling.max_new_tokens if isinstance(cfg.sampling.max_new_tokens, int) else 40
     return CertifiedAdapter(name or run_dir.name, run_dir, cert, cfg.model, labels,
-                            json.loads(dist.read_text()) if dist.is_file() else None, rank, prompts, cfg.privacy.ledger,
-                            new_tokens)
+                            json.loads(dist.read_text()) if dist.is_file() else None, rank, prompts, new_tokens)
 
 
 def same_base(adapters: list[CertifiedAdapter]) -> ModelConfig:
