@@ -24,6 +24,7 @@ a = ap.parse_args()
 torch.set_num_threads(2)
 from dpsynth.config import load_config
 from dpsynth.data import prepare, format_prefix
+from dpsynth.privacy.secret import ledger_secret
 from dpsynth.models import load_base, wrap_lora
 from dpsynth.prefixlm import encode, collate, score_texts
 from dpsynth.train.step import DPLoRAStep, PlainLoRAStep
@@ -34,7 +35,7 @@ from dpsynth.evaluate.classifiers import tfidf_logreg
 t_all = time.time()
 cfg = load_config(None, ["model.max_length=64", "sampling.max_new_tokens=40", f"model.prefix_template={a.template!r}", f"training.batch_size={a.batch}", f"training.steps={a.steps}", f"privacy.epsilon={a.eps}",
                          f"lora.last_layers={a.layers}", f"lora.r={a.r}", f"lora.target_modules=[{a.modules}]"])
-splits = prepare(cfg.data)
+splits = prepare(cfg.data, ledger_secret(cfg.privacy.ledger))
 n = len(splits.train)
 delta = 1 / splits.dataset_size ** 1.1
 tp = plan_training(cfg, n, delta); sigma, q, steps = tp.sigma, tp.schedule.q, tp.schedule.steps

@@ -50,6 +50,7 @@ def worker(mode: str, batch_size: int, steps: int, max_length: int, threads: int
     import dpsynth.prefixlm as prefixlm
     from dpsynth.config import load_config
     from dpsynth.data import format_prefix, prepare
+    from dpsynth.privacy.secret import ledger_secret
     from dpsynth.models import load_base, resolve_device, wrap_lora
     from dpsynth.prefixlm import collate, encode
     from dpsynth.train.step import DPLoRAStep, PlainLoRAStep, auto_micro_batch_size
@@ -63,7 +64,7 @@ def worker(mode: str, batch_size: int, steps: int, max_length: int, threads: int
         prefixlm.lean_head = lambda model: None  # full-vocabulary logits at every position, as before
     model, tok, _ = load_base(cfg.model, device)
     model = wrap_lora(model, cfg.lora)
-    splits = prepare(cfg.data)
+    splits = prepare(cfg.data, ledger_secret(cfg.privacy.ledger))
     need = batch_size * (steps + 2)
     pool = list(splits.train) * (need // len(splits.train) + 1)
     texts = [ex.text for ex in pool]

@@ -28,8 +28,10 @@ import numpy as np
 def make_corpus(path: Path, docs: int, seed: int) -> dict:
     from dpsynth.config import load_config
     from dpsynth.data import prepare
+    from dpsynth.privacy.secret import ledger_secret
 
-    splits = prepare(load_config(None, []).data)
+    base_cfg = load_config(None, [])
+    splits = prepare(base_cfg.data, ledger_secret(base_cfg.privacy.ledger))
     rng = np.random.default_rng(seed)
     by_label: dict[str, list[str]] = {}
     for ex in splits.train:

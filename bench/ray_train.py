@@ -28,6 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from dpsynth.config import load_config  # noqa: E402
 from dpsynth.data import format_prefix, prepare  # noqa: E402
+from dpsynth.privacy.secret import ledger_secret  # noqa: E402
 from dpsynth.privacy import SampledGaussian  # noqa: E402
 from dpsynth.privacy.sampling import poisson_batches  # noqa: E402
 
@@ -99,7 +100,7 @@ def main() -> None:
     cfg1 = load_config(None, [f"training.batch_size={args.batch}", f"data.max_examples={args.max_examples}"])
     cfg2 = load_config(None, [f"training.batch_size={args.batch}", f"data.max_examples={args.max_examples}",
                               "scaling.num_workers=2"])
-    splits = prepare(cfg1.data)
+    splits = prepare(cfg1.data, ledger_secret(cfg1.privacy.ledger))
     q = args.batch / len(splits.train)
     configs = {
         "plain_loop_nondp": lambda s, tmp: plain_loop(cfg1, splits, False, q, args.steps, s),

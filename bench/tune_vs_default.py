@@ -39,6 +39,7 @@ def main() -> None:
 
     from dpsynth.evaluate import score
     from dpsynth.data import prepare
+    from dpsynth.privacy.secret import ledger_secret
     from dpsynth.sample import sample
     from dpsynth.sample import load_run_config
     from dpsynth.train.driver import train
@@ -59,7 +60,8 @@ def main() -> None:
             corpus = sample(run_dir, cfg.sampling, show_progress=False)
             from dpsynth.evaluate import read_corpus
 
-            splits = prepare(load_run_config(run_dir).data)
+            run_cfg = load_run_config(run_dir)
+            splits = prepare(run_cfg.data, ledger_secret(run_cfg.privacy.ledger, create=False))
             cert = json.loads((run_dir / "certificate.json").read_text())
             mech = cert["mechanism"]
             util = score(read_corpus(corpus), list(splits.test))

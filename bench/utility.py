@@ -166,6 +166,7 @@ def main() -> None:
 
     from dpsynth.config import load_config
     from dpsynth.data import format_prefix, prepare
+    from dpsynth.privacy.secret import ledger_secret
     from dpsynth.evaluate.classifiers import Context, dp_predict, metrics, tfidf_logreg
     from dpsynth.evaluate.utility import majority_class
     from dpsynth.models import load_base, resolve_device
@@ -175,7 +176,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     t_start = time.perf_counter()
     cfg = load_config(None, args.set, preset=args.preset)
-    splits = prepare(cfg.data)
+    splits = prepare(cfg.data, ledger_secret(cfg.privacy.ledger))
     cfg = exact_lengths(cfg, splits)
     log(f"lengths: max_length {cfg.model.max_length}, max_new_tokens {cfg.sampling.max_new_tokens}")
     train, test = list(splits.train), list(splits.test)

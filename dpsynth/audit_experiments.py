@@ -16,6 +16,7 @@ from pathlib import Path
 
 from dpsynth.config import EvaluationConfig, JobConfig, load_config
 from dpsynth.data import Splits, prepare
+from dpsynth.privacy.secret import ledger_secret
 from dpsynth.evaluate.audit import Canary, make_canaries, privacy_audit
 from dpsynth.evaluate.corpora import find_corpus, read_corpus
 from dpsynth.io import atomic_write_text
@@ -84,7 +85,7 @@ def run_audit_experiments(run_dir: Path, ev: EvaluationConfig, show_progress: bo
     from dpsynth.train.driver import train
 
     cfg = load_run_config(run_dir)
-    splits = prepare(cfg.data)
+    splits = prepare(cfg.data, ledger_secret(cfg.privacy.ledger, create=False))
     embedder = Embedder(Path(run_dir) / "evaluation" / "cache")
     ctx = Context(ev.seed, embedder, ev.transformer_epochs, ev.transformer_layers)
     root = Path(run_dir) / "evaluation" / "audit"
@@ -101,7 +102,7 @@ def run_audit_experiments(run_dir: Path, ev: EvaluationConfig, show_progress: bo
         except Exception:
             corpus = sample(adir, acfg.sampling, show_progress=show_progress)
         synthetic = read_corpus(corpus)
-        asplits = prepare(acfg.data)
+        asplits = prepare(acfg.data, ledger_secret(acfg.privacy.ledger))
         canary_texts = {r.text for c in canaries for r in c.records()}
         clean = Splits(asplits.name, tuple(e for e in asplits.train if e.text not in canary_texts),
                        tuple(e for e in asplits.validation if e.text not in canary_texts),

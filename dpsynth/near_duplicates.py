@@ -81,3 +81,39 @@ def estimated_jaccard(a: str, b: str, seed: int = 0) -> float:
         m.update_batch(list(shingles(text)) or [b""])
         sigs.append(m)
     return float(sigs[0].jaccard(sigs[1]))
+
+
+MIN_COLLISION = 0.5
+"""The least probability with which a pair of texts at exactly the configured similarity gets one near-duplicate key."""
+
+
+def band_rows(threshold: float) -> int:
+    """Rows r of the single LSH band a record's near-duplicate key is made of (see `band_key`).
+
+    Each MinHash row of two texts agrees with probability s, their Jaccard similarity of shingles, independently of
+    the other rows, so one band of r rows collides with probability P(s) = s^r. (The usual b bands of r rows,
+    P = 1 - (1 - s^r)^b, link a pair if ANY band agrees; that is a graph, and its connected clusters are what let one
+    added text fuse several units. One key per record, computed from that record alone, is a partition: one band.)
+    No partition that depends on each record alone catches every near pair; r = 1 catches the most, P(s) = s. We
+    take the largest r with threshold^r >= MIN_COLLISION (r >= 1): at the default 0.7, r = 1 (P = 0.7 at the
+    threshold, 0.9 at s = 0.9, 0.3 at s = 0.3); at 0.9, r = 6 (P = 0.53 at the threshold, 0.02 at s = 0.5), so a
+    stricter threshold also merges fewer loosely similar texts.
+    """
+    import math
+
+    if threshold >= 1.0:
+        return NUM_PERM
+    return max(1, min(NUM_PERM, math.floor(math.log(MIN_COLLISION) / math.log(threshold))))
+
+
+def band_key(text: str, rows: int, seed: int = 0) -> bytes | None:
+    """The first `rows` MinHash values of the text's shingles, as bytes: its near-duplicate key, a function of this
+    one text (None for a text without words). Two texts get equal keys with probability s^rows (`band_rows`)."""
+    from datasketch import MinHash
+
+    sh = shingles(text)
+    if not sh:
+        return None
+    m = MinHash(num_perm=NUM_PERM, seed=seed)
+    m.update_batch(list(sh))
+    return m.hashvalues[:rows].astype("<u8").tobytes()

@@ -17,6 +17,14 @@ import torch
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 torch.set_num_threads(min(2, os.cpu_count() or 1))
 
+TEST_SECRET = b"k" * 32
+"""A fixed owner key for unit tests that need no real ledger: prepare(cfg, TEST_SECRET)."""
+
+
+@pytest.fixture()
+def secret() -> bytes:
+    return TEST_SECRET
+
 
 @pytest.fixture(scope="module", autouse=True)
 def _fresh_ray_per_module():

@@ -14,6 +14,7 @@ import torch
 
 from dpsynth.config import load_config
 from dpsynth.data import Example, format_prefix, prepare
+from dpsynth.privacy.secret import ledger_secret
 from dpsynth.evaluate import attacks
 from dpsynth.evaluate.audit import Canary, canary_exposures, make_canaries
 from dpsynth.evaluate.classifiers import Context, dp_predict, metrics
@@ -97,7 +98,7 @@ def test_dp_generator_resists_the_loss_attack(tiny_job, tmp_path):
     cfg = load_config(None, tiny_job + ["privacy.epsilon=1", "training.steps=10", "sampling.label_proportions=uniform"])
     run_dir = train(cfg, show_progress=False)
     cert = json.loads((run_dir / "certificate.json").read_text())
-    splits = prepare(cfg.data)
+    splits = prepare(cfg.data, ledger_secret(cfg.privacy.ledger))
     model, tok = load_adapter(run_dir, cfg.model)
     pre = lambda e: format_prefix(cfg.model.prefix_template, splits.name, e.label)  # noqa: E731
     mem, non = list(splits.train)[:100], list(splits.test) + list(splits.validation)

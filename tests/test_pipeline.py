@@ -14,6 +14,7 @@ import yaml
 from dpsynth.cli import main
 from dpsynth.config import load_config
 from dpsynth.data import prepare
+from dpsynth.privacy.secret import ledger_secret
 from dpsynth.privacy import Ledger, epsilon, from_dict
 from dpsynth.privacy.certificate import Certificate
 
@@ -49,7 +50,7 @@ def test_tiny_pipeline_end_to_end(tiny_job, tmp_path):
     assert cert["mechanism"]["max_grad_norm"] == 1.0 and cert["accountant"] == "prv"
     assert cert["dataset"]["unit"] == "record" and cert["label_histogram"]["budget_share"] == 0.05
     cfg = load_config(None, tiny_job)
-    splits = prepare(cfg.data)
+    splits = prepare(cfg.data, ledger_secret(cfg.privacy.ledger))
     assert cert["dataset"]["fingerprint"] == splits.fingerprint
     assert cert["delta"] == pytest.approx(1 / splits.dataset_size**1.1)
     # the certified epsilon is what the charged events cost, and within the target
@@ -130,7 +131,7 @@ def test_training_sees_only_the_train_split(tiny_job, monkeypatch):
     monkeypatch.setattr(driver, "fit", spy)
     cfg = load_config(None, tiny_job)
     driver.train(cfg, show_progress=False)
-    splits = prepare(cfg.data)
+    splits = prepare(cfg.data, ledger_secret(cfg.privacy.ledger))
     (plan,) = shipped
     seen = [text for unit in plan.units for text, _ in unit]
     assert sorted(seen) == sorted(ex.text for ex in splits.train)
@@ -259,9 +260,11 @@ def test_a_person_level_run_end_to_end(tiny_job, tmp_path):
     assert res.returncode == 0, res.stderr[-3000:]
     run_dir = Path(overrides_dict(job)["output_dir"])
     cert = json.loads((run_dir / "certificate.json").read_text())
-    splits = prepare(load_config(None, job).data)
+    job_cfg = load_config(None, job)
+    splits = prepare(job_cfg.data, ledger_secret(job_cfg.privacy.ledger))
     assert cert["dataset"]["unit"] == "patient_id" and cert["dataset"]["units"] == 60 == splits.units
-    assert cert["dataset"]["records"] == 240 and cert["dataset"]["train_units"] == len({ex.unit for ex in splits.train})
+    assert cert["dataset"].get("records") is None and splits.dataset_size == 240  # record counts stay with the owner
+    assert cert["dataset"]["train_units"] == len({ex.unit for ex in splits.train})
     assert cert["delta"] == pytest.approx(1 / 60**1.1)  # N is the number of patients
     assert cert["mechanism"]["max_records_per_unit"] == 16
     assert cert["mechanism"]["sampling_rate"] == pytest.approx(8 / cert["dataset"]["train_units"])

@@ -17,6 +17,7 @@ import numpy as np
 
 from dpsynth.config import EvaluationConfig
 from dpsynth.data import Example, prepare
+from dpsynth.privacy.secret import ledger_secret
 from dpsynth.errors import UserError
 from dpsynth.evaluate import fidelity
 from dpsynth.evaluate.audit import privacy_audit
@@ -135,7 +136,7 @@ def evaluate(run_dir: Path, ev: EvaluationConfig | None = None, *, show_progress
     cert = read_certificate(run_dir / "certificate.json")
     cfg = load_run_config(run_dir)
     ev = ev or cfg.evaluation
-    splits = prepare(cfg.data)
+    splits = prepare(cfg.data, ledger_secret(cfg.privacy.ledger, create=False))  # the run's key: same split
     if splits.fingerprint != cert.dataset.fingerprint:
         raise UserError(f"data: the dataset changed since training (fingerprint {splits.fingerprint} != {cert.dataset.fingerprint})")
     corpus = find_corpus(run_dir)

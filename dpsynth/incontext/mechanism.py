@@ -40,9 +40,12 @@ def assign_groups(train: tuple[Example, ...] | list[Example], labels: tuple[str,
                   seed: int) -> dict[str, list[tuple[Example, ...]]]:
     """Label-homogeneous disjoint groups of the TRAIN examples: label -> `groups` tuples of <= per_group examples.
 
-    A record's group is a keyed hash of its privacy unit (of the record itself when it is its own unit), so adding or
-    removing one unit changes the contents of at most one group per label, and every vote for an example of one
-    label comes from that label's groups (see dpsynth.incontext); the group count is fixed by the config.
+    A record's group is a hash of its privacy unit's key (of the record itself when it is its own unit); a prepared
+    unit's key is a keyed hash of that unit's own content or unit-column value (dpsynth.data.prepare), never a
+    position, so adding or removing one unit changes the contents of at most one group per label, and every vote for
+    an example of one label comes from that label's groups (see dpsynth.incontext); the group count is fixed by the
+    config. The per_group cap keeps the records with the smallest hashes of their own (label, text): a neighbour
+    can only change the cap's choice inside the one group its unit falls in.
     """
     buckets: dict[str, list[list[tuple[bytes, Example]]]] = {lab: [[] for _ in range(groups)] for lab in labels}
     for ex in train:
