@@ -250,7 +250,8 @@ class ServeConfig(_Section):
     adapters: tuple[str, ...]
     """Run directories to serve, each `path` or `name=path` (default name: the directory name)."""
     ledger: Location | None = None
-    """Ledger holding the adapters' certificates (default: the ledger each run was trained against)."""
+    """Ledger holding the adapters' certificates (default: DPSYNTH_LEDGER, else ~/.dpsynth/ledger.sqlite; never the
+    ledger a run directory names, which a forged directory could choose)."""
     engine: Literal["vllm", "transformers"] = "vllm"
     merged: bool = False
     """Serve one adapter merged into the base weights (bulk sampling) instead of LoRA on the base."""

@@ -139,7 +139,10 @@ def run_private_job(cfg: JobConfig, job: PrivateJob, *, show_progress: bool = Tr
     ensure_ray(cfg.scaling.address)
     ledger = LedgerClient(cfg.privacy.ledger)
     if splits.legacy_fingerprint != splits.fingerprint:  # a ledger from before keyed fingerprints keeps its spend
-        ledger.rename_dataset(splits.legacy_fingerprint, splits.fingerprint)
+        try:
+            ledger.rename_dataset(splits.legacy_fingerprint, splits.fingerprint)
+        except ValueError as e:
+            raise UserError(f"privacy.ledger: {e}") from None
     delta = resolve_delta(cfg.privacy, dataset, ledger.budget(dataset.fingerprint))
     jp = job.plan(cfg, splits, delta)
     name = f"{run_dir.name}-{job.kind}"

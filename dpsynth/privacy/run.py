@@ -84,7 +84,8 @@ class PrivateRun:
         resumed. Raises BudgetExceeded when the plan does not fit the dataset's remaining budget.
         """
         try:
-            ledger.set_budget(dataset.fingerprint, Budget(total_epsilon, plan.delta, dataset.unit))
+            ledger.set_budget(dataset.fingerprint, Budget(total_epsilon, plan.delta, dataset.unit,
+                                                          accountant=plan.accountant))
         except ValueError as e:
             raise UserError(f"privacy: {e}") from None
         if storage is not None:

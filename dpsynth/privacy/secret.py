@@ -25,7 +25,9 @@ def _key_location(ledger: str | Path) -> tuple[object, str]:
 
     location = str(ledger)
     if is_uri(location):
-        parent, _, name = location.rstrip("/").rpartition("/")
+        from .mirror import _split
+
+        parent, name = _split(location)  # the query (endpoint, scheme) stays on the parent URI
         return Storage(parent), name + SUFFIX
     path = Path(location).expanduser()
     return Storage(path.parent), path.name + SUFFIX
