@@ -6,12 +6,14 @@ All on a real local Ray with gloo CPU workers and the tiny random Llama.
 from __future__ import annotations
 
 import json
+import math
 import os
 import signal
 import threading
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -20,13 +22,15 @@ from dpsynth.config import load_config
 from dpsynth.data import dataset_block, prepare
 from dpsynth.errors import UserError
 from dpsynth.privacy import Ledger, SampledGaussian, epsilon
+from dpsynth.privacy.ledger import Budget
 from dpsynth.privacy.run import Plan, PrivateRun
 from dpsynth.privacy.sampling import schedule
 from dpsynth.privacy.service import LedgerClient
 from dpsynth.runtime import ensure_ray
 from dpsynth.storage import Storage
 from dpsynth.train.driver import fit, worker_plan
-from dpsynth.train.worker import local_checkpoint
+from dpsynth.privacy.secret import ledger_secret
+from dpsynth.train.worker import BATCHES, STATE, local_checkpoint
 
 ray = pytest.importorskip("ray")
 
@@ -52,20 +56,32 @@ def _initial_lora(cfg) -> dict[str, torch.Tensor]:
     return {k: v.clone() for k, v in get_peft_model_state_dict(wrap_lora(model, cfg.lora)).items()}
 
 
-def _fit_fixed(cfg, tmp: Path, name: str, *, sigma: float, steps: int, seeds=(11, 22)) -> dict[str, torch.Tensor]:
-    """One Ray Train fit with fixed batch and noise seeds and plain SGD (so updates compare exactly)."""
-    splits = prepare(cfg.data)
+def _fit(cfg, tmp: Path, name: str, *, sigma: float, steps: int, full_batch: bool = False) -> dict:
+    """One Ray Train fit with plain SGD (updates compare exactly): its final adapter, state.json and each rank's batch
+    log. Batches and noise are drawn from OS entropy, so only a full batch (q = 1: every unit, every step) with a
+    negligible sigma makes two fits comparable update for update."""
+    splits = prepare(cfg.data, ledger_secret(cfg.privacy.ledger))
+    if full_batch:
+        cfg = cfg.model_copy(update={"training": cfg.training.model_copy(update={"batch_size": len(splits.train)})})
     sched = schedule(len(splits.train), cfg.training.batch_size, steps=steps)
-    run = PrivateRun.open(LedgerClient(cfg.privacy.ledger), dataset=dataset_block(splits),
-                          plan=Plan((SampledGaussian(sigma, sched.q, steps),), "rdp", 1e-5), total_epsilon=1e6,
+    dataset = dataset_block(splits)
+    # composed with RDP: PRV cannot compute an epsilon for SIGMA_0
+    Ledger(cfg.privacy.ledger).set_budget(dataset.fingerprint, Budget(1e10, 1e-5, dataset.unit, "rdp"))
+    run = PrivateRun.open(LedgerClient(cfg.privacy.ledger), dataset=dataset,
+                          plan=Plan((SampledGaussian(sigma, sched.q, steps),), "rdp", 1e-5), total_epsilon=1e10,
                           kind=name, config_hash=name)
     scratch = Storage(tmp / name)
-    plan = worker_plan(cfg, splits, run, sigma=sigma, sched=sched, sampler_seed=seeds[0], noise_seed=seeds[1],
-                       scratch=scratch, stop=scratch, optimizer="sgd")
+    plan = worker_plan(cfg, splits, run, sigma=sigma, sched=sched, scratch=scratch, stop=scratch, optimizer="sgd")
     fit(cfg, plan)
     assert run.charged_count(SampledGaussian) == steps  # rank 0 charged every step, once
     with local_checkpoint(plan.scratch) as ckpt:
-        return load_file(str(ckpt / "adapter" / "adapter_model.safetensors"))
+        return {"adapter": load_file(str(ckpt / "adapter" / "adapter_model.safetensors")),
+                "state": json.loads((ckpt / STATE).read_text()), "n": len(splits.train), "q": sched.q,
+                "batches": [json.loads((ckpt / BATCHES.format(r)).read_text()) for r in range(cfg.scaling.num_workers)]}
+
+
+def _fit_fixed(cfg, tmp: Path, name: str, *, sigma: float, steps: int) -> dict[str, torch.Tensor]:
+    return _fit(cfg, tmp, name, sigma=sigma, steps=steps, full_batch=True)["adapter"]
 
 
 def _same(a: dict, b: dict, atol: float) -> float:
@@ -79,17 +95,23 @@ def one_worker_reference(local_ray, tmp_path_factory, tiny_model_dir):
     from conftest import make_rows
 
     data = tmp / "d.jsonl"
-    data.write_text("".join(json.dumps(r) + "\n" for r in make_rows(240)))
+    data.write_text("".join(json.dumps(r) + "\n" for r in make_rows(120)))
     job = [f"data.source={data}", "data.text_column=review", "data.label_column=sentiment", f"model.base={tiny_model_dir}",
            "model.max_length=32", "lora.r=2", "training.learning_rate=0.5", f"privacy.ledger={tmp / 'ledger.sqlite'}",
            f"output_dir={tmp / 'run'}"]
     cfg = _cfg(job)
-    return job, tmp, _fit_fixed(cfg, tmp, "w1", sigma=0.5, steps=2)
+    return job, tmp, _fit_fixed(cfg, tmp, "w1", sigma=SIGMA_0, steps=2)
 
 
-def test_two_workers_equal_one_worker_for_the_same_noise_draw(one_worker_reference):
+SIGMA_0 = 1e-4
+"""Noise the comparisons below cannot see (update noise ~1e-7 per coordinate, the tolerance is 1e-5): noise is drawn
+from OS entropy, so two fits can agree only where it is negligible. That it is added once per step, whatever the
+worker count, is test_aggregated_noise_std_is_sigma_c_over_expected_batch_not_sqrt_workers."""
+
+
+def test_two_workers_equal_one_worker_for_the_same_batch(one_worker_reference):
     job, tmp, ref = one_worker_reference
-    two = _fit_fixed(_cfg(job, "scaling.num_workers=2"), tmp, "w2", sigma=0.5, steps=2)
+    two = _fit_fixed(_cfg(job, "scaling.num_workers=2"), tmp, "w2", sigma=SIGMA_0, steps=2)
     init = _initial_lora(_cfg(job))
     assert _same(two, init, 0) > 1e-3  # training moved the adapter...
     assert _same(two, ref, 0) < 1e-5  # ...exactly as one worker does
@@ -97,7 +119,7 @@ def test_two_workers_equal_one_worker_for_the_same_noise_draw(one_worker_referen
 
 def test_deepspeed_update_equals_the_reference_dp_update(one_worker_reference):
     job, tmp, ref = one_worker_reference
-    ds = _fit_fixed(_cfg(job, "scaling.num_workers=2", "scaling.deepspeed_stage=2"), tmp, "ds2", sigma=0.5, steps=2)
+    ds = _fit_fixed(_cfg(job, "scaling.num_workers=2", "scaling.deepspeed_stage=2"), tmp, "ds2", sigma=SIGMA_0, steps=2)
     assert _same(ds, ref, 0) < 1e-5
 
 
@@ -105,12 +127,36 @@ def test_aggregated_noise_std_is_sigma_c_over_expected_batch_not_sqrt_workers(on
     job, tmp, _ = one_worker_reference
     sigma, batch = 40.0, 16
     cfg = _cfg(job, "scaling.num_workers=2", "training.learning_rate=1.0", "training.max_grad_norm=1.0")
-    after = _fit_fixed(cfg, tmp, "noise", sigma=sigma, steps=1, seeds=(5, 6))
+    after = _fit(cfg, tmp, "noise", sigma=sigma, steps=1)["adapter"]
     before = _initial_lora(cfg)
     update = torch.cat([(after[k] - before[k]).flatten() for k in after])
     expected = sigma * 1.0 / batch  # the clipped signal is at most 1/batch per step in norm: negligible here
     assert update.numel() > 300
     assert abs(update.std().item() / expected - 1) < 0.12, (update.std().item(), expected)
+
+
+def test_the_worker_draws_fresh_poisson_batches_and_every_rank_trains_on_rank_0s(one_worker_reference):
+    """The batches the Ray Train worker actually trains on (its checkpoint's per-rank batch logs): Binomial(N, q)
+    sizes, mean and variance (fixed-size shuffled batches would have none), drawn afresh by each fit of the same
+    config (there is no seed to replay them from), and at every step the same global batch on both ranks (rank 0
+    draws it and broadcasts it)."""
+    job, tmp, _ = one_worker_reference
+    cfg = _cfg(job, "scaling.num_workers=2", "training.batch_size=8", "scaling.checkpoint_every=1000")
+    steps = 100
+    fits = [_fit(cfg, tmp, f"poisson{k}", sigma=1.0, steps=steps) for k in range(2)]
+    for f in fits:
+        rank0, rank1 = f["batches"]  # [step, size, sum of unit indices] per step
+        assert [b[0] for b in rank0] == list(range(1, steps + 1))
+        assert rank0 == rank1
+        assert [h["batch_size"] for h in f["state"]["history"]] == [b[1] for b in rank0]
+    assert fits[0]["batches"][0] != fits[1]["batches"][0]
+    n, q = fits[0]["n"], fits[0]["q"]
+    sizes = np.array([b[1] for f in fits for b in f["batches"][0]], dtype=float)
+    mean, var = n * q, n * q * (1 - q)
+    assert abs(sizes.mean() - mean) < 4 * math.sqrt(var / len(sizes)), (sizes.mean(), mean)
+    assert abs(sizes.var(ddof=1) / var - 1) < 0.4, (sizes.var(ddof=1), var)  # ~4 standard errors (200 draws)
+    sums = np.array([b[2] for f in fits for b in f["batches"][0]], dtype=float)
+    assert abs(sums.sum() / sizes.sum() - (n - 1) / 2) < 0.1 * n  # the members are spread over all N units
 
 
 def test_zero_stage_3_and_bf16_without_deepspeed_are_refused(tiny_job):
@@ -181,7 +227,7 @@ def test_worker_killed_mid_run_resumes_and_certificate_counts_every_charged_step
     assert run["status"] == "closed" and run["certificate"] == cert
     model, _ = load_adapter(run_dir, cfg.model)
     assert any("lora_A" in n for n, _ in model.named_parameters())
-    assert not (run_dir / ".checkpoints").exists()  # private scratch (seeds, optimizer state) is not left in the release
+    assert not (run_dir / ".checkpoints").exists()  # private scratch (optimizer state, history) is not left in the release
 
 
 @pytest.mark.slow
@@ -207,6 +253,28 @@ def test_two_node_cluster_places_workers_on_both_nodes(tiny_job, tmp_path):
 
 
 # ---------------------------------------------------------------- interruptions: the same command resumes
+
+
+def _assert_no_seed_or_rng_state(scratch: Path) -> None:
+    """Nothing a run keeps to resume replays its batches or its noise: no RNG state file, no seed in its own state."""
+    files = [f for f in scratch.rglob("*") if f.is_file()]
+    names = [f.name for f in files]
+    assert "dpsynth-run.json" in names and "state.json" in names, names  # the resume state is there...
+    assert not [n for n in names if "rng" in n.lower() or "seed" in n.lower()], names  # ...no generator state
+
+    def keys(x):
+        if isinstance(x, dict):
+            for k, v in x.items():
+                yield k
+                yield from keys(v)
+        elif isinstance(x, list):
+            for v in x:
+                yield from keys(v)
+
+    for f in files:
+        if f.name in ("dpsynth-run.json", "state.json") or f.name.startswith("batches-rank"):
+            found = [k for k in keys(json.loads(f.read_text())) if "seed" in k.lower() or "rng" in k.lower()]
+            assert not found, (f, found)
 
 
 def _charged_steps(ledger_path: Path) -> int:
@@ -244,6 +312,7 @@ def test_an_interrupted_driver_loses_no_spend_and_the_same_command_resumes_it(si
     stopped_at = _charged_steps(ledger_path)
     assert run["status"] == "open" and 10 <= stopped_at < steps  # stopped early, its charges kept
     assert not (run_dir / "certificate.json").exists()
+    _assert_no_seed_or_rng_state(run_dir / ".checkpoints")
 
     again = subprocess.run(args, capture_output=True, text=True, timeout=900)
     assert again.returncode == 0, again.stderr[-2000:]
