@@ -13,8 +13,7 @@ import pytest
 import torch
 
 from dpsynth.config import load_config
-from dpsynth.data import Example, format_prefix, prepare
-from dpsynth.privacy.secret import ledger_secret
+from dpsynth.data import Example
 from dpsynth.evaluate import attacks
 from dpsynth.evaluate.audit import Canary, canary_exposures, make_canaries
 from dpsynth.evaluate.classifiers import Context, dp_predict, metrics

@@ -25,11 +25,11 @@ from dpsynth.privacy import Ledger, SampledGaussian, epsilon
 from dpsynth.privacy.ledger import Budget
 from dpsynth.privacy.run import Plan, PrivateRun
 from dpsynth.privacy.sampling import schedule
+from dpsynth.privacy.secret import ledger_secret
 from dpsynth.privacy.service import LedgerClient
 from dpsynth.runtime import ensure_ray
 from dpsynth.storage import Storage
 from dpsynth.train.driver import fit, worker_plan
-from dpsynth.privacy.secret import ledger_secret
 from dpsynth.train.worker import BATCHES, STATE, local_checkpoint
 
 ray = pytest.importorskip("ray")
