@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 
+from dpsynth.release import owner_path
 from dpsynth.config import load_config
 from dpsynth.data import Example
 from dpsynth.evaluate import attacks
@@ -219,14 +220,14 @@ def test_report_with_canary_runs_end_to_end(tiny_job, tmp_path, capsys):
     assert ex.value.code == 0, err
     assert "empirical epsilon lower bound" in out and "membership inference AUC" in out
 
-    rep = json.loads((run_dir / "report.json").read_text())
+    rep = json.loads(owner_path(run_dir, "report.json").read_text())
     points = {p["target_epsilon"]: p for p in rep["audit"]["points"]}
     assert set(points) == {"1", "inf"}
     assert 0 < points["1"]["certified_epsilon"] <= 1.0
     assert points["inf"]["noise_multiplier"] == 0.01 and points["inf"]["certified_epsilon"] > 1000
     for p in points.values():
         assert p["dataset_fingerprint"] != real_fp  # canary-augmented data: a different dataset
-        assert Path(p["ledger"]).is_file() and Path(p["ledger"]).parent == run_dir / "evaluation" / "audit" / "ledgers"
+        assert Path(p["ledger"]).is_file() and Path(p["ledger"]).parent == owner_path(run_dir, "evaluation") / "audit" / "ledgers"
         by = {r["in_train"]: r for r in p["privacy"]["canaries"]["by_count"]}
         assert sum(r["canaries"] for r in by.values()) == 4 and set(by) <= {0, 1, 2}
         for r in p["privacy"]["canaries"]["each"]:
@@ -236,7 +237,7 @@ def test_report_with_canary_runs_end_to_end(tiny_job, tmp_path, capsys):
     assert len(ledger.runs(real_fp)) == 1
 
     # the report: one self-contained page with inline PNGs and escaped text
-    page = (run_dir / "report.html").read_text()
+    page = owner_path(run_dir, "report.html").read_text()
     assert page.startswith("<!doctype html>") and page.count('src="data:image/png;base64,') >= 5
     assert not re.search(r"""(src|href)=["']?(https?:)?//""", page)
     assert "<script" not in page.lower() and "&lt;script&gt;alert(1)&lt;/script&gt; &amp; co" in page

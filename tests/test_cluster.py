@@ -25,6 +25,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from dpsynth.release import owner_path
 
 jsonschema = pytest.importorskip("jsonschema")
 referencing = pytest.importorskip("referencing")
@@ -410,11 +411,11 @@ def test_two_node_local_cluster_runs_a_training_job_through_ray_job_submit(tmp_p
     finally:
         cluster.stop()
     cert = json.loads((run_dir / "certificate.json").read_text())
-    metrics = json.loads((run_dir / "metrics.json").read_text())
+    metrics = json.loads(owner_path(run_dir, "metrics.json").read_text())
     assert cert["mechanism"]["workers"] == 2 and cert["mechanism"]["steps"] == 6
     assert len(set(metrics["worker_nodes"])) == 2  # one Ray Train worker on each node
     from dpsynth.privacy import Ledger
 
     (run,) = Ledger(ledger).runs()
     assert run["status"] == "closed" and run["certificate"] == cert  # the ledger on the shared path holds the spend
-    assert not (tmp_path / "shared" / "checkpoints" / "run").exists()  # scratch cleaned once certified
+    assert not (tmp_path / "shared" / "checkpoints" / "run-train").exists()  # scratch cleaned once certified

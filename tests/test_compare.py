@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from dpsynth.release import owner_path
 from dpsynth.cli import main
 
 CHEAP = ["classifiers=[tfidf_logreg]", "dp_baseline=false", "tuning=false", "mauve=false", "attack_examples=10"]
@@ -41,12 +42,12 @@ def test_report_compares_dp_lora_with_in_context_from_each_runs_own_files(tmp_pa
     code, _, err = cli(capsys, "generate", "-q", "-o", str(fewshot), *sets(incontext(tmp_path, tiny_job, "ic", 8.0)))
     assert code == 0, err
     assert cli(capsys, "evaluate", str(fewshot), "-q", *sets(CHEAP))[0] == 0
-    saved = json.loads((fewshot / "evaluation.json").read_text())
-    saved_mtime = (fewshot / "evaluation.json").stat().st_mtime_ns
+    saved = json.loads(owner_path(fewshot, "evaluation.json").read_text())
+    saved_mtime = owner_path(fewshot, "evaluation.json").stat().st_mtime_ns
 
     code, out, err = cli(capsys, "report", str(lora), "--compare", str(fewshot), "-q", *sets(CHEAP))
     assert code == 0, err
-    doc = json.loads((lora / "report.json").read_text())
+    doc = json.loads(owner_path(lora, "report.json").read_text())
     cmp = doc["comparison"]
     a, b = cmp["runs"]
     cert_a = json.loads((lora / "certificate.json").read_text())
@@ -62,10 +63,10 @@ def test_report_compares_dp_lora_with_in_context_from_each_runs_own_files(tmp_pa
     assert b["audit"]["mia_auc_generator_loss"] is None  # no adapter to attack
     assert b["fidelity"]["duplicate_rate"] == saved["fidelity"]["duplicates"]["duplicate_rate"]
     assert b["evaluation"] == "evaluation.json"
-    assert (fewshot / "evaluation.json").stat().st_mtime_ns == saved_mtime  # reused, not recomputed
+    assert owner_path(fewshot, "evaluation.json").stat().st_mtime_ns == saved_mtime  # reused, not recomputed
     assert cmp["same_budget"] and "same budget" in cmp["budget_note"]
     assert "DP-LoRA" in a["method"] and "in-context" in b["method"]
-    assert "Comparison at the same epsilon" in (lora / "report.html").read_text()
+    assert "Comparison at the same epsilon" in owner_path(lora, "report.html").read_text()
     assert "same budget" in out and "test accuracy, trained on synthetic" in out
 
     # a run at another epsilon: compared, evaluated on the way (it has no evaluation.json), and flagged in the table
@@ -73,11 +74,11 @@ def test_report_compares_dp_lora_with_in_context_from_each_runs_own_files(tmp_pa
     assert cli(capsys, "generate", "-q", "-o", str(other), *sets(incontext(tmp_path, tiny_job, "eps2", 2.0)))[0] == 0
     code, out, err = cli(capsys, "report", str(lora), "--compare", str(other), "-q", *sets(CHEAP))
     assert code == 0, err
-    cmp = json.loads((lora / "report.json").read_text())["comparison"]
+    cmp = json.loads(owner_path(lora, "report.json").read_text())["comparison"]
     assert not cmp["same_budget"] and "NOT the same budget" in cmp["budget_note"]
-    assert cmp["runs"][1]["evaluation"] == "evaluated for this comparison" and (other / "evaluation.json").is_file()
+    assert cmp["runs"][1]["evaluation"] == "evaluated for this comparison" and owner_path(other, "evaluation.json").is_file()
     assert cmp["runs"][1]["epsilon"] == json.loads((other / "certificate.json").read_text())["epsilon"] <= 2.0
-    assert "NOT the same budget" in out and "NOT the same budget" in (lora / "report.html").read_text()
+    assert "NOT the same budget" in out and "NOT the same budget" in owner_path(lora, "report.html").read_text()
 
     # another dataset: refused in one line
     elsewhere = tmp_path / "elsewhere"

@@ -15,6 +15,7 @@ import torch
 from scipy.stats import norm
 
 from conftest import make_rows
+from dpsynth.release import owner_path
 from dpsynth.config import InContextConfig, load_config
 from dpsynth.data import Example
 from dpsynth.errors import UserError
@@ -238,8 +239,10 @@ def test_cli_generate_then_evaluate(tmp_path, tiny_model_dir, jsonl_dataset):
     assert corpus_cert["epsilon"] == cert["epsilon"] and corpus_cert["corpus"]["examples"] >= 1
     rows = [json.loads(line) for line in (run / "synthetic.jsonl").read_text().splitlines()]
     assert rows and {r["label"] for r in rows} <= {"pos", "neg"}
-    for name in ("config.yaml", "labels.json", "metrics.json"):
+    for name in ("config.yaml", "labels.json", "MANIFEST.json"):
         assert (run / name).is_file()
+    assert owner_path(run, "metrics.json").is_file() and not (run / "metrics.json").exists()
+    assert "examples_in_groups" not in m and "examples_in_groups" in json.loads(owner_path(run, "metrics.json").read_text())["incontext"]
     # the same job again reuses the certified corpus instead of spending again
     again = subprocess.run([sys.executable, "-m", "dpsynth", "generate", "-q", "-o", str(run),
                             *[a for s in sets for a in ("--set", s)]], capture_output=True, text=True, timeout=600, env=env)
@@ -359,7 +362,7 @@ def test_cli_generate_on_vllm_certifies_the_same_charges(tmp_path, vllm_tiny_mod
         assert proc.returncode == 0, proc.stderr[-3000:]
         cert = json.loads((run / "certificate.json").read_text())
         corpus_cert = json.loads((run / "synthetic.jsonl.certificate.json").read_text())
-        metrics = json.loads((run / "metrics.json").read_text())["incontext"]
+        metrics = json.loads(owner_path(run, "metrics.json").read_text())["incontext"]
         assert corpus_cert["corpus"]["engine"] == metrics["engine"] == engine
         assert corpus_cert["epsilon"] == cert["epsilon"] and 0 < cert["epsilon"] <= 4.0
         assert cert["mechanism"]["token_steps"] == metrics["token_steps_charged"] == 36

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import yaml
 
+from dpsynth.release import owner_path
 from dpsynth.cli import main
 from dpsynth.config import load_config
 from dpsynth.data import prepare
@@ -67,7 +68,7 @@ def test_tiny_pipeline_end_to_end(tiny_job, tmp_path):
     assert len(rows) == 12 and {r["label"] for r in rows} <= set(splits.labels) and all(r["text"] for r in rows)
     corpus_cert = json.loads((run_dir / "synthetic.jsonl.certificate.json").read_text())
     assert corpus_cert["epsilon"] == cert["epsilon"] and corpus_cert["corpus"]["examples"] == 12
-    ev = json.loads((run_dir / "evaluation.json").read_text())
+    ev = json.loads(owner_path(run_dir, "evaluation.json").read_text())
     assert 0 <= ev["synthetic"]["accuracy"] <= 1 and ev["real"]["accuracy"] > 0.9  # the toy task is easy on real data
     assert "epsilon spent" in res.stdout and "test accuracy, trained on synthetic" in res.stdout
     # the honest summary: the synthetic accuracy next to the chance line and the zero-shot floor, and a verdict
@@ -229,7 +230,7 @@ def test_real_bundled_model_and_data(tmp_path):
     assert cert["dataset"]["name"] == "rotten_tomatoes" and cert["mechanism"]["steps"] == 4 and 0 < cert["epsilon"] <= 8.0
     rows = [json.loads(line) for line in (run_dir / "synthetic.jsonl").read_text().splitlines()]
     assert len(rows) == 16 and {r["label"] for r in rows} <= {"fresh", "rotten"}
-    ev = json.loads((run_dir / "evaluation.json").read_text())
+    ev = json.loads(owner_path(run_dir, "evaluation.json").read_text())
     assert ev["real"]["accuracy"] > 0.5 and ev["test_examples"] == 80  # above chance on 720 real reviews
 
 
@@ -271,7 +272,7 @@ def test_a_person_level_run_end_to_end(tiny_job, tmp_path):
     (record,) = Ledger(load_config(None, job).privacy.ledger).datasets()
     assert record["budget"].unit == "patient_id"
     assert "each patient_id" in res.stdout and "protected at eps=" in res.stdout
-    ev = json.loads((run_dir / "evaluation.json").read_text())
+    ev = json.loads(owner_path(run_dir, "evaluation.json").read_text())
     assert ev["privacy_unit"] == "patient_id" and ev["privacy"]["unit"] == "patient_id"
     assert ev["privacy"]["members"] <= 10 and ev["privacy"]["member_records"] >= ev["privacy"]["members"]
 
@@ -315,12 +316,12 @@ def test_long_documents_keep_their_length_and_cuts_are_reported(tiny_job, tmp_pa
     assert released.model.max_length > 128 and released.sampling.max_new_tokens >= 128  # from the data, not 64
     assert cert["lengths"] == {"max_length": released.model.max_length, "max_new_tokens": released.sampling.max_new_tokens}
     assert cert["length_histogram"]["budget_share"] == 0.02
-    lengths = json.loads((run_dir / "metrics.json").read_text())["lengths"]
+    lengths = json.loads(owner_path(run_dir, "metrics.json").read_text())["lengths"]
     assert lengths["source"] == "dp histogram" and lengths["truncated"] >= 1  # the outlier was cut, and counted
     assert f"cut to {lengths['text_tokens']} tokens" in _flat(res.stdout)
     texts = [json.loads(x)["text"] for x in (run_dir / "synthetic.jsonl").read_text().splitlines()]
     assert max(len(t.split()) for t in texts) > 64  # synthetic texts as long as the real ones can be
-    ev = json.loads((run_dir / "evaluation.json").read_text())
+    ev = json.loads(owner_path(run_dir, "evaluation.json").read_text())
     assert ev["fidelity"]["lengths"]["ks"] is not None and ev["fidelity"]["lengths"]["real_words_mean"] > 64
 
     # auto lengths are the same for the same dataset (a second run, another ledger); nothing cut, nothing reported
@@ -335,5 +336,5 @@ def test_long_documents_keep_their_length_and_cuts_are_reported(tiny_job, tmp_pa
         "model.max_length=256"]
     res = cli("train", "--quiet", *sets(whole))
     assert res.returncode == 0, res.stderr[-2000:]
-    assert json.loads((tmp_path / "whole" / "metrics.json").read_text())["lengths"]["truncated"] == 0
+    assert json.loads(owner_path(tmp_path / "whole", "metrics.json").read_text())["lengths"]["truncated"] == 0
     assert "no text cut" in _flat(res.stdout)

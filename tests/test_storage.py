@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from dpsynth.release import owner_path
 from dpsynth.config import ConfigError, load_config
 from dpsynth.privacy import Budget, MirroredLedger, SampledGaussian, ledger_exists, open_ledger
 from dpsynth.storage import Storage
@@ -159,7 +160,7 @@ def test_training_with_checkpoints_and_ledger_on_s3_resumes_after_a_worker_is_ki
 
     run_dir = train_and_kill_a_worker(cfg, when=a_checkpoint_is_on_s3)
     cert = json.loads((run_dir / "certificate.json").read_text())
-    metrics = json.loads((run_dir / "metrics.json").read_text())
+    metrics = json.loads(owner_path(run_dir, "metrics.json").read_text())
     assert metrics["restarts"] >= 1  # the restarted worker group resumed from the checkpoint on S3
     (run,) = open_ledger(ledger_uri, readonly=True).runs()
     assert run["status"] == "closed" and run["certificate"] == cert
