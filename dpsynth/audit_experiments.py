@@ -14,6 +14,7 @@ import json
 import logging
 from pathlib import Path
 
+from dpsynth.release import owner_path
 from dpsynth.config import EvaluationConfig, JobConfig, load_config
 from dpsynth.data import Splits, prepare
 from dpsynth.privacy.secret import ledger_secret
@@ -86,9 +87,9 @@ def run_audit_experiments(run_dir: Path, ev: EvaluationConfig, show_progress: bo
 
     cfg = load_run_config(run_dir)
     splits = prepare(cfg.data, ledger_secret(cfg.privacy.ledger, create=False))
-    embedder = Embedder(Path(run_dir) / "evaluation" / "cache")
+    embedder = Embedder(owner_path(run_dir, "evaluation") / "cache")
     ctx = Context(ev.seed, embedder, ev.transformer_epochs, ev.transformer_layers)
-    root = Path(run_dir) / "evaluation" / "audit"
+    root = owner_path(run_dir, "evaluation") / "audit"
     cert = read_certificate(Path(run_dir) / "certificate.json")
     canaries = make_canaries(ev.canary_repetitions, ev.canaries_per_repetition, list(splits.labels), ev.seed)
     data = audit_dataset(splits, canaries, root / "data.jsonl", units=cfg.data.unit_column is not None)

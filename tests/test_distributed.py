@@ -18,6 +18,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from dpsynth.release import owner_path
 from dpsynth.config import load_config
 from dpsynth.data import dataset_block, prepare
 from dpsynth.errors import UserError
@@ -216,7 +217,7 @@ def test_worker_killed_mid_run_resumes_and_certificate_counts_every_charged_step
     run_dir = train_and_kill_a_worker(cfg, when=eight_steps_charged)
     cert = json.loads((run_dir / "certificate.json").read_text())
     mech = cert["mechanism"]
-    metrics = json.loads((run_dir / "metrics.json").read_text())
+    metrics = json.loads(owner_path(run_dir, "metrics.json").read_text())
     (run,) = Ledger(cfg.privacy.ledger).runs()
     charged_steps = sum(e.count for e in run["charged"])
     assert metrics["restarts"] >= 1
@@ -243,7 +244,7 @@ def test_two_node_cluster_places_workers_on_both_nodes(tiny_job, tmp_path):
         ray.init(address=cluster.address)
         cfg = _cfg(tiny_job, "scaling.num_workers=2", "sampling.label_proportions=uniform")
         run_dir = train(cfg, show_progress=False)
-        metrics = json.loads((run_dir / "metrics.json").read_text())
+        metrics = json.loads(owner_path(run_dir, "metrics.json").read_text())
         cert = json.loads((run_dir / "certificate.json").read_text())
         assert len(set(metrics["worker_nodes"])) == 2
         assert cert["mechanism"]["workers"] == 2 and cert["mechanism"]["steps"] == cfg.training.steps
@@ -320,7 +321,7 @@ def test_an_interrupted_driver_loses_no_spend_and_the_same_command_resumes_it(si
     cert = json.loads((run_dir / "certificate.json").read_text())
     assert run["status"] == "closed" and run["certificate"] == cert
     assert cert["mechanism"]["steps"] == _charged_steps(ledger_path) == steps, again.stderr[-3000:]  # every charged step certified
-    metrics = json.loads((run_dir / "metrics.json").read_text())
+    metrics = json.loads(owner_path(run_dir, "metrics.json").read_text())
     assert [h["step"] for h in metrics["train"]] == list(range(1, cert["mechanism"]["steps_applied"] + 1))
     if sig != signal.SIGKILL:  # a clean stop at a step boundary loses no work: every charged step was applied
         assert cert["mechanism"]["steps_applied"] == steps

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
+from dpsynth.release import owner_path
 from dpsynth.config import EvaluationConfig
 from dpsynth.data import Example, prepare
 from dpsynth.privacy.secret import ledger_secret
@@ -145,7 +146,7 @@ def evaluate(run_dir: Path, ev: EvaluationConfig | None = None, *, show_progress
         raise UserError(f"{corpus}: the synthetic corpus is empty")
     real, test = list(splits.train), list(splits.test)
     val = list(splits.validation)
-    embedder = Embedder(run_dir / "evaluation" / "cache")
+    embedder = Embedder(owner_path(run_dir, "evaluation") / "cache")
     ctx = Context(ev.seed, embedder, ev.transformer_epochs, ev.transformer_layers)
     classifiers = list(dict.fromkeys([ev.classifier, *ev.classifiers]))
     timings: dict[str, float] = {}
@@ -161,7 +162,7 @@ def evaluate(run_dir: Path, ev: EvaluationConfig | None = None, *, show_progress
         params = cfg.sampling
         if params.max_new_tokens == "auto":  # an in-context run resolves no sampling length: use its own per text
             params = params.model_copy(update={"max_new_tokens": cfg.incontext.max_new_tokens})
-        zero_shot = timed("zero_shot_corpus", zero_shot_corpus, run_dir / "evaluation" / "zero_shot.jsonl", cfg.model,
+        zero_shot = timed("zero_shot_corpus", zero_shot_corpus, owner_path(run_dir, "evaluation") / "zero_shot.jsonl", cfg.model,
                           splits.name, list(splits.labels), ev.zero_shot_examples, ev.zero_shot_prompt, params,
                           show_progress)
     dp = None
@@ -205,5 +206,5 @@ def evaluate(run_dir: Path, ev: EvaluationConfig | None = None, *, show_progress
     timings["total"] = round(time.monotonic() - t0, 2)
     result["timings_s"] = timings
     result = jsonable(result)
-    atomic_write_json(run_dir / "evaluation.json", result)
+    atomic_write_json(owner_path(run_dir, "evaluation.json"), result)  # measured on private data: owner-only
     return result
