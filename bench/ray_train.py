@@ -97,8 +97,8 @@ def main() -> None:
     from dpsynth.runtime import ensure_ray
 
     ensure_ray(None)
-    cfg1 = load_config(None, [f"training.batch_size={args.batch}", f"data.max_examples={args.max_examples}"])
-    cfg2 = load_config(None, [f"training.batch_size={args.batch}", f"data.max_examples={args.max_examples}",
+    cfg1 = load_config(None, [f"training.batch_size={args.batch}", f"data.subset_fraction={min(1.0, args.max_examples / 12752)}"])
+    cfg2 = load_config(None, [f"training.batch_size={args.batch}", f"data.subset_fraction={min(1.0, args.max_examples / 12752)}",
                               "scaling.num_workers=2"])
     splits = prepare(cfg1.data, ledger_secret(cfg1.privacy.ledger))
     q = args.batch / len(splits.train)

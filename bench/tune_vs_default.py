@@ -50,7 +50,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         for arm in ("default", "tuned"):
-            cfg = load_config(None, [f"data.max_examples={args.max_examples}", f"training.steps={args.steps}",
+            cfg = load_config(None, [f"data.subset_fraction={min(1.0, args.max_examples / 12752)}", f"training.steps={args.steps}",
                                      f"training.batch_size={args.batch}", f"privacy.epsilon={args.epsilon}",
                                      f"sampling.num_examples={args.samples}", f"tune.mean_trials={args.mean_trials}",
                                      f"privacy.ledger={tmp / arm / 'ledger.sqlite'}", f"output_dir={tmp / arm / 'run'}"])

@@ -51,7 +51,7 @@ def audit_config(cfg: JobConfig, eps, data: Path, out: Path, dataset_name: str, 
     """The run's config on the canary data. Near-duplicates are kept apart: canary copies are near-duplicates by
     design, and the audit measures exposure against how many of them were trained on."""
     tree = cfg.model_dump(mode="json")
-    tree["data"].update(source=str(data), text_column="text", label_column="label", name=dataset_name, max_examples=None,
+    tree["data"].update(source=str(data), text_column="text", label_column="label", name=dataset_name, subset_fraction=None,
                         unit_column="unit" if cfg.data.unit_column else None, near_duplicates="keep")
     tree["privacy"].update(delta=delta, ledger=str(out.parent / "ledgers" / f"eps-{eps_name(eps)}.sqlite"))
     tree["output_dir"] = str(out)

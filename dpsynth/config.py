@@ -14,7 +14,8 @@ from typing import Annotated, Literal, Union
 
 import yaml
 from dpsynth.errors import UserError
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, PositiveFloat, PositiveInt, ValidationError, field_validator
+from pydantic import (BaseModel, BeforeValidator, ConfigDict, Field, PositiveFloat, PositiveInt, ValidationError,
+                      field_validator, model_validator)
 
 
 class ConfigError(UserError):
@@ -55,7 +56,18 @@ class DataConfig(_Section):
     or `keep` them as separate records."""
     near_duplicate_threshold: float = Field(0.7, gt=0.0, le=1.0)
     """Estimated Jaccard similarity of word 3-shingles at which two texts count as near-duplicates."""
-    max_examples: PositiveInt | None = None
+    subset_fraction: float | None = Field(None, gt=0.0, le=1.0)
+    """Train and evaluate on a keyed random subset of the units, each kept with this probability (a rate the config
+    fixes, so one unit more or less in the data moves no other unit in or out); the budget still belongs to the
+    whole dataset."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _max_examples_is_gone(cls, data):
+        if isinstance(data, dict) and "max_examples" in data:
+            raise ValueError("data.max_examples was replaced by data.subset_fraction (a rate: a count would set the rate "
+                             "from the data's size, and a neighbouring dataset would move other units in or out)")
+        return data
     """Use a seeded random subset of about this many examples: whole units, after dedupe, before splitting."""
     validation_fraction: float = Field(0.1, ge=0.0, lt=0.5)
     test_fraction: float = Field(0.1, gt=0.0, lt=0.5)

@@ -6,7 +6,7 @@ a patient id). Near-duplicate texts (MinHash / LSH) are grouped into one unit by
 guarantee nor the train/test split is fooled by copies of one text. Train, validation and test never share a unit.
 
 Neighbouring datasets differ in one unit, and so does everything derived here (design.md, "Privacy invariants"):
-a unit's key, its near-duplicate key, its split, whether a `max_examples` subset keeps it and the order it is
+a unit's key, its near-duplicate key, its split, whether a `subset_fraction` subset keeps it and the order it is
 listed in are keyed hashes (under the owner's secret, dpsynth.privacy.secret) of that unit's own content or
 unit-column value, never of positions or of other records.
 
@@ -230,8 +230,9 @@ def prepare(cfg: DataConfig, secret: bytes) -> Splits:
 
     A unit with u = keyed_unit_interval(secret, f"split:{seed}", key) goes to test if u < test_fraction, to
     validation if u < test_fraction + validation_fraction, else to train: adding or removing one unit moves no
-    other unit. `max_examples` keeps each unit iff its own keyed number under f"subset:{seed}" is below
-    max_examples / records: a Bernoulli subset, about max_examples records expected (not exactly). Within a split
+    other unit. `subset_fraction` keeps each unit iff its own keyed number under f"subset:{seed}" is below that
+    fraction: a rate fixed by the config, not by the data's size, so a neighbouring dataset keeps exactly the same
+    other units (a rate of max_examples / N would flip the units at its boundary when N moves). Within a split
     units are ordered by a keyed hash (not input order), a unit's records together."""
     if not isinstance(secret, bytes) or not secret:
         raise TypeError("prepare(cfg, secret): secret must be the owner's key (dpsynth.privacy.secret.ledger_secret)")
@@ -245,9 +246,8 @@ def prepare(cfg: DataConfig, secret: bytes) -> Splits:
     examples, unit_name, near = _unit_of_records(examples, cfg, secret)
     units = group_by_unit(examples)
     n_units = len(units)
-    if cfg.max_examples is not None and cfg.max_examples < total:
-        rate = cfg.max_examples / total
-        units = [u for u in units if keyed_unit_interval(secret, f"subset:{cfg.seed}", u[0].unit) < rate]
+    if cfg.subset_fraction is not None and cfg.subset_fraction < 1:
+        units = [u for u in units if keyed_unit_interval(secret, f"subset:{cfg.seed}", u[0].unit) < cfg.subset_fraction]
     units.sort(key=lambda u: keyed_hash(secret, f"order:{cfg.seed}", u[0].unit))
     test: list[Example] = []
     val: list[Example] = []

@@ -24,9 +24,9 @@ def test_bundled_rotten_tomatoes_drops_plot_and_splits_disjointly():
 
 
 def test_bundled_tweets_have_three_labels():
-    s = prepare(DataConfig(source="tweets", max_examples=3000), TEST_SECRET)
+    s = prepare(DataConfig(source="tweets", subset_fraction=0.08), TEST_SECRET)
     assert s.labels == ("negative", "neutral", "positive")
-    assert abs(len(s.train) + len(s.validation) + len(s.test) - 3000) <= 300  # a keyed Bernoulli subset: ~3000
+    assert abs(len(s.train) + len(s.validation) + len(s.test) - 0.08 * s.dataset_size) <= 300  # keyed Bernoulli subset
     assert s.dataset_size > 30_000  # fingerprint and delta refer to the whole dataset, not the subset
 
 
@@ -46,7 +46,7 @@ def test_split_is_seeded_and_fingerprint_is_content_only(jsonl_dataset):
     c = prepare(cfg.model_copy(update={"seed": 1}), TEST_SECRET)
     assert a.train == b.train and a.train != c.train
     assert a.fingerprint == c.fingerprint  # reseeding the split does not make a new dataset (one budget)
-    assert prepare(cfg.model_copy(update={"max_examples": 100}), TEST_SECRET).fingerprint == a.fingerprint
+    assert prepare(cfg.model_copy(update={"subset_fraction": 0.5}), TEST_SECRET).fingerprint == a.fingerprint
     assert prepare(cfg, b"o" * 32).fingerprint != a.fingerprint  # keyed by the owner's secret
     shuffled = list(reversed(a.train + a.validation + a.test))
     assert fingerprint(shuffled, TEST_SECRET) == a.fingerprint

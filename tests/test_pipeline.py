@@ -221,7 +221,7 @@ def test_uncertified_run_cannot_be_sampled(tiny_job, capsys):
 @pytest.mark.slow
 def test_real_bundled_model_and_data(tmp_path):
     run_dir = tmp_path / "real"
-    overrides = ["data.max_examples=800", "training.batch_size=16", "training.steps=4", "sampling.num_examples=16",
+    overrides = ["data.subset_fraction=0.0627", "training.batch_size=16", "training.steps=4", "sampling.num_examples=16",
                  "sampling.batch_size=8", "sampling.max_new_tokens=24", f"privacy.ledger={tmp_path / 'ledger.sqlite'}"]
     res = cli("run", "--quiet", "--output", str(run_dir), *sets(overrides))
     assert res.returncode == 0, res.stderr[-3000:]
