@@ -28,7 +28,7 @@ from dpsynth.privacy import Gaussian, Laplace, Ledger, epsilon
 from dpsynth.privacy.certificate import DatasetBlock, InContextBlock
 from dpsynth.privacy.run import Plan, PrivateRun
 
-DATASET = DatasetBlock(name="reviews", fingerprint="fp", units=240, train_units=200, records=240, train_records=200)
+DATASET = DatasetBlock(name="reviews", fingerprint="fp", units=240, train_units=200)
 
 
 def admitted(ledger, events, accountant: str, delta: float = 1e-5, budget: float = 100.0) -> PrivateRun:

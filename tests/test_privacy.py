@@ -291,7 +291,7 @@ def histogram_run(tmp_path):
     from dpsynth.storage import Storage
 
     block = HistogramBlock(noise_multiplier=20.0, budget_share=0.05)
-    dataset = DatasetBlock(name="d", fingerprint="f" * 64, units=100, train_units=80, records=100, train_records=80)
+    dataset = DatasetBlock(name="d", fingerprint="f" * 64, units=100, train_units=80)
     # labels then lengths with the same noise, and an in-context style Gaussian of that same noise besides
     plan = Plan((histogram_event(20.0), histogram_event(20.0), Gaussian(20.0, 3)), "prv", DELTA)
     run = PrivateRun.open(Ledger(tmp_path / "ledger.sqlite"), dataset=dataset, plan=plan, total_epsilon=8.0,

@@ -41,13 +41,11 @@ def method(cert: Certificate) -> str:
 def unit_sentence(cert: Certificate) -> str:
     """The privacy unit in plain words, beside epsilon."""
     d = cert.dataset
-    records = f" from {d.records:,} records" if d.records is not None else ""  # older certificates only
     if d.unit in ("record", "record+near-duplicates"):
         copies = " together with its near-duplicate copies" if d.unit != "record" else ""
-        return (f"each record{copies} is protected at eps={cert.epsilon:.3g} ({d.units:,} units{records}); "
+        return (f"each record{copies} is protected at eps={cert.epsilon:.3g} ({d.units:,} units); "
                 "a person with k records is protected only at about k x eps (set data.unit_column)")
-    records = f", {d.records:,} records" if d.records is not None else ""
-    return (f"each {d.unit} ({d.units:,} in all{records}) is protected at eps={cert.epsilon:.3g}, all its "
+    return (f"each {d.unit} ({d.units:,} in all) is protected at eps={cert.epsilon:.3g}, all its "
             "records together; a record-level guarantee would have been weaker for those with many records")
 
 

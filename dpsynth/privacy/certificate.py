@@ -39,8 +39,7 @@ class DatasetBlock(_Block):
     """Privacy units in the whole dataset: the N of delta < 1/N."""
     train_units: int
     """Units in the train split: the population DP-SGD samples from."""
-    records: int | None = None
-    train_records: int | None = None
+    # No record counts: exact counts of private records are not released (units are declared public).
 
 
 class BaseModelBlock(_Block):
