@@ -49,7 +49,8 @@ def worker(mode: str, batch_size: int, steps: int, max_length: int, threads: int
 
     import dpsynth.prefixlm as prefixlm
     from dpsynth.config import load_config
-    from dpsynth.data import format_prefix, prepare
+    from dpsynth.data import prepare
+    from dpsynth.prompts import label_prompt
     from dpsynth.privacy.secret import ledger_secret
     from dpsynth.models import load_base, resolve_device, wrap_lora
     from dpsynth.prefixlm import collate, encode
@@ -70,7 +71,7 @@ def worker(mode: str, batch_size: int, steps: int, max_length: int, threads: int
     texts = [ex.text for ex in pool]
     if fill:
         texts = _filled(texts[:need * (max_length // 16 + 1)], tok, max_length)
-    examples = [encode(tok, format_prefix(cfg.model.prefix_template, splits.name, ex.label), text, max_length)
+    examples = [encode(tok, label_prompt(cfg, tok, splits.name, ex.label), text, max_length)
                 for ex, text in zip(pool[:need], texts[:need], strict=True)]
     batches = [collate(examples[i * batch_size:(i + 1) * batch_size], tok.pad_token_id, device) for i in range(steps + 2)]
     if legacy:

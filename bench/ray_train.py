@@ -27,7 +27,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from dpsynth.config import load_config  # noqa: E402
-from dpsynth.data import format_prefix, prepare  # noqa: E402
+from dpsynth.data import prepare  # noqa: E402
+from dpsynth.prompts import label_prompt  # noqa: E402
 from dpsynth.privacy.secret import ledger_secret  # noqa: E402
 from dpsynth.privacy import SampledGaussian  # noqa: E402
 from dpsynth.privacy.sampling import poisson_batches  # noqa: E402
@@ -43,7 +44,7 @@ def plain_loop(cfg, splits, private: bool, q: float, steps: int, seed: int) -> l
     torch.manual_seed(0)
     model, tok, _ = load_base(cfg.model)
     model = wrap_lora(model, cfg.lora)
-    enc = [encode(tok, format_prefix(cfg.model.prefix_template, splits.name, ex.label), ex.text, cfg.model.max_length)
+    enc = [encode(tok, label_prompt(cfg, tok, splits.name, ex.label), ex.text, cfg.model.max_length)
            for ex in splits.train]
     t = cfg.training
     step = (DPLoRAStep(model, noise_multiplier=1.0, max_grad_norm=t.max_grad_norm, expected_batch_size=t.batch_size,

@@ -116,7 +116,7 @@ def train_generator(cfg, splits, eps, delta):
     import torch
 
     from dpsynth.config import load_config
-    from dpsynth.data import format_prefix
+    from dpsynth.prompts import label_prompt
     from dpsynth.models import load_base, resolve_device, wrap_lora
     from dpsynth.prefixlm import collate, encode
     from dpsynth.privacy.sampling import poisson_batches
@@ -141,7 +141,7 @@ def train_generator(cfg, splits, eps, delta):
     else:
         step = PlainLoRAStep(model, expected_batch_size=cfg.training.batch_size, learning_rate=cfg.training.learning_rate,
                              micro_batch_size=micro)
-    encoded = [encode(tok, format_prefix(cfg.model.prefix_template, splits.name, ex.label), ex.text, cfg.model.max_length)
+    encoded = [encode(tok, label_prompt(cfg, tok, splits.name, ex.label), ex.text, cfg.model.max_length)
                for ex in splits.train]
     t0 = time.perf_counter()
     for i, idx in enumerate(poisson_batches(n, q, steps), start=1):
@@ -165,7 +165,8 @@ def main() -> None:
     import torch
 
     from dpsynth.config import load_config
-    from dpsynth.data import format_prefix, prepare
+    from dpsynth.data import prepare
+    from dpsynth.prompts import label_prompts
     from dpsynth.privacy.secret import ledger_secret
     from dpsynth.evaluate.classifiers import Context, dp_predict, metrics, tfidf_logreg
     from dpsynth.evaluate.utility import majority_class
@@ -188,10 +189,9 @@ def main() -> None:
     log(f"{splits.name}: {len(train)} train, {len(test)} test, majority {results['majority']['accuracy']:.3f}")
     results["real"] = score_corpus(train, test, real_clf, embedder, test_emb)
     counts = label_counts(splits.labels, {lab: 1.0 for lab in splits.labels}, cfg.sampling.num_examples)
-    prompts = {lab: format_prefix(cfg.model.prefix_template, splits.name, lab) for lab in splits.labels}
-
     log("zero-shot floor: the base model, no training")
     base, tok, _ = load_base(cfg.model, resolve_device("auto"))
+    prompts = label_prompts(cfg, tok, splits.name, splits.labels)
     base.eval()
     t0 = time.perf_counter()
     plain, kept, stats = generate_and_sharpen(base, tok, prompts, counts, cfg.sampling, cfg.model.max_length)

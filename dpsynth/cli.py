@@ -151,7 +151,9 @@ def sample(run_dir: RunArg, num_examples: Annotated[Optional[int], typer.Option(
            engine: Annotated[Optional[str], typer.Option(help="transformers, or vllm (a Ray Data job of vLLM engine actors).")] = None,
            ledger: Annotated[Optional[str], typer.Option(help="Check the run's certificate against this ledger (file or "
                                                          "URI) first; never one the run directory names.")] = None,
-           set_: SetOpt = None, quiet: QuietOpt = False) -> None:
+           set_: SetOpt = None, quiet: QuietOpt = False,
+           base_model: Annotated[Optional[str], typer.Option("--base", help="Where the base model is on this machine (an "
+                           "exported run names a local base by its name only; its weights must match the certificate).")] = None) -> None:
     """Sample a labelled synthetic corpus from a certified run (spends no privacy)."""
     from dpsynth.sample import load_run_config
     from dpsynth.sample import sample as run_sampling
@@ -170,7 +172,7 @@ def sample(run_dir: RunArg, num_examples: Annotated[Optional[int], typer.Option(
     base = load_run_config(run_dir).model_dump(mode="json")
     params = load_config(None, sets, base=base).sampling
     _log_to(run_dir)
-    path = run_sampling(run_dir, params, show_progress=not quiet)
+    path = run_sampling(run_dir, params, show_progress=not quiet, base=base_model)
     console.print(f"wrote {path}")
 
 

@@ -48,6 +48,9 @@ class DataConfig(_Section):
     label_column: str = "label"
     name: str | None = None
     """Dataset name used in the Prefix-LM prefix; defaults to the source name or file stem."""
+    description: str | None = None
+    """What the texts are, in a few public words ("SMS messages", "support tickets"): said in the conditioning
+    prompt (dpsynth.prompts). Yours to write, never read from the data."""
     unit_column: str | None = None
     """The privacy unit: a column naming whose record it is (patient_id, account, ...). The guarantee then covers
     everything of one unit; without it each record is its own unit (near-duplicates grouped, below)."""
@@ -88,13 +91,31 @@ class ModelConfig(_Section):
     cover `length_percentile` % of the texts (read through a DP length histogram), capped by the model's context."""
     length_percentile: float = Field(95.0, ge=50.0, le=100.0)
     """Share of the texts (in %) that `auto` lengths leave whole."""
+    prompt: Literal["auto", "chat", "plain"] = "auto"
+    """The conditioning prompt (dpsynth.prompts): `chat` renders `instruction` through the tokenizer's chat template
+    (the text is the assistant turn); `plain` uses `prefix_template`; `auto`: chat when the tokenizer has a chat
+    template. Either way it carries zero loss and is built from public facts only."""
+    instruction: str = "Write one text from {source}, with {conditions}. Reply with the text only."
+    """The chat prompt's user turn: {source} is data.description (else "the dataset '<name>'"), {conditions} the
+    values it is conditioned on ("label: fresh"); {dataset} and {label} work too."""
+    system_prompt: str | None = ""
+    """The chat prompt's system turn: "" = an empty one (short: the template's default persona is 16 more tokens per
+    example), null = the template's default."""
     prefix_template: str = "{dataset} text, label {label}: "
+    """The plain prompt (Kurakin et al. 2023's `[dataset][label]`)."""
 
     @field_validator("prefix_template")
     @classmethod
     def _template_names_label(cls, v: str) -> str:
         if "{label}" not in v:
             raise ValueError("must contain '{label}' so generation can be label-conditioned")
+        return v
+
+    @field_validator("instruction")
+    @classmethod
+    def _instruction_names_conditions(cls, v: str) -> str:
+        if "{conditions}" not in v and "{label}" not in v:
+            raise ValueError("must contain '{conditions}' (or '{label}') so generation can be conditioned")
         return v
 
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from dpsynth.config import JobConfig
-from dpsynth.data import Splits, format_prefix
+from dpsynth.data import Splits
 from dpsynth.errors import UserError
 from dpsynth.lengths import LENGTH_BINS, LENGTHS_STATE, Lengths, bin_of, needs_release, resolve, text_lengths
 from dpsynth.privacy.calibration import CalibrationError
@@ -76,6 +76,8 @@ def release(cfg: JobConfig, releases: DataReleases, run, splits: Splits, tokeniz
 
 def resolve_lengths(cfg: JobConfig, splits, tokenizer, distribution: dict[str, float] | None, context: int):
     """(the config with numbers for `auto` lengths, what they cut) from a length distribution over LENGTH_BINS."""
-    prefix = max(len(tokenizer(format_prefix(cfg.model.prefix_template, splits.name, lab), add_special_tokens=False).input_ids)
-                 for lab in splits.labels)
+    from dpsynth.prompts import label_prompts
+
+    prefix = max(len(tokenizer(p, add_special_tokens=False).input_ids)
+                 for p in label_prompts(cfg, tokenizer, splits.name, splits.labels).values())
     return resolve(cfg, [ex.text for ex in splits.train], tokenizer, prefix, distribution, context)

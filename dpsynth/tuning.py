@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 
 from dpsynth.config import JobConfig, load_config
-from dpsynth.data import Splits, format_prefix, group_by_unit, keyed_subset
+from dpsynth.data import Splits, group_by_unit, keyed_subset
 from dpsynth.data_releases import plan_releases
 from dpsynth.errors import UserError
 from dpsynth.models import adapter_digest, load_base
@@ -37,6 +37,7 @@ from dpsynth.privacy import RepeatAndSelect, epsilon
 from dpsynth.privacy.certificate import SearchBlock
 from dpsynth.privacy.run import Plan, PrivateRun
 from dpsynth.privacy.sampling import Schedule, schedule
+from dpsynth.prompts import label_prompts
 from dpsynth.privacy.tuning import ACCOUNTANT, calibrate_search, draw_num_trials, search_events, trial_events
 from dpsynth.storage import Storage
 from dpsynth.train.worker import STATE, STOP, local_checkpoint
@@ -96,8 +97,8 @@ def dp_score(cfg: JobConfig, adapter_dir: Path, units, dataset_name: str) -> flo
     model, tok, _ = load_base(cfg.model)
     model = PeftModel.from_pretrained(model, str(adapter_dir)).eval()
     records = [ex for unit in units for ex in unit]
-    nll = score_texts(model, tok, [(format_prefix(cfg.model.prefix_template, dataset_name, ex.label), ex.text)
-                                   for ex in records], cfg.model.max_length)
+    prompts = label_prompts(cfg, tok, dataset_name, sorted({ex.label for ex in records}))
+    nll = score_texts(model, tok, [(prompts[ex.label], ex.text) for ex in records], cfg.model.max_length)
     clip, total, start = cfg.tune.score_loss_clip, 0.0, 0
     for unit in units:
         losses = [x.mean() for x in nll[start:start + len(unit)]]

@@ -111,7 +111,7 @@ def tiny_job(tmp_path, tiny_model_dir, jsonl_dataset):
     """Config overrides for a fast end-to-end job on the tiny model and a small JSONL dataset."""
     return [
         f"data.source={jsonl_dataset}", "data.text_column=review", "data.label_column=sentiment",
-        f"model.base={tiny_model_dir}", "model.max_length=32", "lora.r=2",
+        f"model.base={tiny_model_dir}", "model.max_length=72", "lora.r=2",  # the chat prompt (dpsynth.prompts) is 39 tokens
         "training.batch_size=16", "training.steps=6", "training.learning_rate=0.01",
         "sampling.num_examples=12", "sampling.batch_size=6", "sampling.max_new_tokens=8", "evaluation.zero_shot_examples=12",
         f"privacy.ledger={tmp_path / 'ledger.sqlite'}", f"output_dir={tmp_path / 'run'}",

@@ -49,7 +49,8 @@ def test_tiny_pipeline_end_to_end(tiny_job, tmp_path):
     Certificate.model_validate(cert)  # the typed certificate: common fields plus one block per mechanism
     assert cert["mechanism"]["kind"] == "dp_sgd" and cert["mechanism"]["steps"] == 6
     assert cert["mechanism"]["max_grad_norm"] == 1.0 and cert["accountant"] == "prv"
-    assert cert["dataset"]["unit"] == "record" and cert["label_histogram"]["budget_share"] == 0.05
+    # near_duplicates: group (default) names the unit the same whether or not copies were found (no tell)
+    assert cert["dataset"]["unit"] == "record+near-duplicates" and cert["label_histogram"]["budget_share"] == 0.05
     cfg = load_config(None, tiny_job)
     splits = prepare(cfg.data, ledger_secret(cfg.privacy.ledger))
     assert cert["dataset"]["fingerprint"] == splits.fingerprint

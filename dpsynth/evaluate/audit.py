@@ -18,10 +18,11 @@ from pathlib import Path
 import numpy as np
 
 from dpsynth.config import EvaluationConfig, JobConfig
-from dpsynth.data import Example, Splits, format_prefix, group_by_unit
+from dpsynth.data import Example, Splits, group_by_unit
 from dpsynth.evaluate import attacks
 from dpsynth.evaluate.embed import Embedder
 from dpsynth.privacy.certificate import read_certificate
+from dpsynth.prompts import label_prompt
 
 log = logging.getLogger(__name__)
 
@@ -141,7 +142,9 @@ def privacy_audit(run_dir: Path, cfg: JobConfig, splits: Splits, synthetic: list
         return _corpus_attacks(result, splits, synthetic, members, nonmembers, sizes, embedder, ev, delta, cert)
     # generator: loss threshold, and calibrated by the public base model (the adapter switched off)
     model, tok = load_adapter(Path(run_dir), cfg.model)
-    prefix_of = lambda label: format_prefix(cfg.model.prefix_template, cert.dataset.name, label)  # noqa: E731
+    def prefix_of(label: str) -> str:
+        return label_prompt(cfg, tok, cert.dataset.name, label)
+
     items = [(prefix_of(ex.label), ex.text) for ex in members + nonmembers]
     scores = attacks.loss_attack_scores(model, tok, items, reference=model.disable_adapter, max_length=cfg.model.max_length)
     result["generator"] = {name: attacks.attack_report(_per_unit(s[: len(members)], sizes[0]),

@@ -40,7 +40,7 @@ def split_counts(labels: list[str], total: int) -> dict[str, int]:
 
 
 def zero_shot_corpus(path: Path, model_cfg, dataset: str, labels: list[str], n: int, prompt: str | None,
-                     params: SamplingConfig, show_progress: bool = False) -> list[Example]:
+                     params: SamplingConfig, show_progress: bool = False, description: str | None = None) -> list[Example]:
     """`n` texts (uniform over labels) from the public base model with no adapter (Kurakin et al. 2023's floor),
     through the same generation and label sharpening as the DP corpus, the base model doing the scoring. `prompt`:
     a template with {dataset} and {label}; None = the run's own Prefix-LM prefix. No private data is read, only
@@ -51,8 +51,10 @@ def zero_shot_corpus(path: Path, model_cfg, dataset: str, labels: list[str], n: 
     from dpsynth.sample import TransformersEngine, generate_corpus
     from dpsynth.sample.sharpen import candidates_needed, sharpen
 
-    template = prompt or model_cfg.prefix_template
-    meta = {"base": model_cfg.base, "dataset": dataset, "labels": labels, "n": n, "prompt": template,
+    from dpsynth.prompts import render
+
+    template = prompt or model_cfg.model_dump(mode="json")
+    meta = {"base": model_cfg.base, "dataset": dataset, "labels": labels, "n": n, "prompt": template, "description": description,
             "sampling": params.model_dump(mode="json")}
     meta_path = path.with_suffix(".meta.json")
     if path.is_file() and meta_path.is_file() and json.loads(meta_path.read_text()) == meta:
@@ -60,7 +62,8 @@ def zero_shot_corpus(path: Path, model_cfg, dataset: str, labels: list[str], n: 
     model, tok, _ = load_base(model_cfg)
     model.eval()
     torch.manual_seed(params.seed)
-    prompts = {lab: format_prefix(template, dataset, lab) for lab in labels}
+    prompts = {lab: format_prefix(prompt, dataset, lab) if prompt else  # the run's own conditioning prompt by default
+               render(model_cfg, tok, dataset=dataset, conditions={"label": lab}, description=description) for lab in labels}
     counts = split_counts(labels, n)
     log.info("zero-shot corpus: %d texts from the base model, no adapter", n)
     rows = generate_corpus(TransformersEngine(model, tok), prompts,

@@ -164,7 +164,7 @@ def evaluate(run_dir: Path, ev: EvaluationConfig | None = None, *, show_progress
             params = params.model_copy(update={"max_new_tokens": cfg.incontext.max_new_tokens})
         zero_shot = timed("zero_shot_corpus", zero_shot_corpus, owner_path(run_dir, "evaluation") / "zero_shot.jsonl", cfg.model,
                           splits.name, list(splits.labels), ev.zero_shot_examples, ev.zero_shot_prompt, params,
-                          show_progress)
+                          show_progress, cfg.data.description)
     dp = None
     if ev.dp_baseline:
         dp = {"epsilon": cert.epsilon, "delta": cert.delta, "accountant": cert.accountant,
@@ -182,7 +182,7 @@ def evaluate(run_dir: Path, ev: EvaluationConfig | None = None, *, show_progress
     result["baselines"] = {"majority_class": majority}
     if zero_shot:
         result["baselines"]["zero_shot"] = {**utility[ev.classifier]["zero_shot"], "examples": len(zero_shot),
-                                            "prompt": ev.zero_shot_prompt or cfg.model.prefix_template}
+                                            "prompt": ev.zero_shot_prompt or "the run's own conditioning prompt"}
     sharpening = timed("sharpening", sharpening_gain, run_dir, corpus, synthetic, real, test, ev, ctx)
     if sharpening:
         result["sharpening"] = sharpening

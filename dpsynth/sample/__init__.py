@@ -31,15 +31,27 @@ CANDIDATES = "synthetic.candidates.jsonl"
 """Every candidate label sharpening scored, kept or not (post-processing too): what the evaluation measures it by."""
 
 
-def sample(run_dir: Path, params: SamplingConfig | None = None, *, show_progress: bool = True) -> Path:
+def with_base(model_cfg, base: str, cert):
+    """model_cfg with `base` as the base model, refused unless its weights are the ones the certificate names."""
+    from dpsynth.models import resolve_base, weights_digest
+
+    digest = weights_digest(resolve_base(base))
+    if cert.base_model.sha256 is not None and digest != cert.base_model.sha256:
+        raise UserError(f"--base: {base} is not the base model this adapter was trained on ('{cert.base_model.name}', "
+                        "sha256 differs)")
+    return model_cfg.model_copy(update={"base": base})
+
+
+def sample(run_dir: Path, params: SamplingConfig | None = None, *, show_progress: bool = True,
+           base: str | None = None) -> Path:
     """Write `synthetic.{jsonl,csv}` and its certificate into run_dir; return the corpus path.
 
     With `keep_rate` < 1, ceil(n / keep_rate) candidates are generated per label and the n the adapter itself
     reads most clearly as their label are kept (label sharpening, sharpen.py); every candidate, with its
     margin, goes to `synthetic.candidates.jsonl` so the evaluation can measure what sharpening bought.
     """
-    from dpsynth.data import format_prefix
-    from dpsynth.models import load_adapter
+    from dpsynth.models import load_adapter, load_tokenizer
+    from dpsynth.prompts import label_prompts
 
     from .sharpen import candidates_needed, sharpen
 
@@ -49,6 +61,8 @@ def sample(run_dir: Path, params: SamplingConfig | None = None, *, show_progress
         raise UserError(f"{run_dir}: an in-context (training-free) run has no adapter to sample for free; every new "
                         "example costs privacy: run `dpsynth generate` again with a new output directory")
     cfg = load_run_config(run_dir)
+    if base is not None:  # an exported run names a local base model by its name only: say where it is here
+        cfg = cfg.model_copy(update={"model": with_base(cfg.model, base, cert)})
     params = params or cfg.sampling
     if params.max_new_tokens == "auto":  # the run resolved it from its DP length histogram (config.yaml)
         if cfg.sampling.max_new_tokens == "auto":
@@ -61,7 +75,7 @@ def sample(run_dir: Path, params: SamplingConfig | None = None, *, show_progress
     made_from = post_processing("adapter", *(["label_distribution.json"] if params.label_proportions == "dp" else []))
     counts = label_counts(labels, proportions, params.num_examples)
     wanted = {lab: candidates_needed(n, params.keep_rate) for lab, n in counts.items()}
-    prompts = {lab: format_prefix(cfg.model.prefix_template, cert.dataset.name, lab) for lab in labels}
+    prompts = label_prompts(cfg, load_tokenizer(cfg.model), cert.dataset.name, labels)
     engine = choose_engine(params.engine)
     log.info("sampling %d examples with the %s engine: %s%s", params.num_examples, engine, counts,
              f" (label sharpening: {sum(wanted.values())} candidates, keep rate {params.keep_rate:g})"
@@ -71,7 +85,10 @@ def sample(run_dir: Path, params: SamplingConfig | None = None, *, show_progress
         from .adapters import read_adapter
         from .batch import sample_ray_data
 
-        rows = sample_ray_data(read_adapter(run_dir), wanted, params, show_progress=show_progress)
+        import dataclasses
+
+        adapter = dataclasses.replace(read_adapter(run_dir), model=cfg.model)  # with --base where it was given
+        rows = sample_ray_data(adapter, wanted, params, show_progress=show_progress)
     else:
         torch.manual_seed(params.seed)
         model, tok = load_adapter(run_dir, cfg.model)

@@ -17,7 +17,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from dpsynth.config import ModelConfig, PrivacyConfig
-from dpsynth.data import format_prefix
 from dpsynth.errors import UserError
 from dpsynth.io import atomic_dir
 from dpsynth.models import check_adapter
@@ -97,7 +96,10 @@ def read_adapter(run_dir: str | Path, name: str | None = None) -> CertifiedAdapt
     labels = tuple(sorted(json.loads((run_dir / "labels.json").read_text())))
     dist = run_dir / "label_distribution.json"
     rank = int(json.loads((run_dir / "adapter" / "adapter_config.json").read_text())["r"])
-    prompts = {lab: format_prefix(cfg.model.prefix_template, cert.dataset.name, lab) for lab in labels}
+    from dpsynth.models import load_tokenizer
+    from dpsynth.prompts import label_prompts
+
+    prompts = label_prompts(cfg, load_tokenizer(cfg.model), cert.dataset.name, labels)
     new_tokens = cfg.sampling.max_new_tokens if isinstance(cfg.sampling.max_new_tokens, int) else 40
     return CertifiedAdapter(name or run_dir.name, run_dir, cert, cfg.model, labels,
                             json.loads(dist.read_text()) if dist.is_file() else None, rank, prompts, new_tokens)

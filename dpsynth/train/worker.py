@@ -31,7 +31,7 @@ from pathlib import Path
 import torch
 
 from dpsynth.config import JobConfig
-from dpsynth.data import format_prefix
+from dpsynth.prompts import label_prompts
 from dpsynth.models import load_base, wrap_lora
 from dpsynth.prefixlm import collate, encode
 from dpsynth.privacy import RepeatAndSelect
@@ -211,8 +211,8 @@ def train_loop(config: dict) -> None:
     model, tok, _ = load_base(cfg.model, device)
     model = wrap_lora(model, cfg.lora)  # on its device before wrapping (opacus issue 820)
     _sync_initial_weights(model)
-    encoded = [[encode(tok, format_prefix(cfg.model.prefix_template, plan.dataset_name, label), text, cfg.model.max_length)
-                for text, label in unit] for unit in plan.units]
+    prompts = label_prompts(cfg, tok, plan.dataset_name, sorted({label for unit in plan.units for _, label in unit}))
+    encoded = [[encode(tok, prompts[label], text, cfg.model.max_length) for text, label in unit] for unit in plan.units]
     per_record = all(len(u) == 1 for u in encoded)
     run_id = plan.run.run_id if plan.run is not None else "reference"
 

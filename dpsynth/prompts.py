@@ -1,0 +1,60 @@
+"""The conditioning prompt: the Prefix-LM prefix every text is trained under (zero loss) and sampled from.
+
+Kurakin et al. 2023 condition on `[dataset][label]`. On an instruct base such as the bundled SmolLM2-Instruct a bare
+`sms text, label ham: ` sends the model into code and markup before the first DP step; the same facts said as an
+instruction through the tokenizer's chat template put it in the right genre from step 0 (measured in
+BENCHMARKS.md, "Your own data"). So:
+
+* `chat` (the default `auto` on a tokenizer with a chat template): one user turn, `model.instruction`, rendered by
+  the tokenizer's own template with the generation prompt; the assistant turn is the text, ended by the template's
+  own end-of-turn token (the tokenizer's EOS), so training teaches the model to answer with the text alone;
+* `plain` (`auto` on a base model): `model.prefix_template`, as in the paper.
+
+A prompt is built from public facts only: the dataset name, `data.description`, and the values it is conditioned
+on (the label today; every attribute column of a record the same way, `conditions` takes them all). It never looks
+at the private data: choosing it by the data would be a hyperparameter choice on private data.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+
+from dpsynth.config import JobConfig, ModelConfig
+
+
+def style_of(model: ModelConfig, tokenizer) -> str:
+    """`chat` or `plain`: `auto` is chat exactly when the tokenizer has a chat template."""
+    if model.prompt != "auto":
+        return model.prompt
+    return "chat" if getattr(tokenizer, "chat_template", None) else "plain"
+
+
+def conditions_text(conditions: Mapping[str, str]) -> str:
+    """`label: fresh`, or `specialty: cardiology, note type: discharge` for several attributes."""
+    return ", ".join(f"{name}: {value}" for name, value in conditions.items())
+
+
+def render(model: ModelConfig, tokenizer, *, dataset: str, conditions: Mapping[str, str],
+           description: str | None = None) -> str:
+    """The prompt for one combination of condition values (e.g. {"label": "fresh"})."""
+    if style_of(model, tokenizer) == "plain":
+        fields = {"dataset": dataset, "description": description or dataset, **conditions}
+        return model.prefix_template.format(**fields)
+    if not getattr(tokenizer, "chat_template", None):
+        raise ValueError("model.prompt: chat needs a tokenizer with a chat template; use plain")
+    source = description or f"the dataset '{dataset}'"
+    instruction = model.instruction.format(source=source, dataset=dataset, conditions=conditions_text(conditions),
+                                           **conditions)
+    messages = [{"role": "user", "content": instruction}]
+    if model.system_prompt is not None:
+        messages.insert(0, {"role": "system", "content": model.system_prompt})
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+
+
+def label_prompt(cfg: JobConfig, tokenizer, dataset: str, label: str) -> str:
+    """The prompt of one label (the one-attribute shorthand)."""
+    return render(cfg.model, tokenizer, dataset=dataset, conditions={"label": label}, description=cfg.data.description)
+
+
+def label_prompts(cfg: JobConfig, tokenizer, dataset: str, labels: Iterable[str]) -> dict[str, str]:
+    return {lab: label_prompt(cfg, tokenizer, dataset, lab) for lab in labels}
