@@ -305,6 +305,33 @@ def test_rename_dataset_moves_the_budget_and_its_runs(impl):
     assert again.budget(new) is not None and [r["run_id"] for r in again.runs(new)] == ["r"]
 
 
+def test_an_open_run_is_extended_only_within_the_budget(impl):
+    """A run sized by its own first release (steps from a DP length histogram) admits the rest later, by the same
+    rule as a new run: refused when it would not fit, durable across a restart, and charged against like a plan."""
+    from dpsynth.privacy import Gaussian
+
+    ledger, fp = impl.ledger, "e" * 64
+    ledger.set_budget(fp, Budget(3.0, DELTA, accountant="rdp"))
+    ledger.open_run("r", fp, [Gaussian(20.0, purpose="histogram")], "rdp")
+    ledger.charge("r", Gaussian(20.0, purpose="histogram"))
+    with pytest.raises(BudgetExceeded):
+        ledger.charge("r", SampledGaussian(1.0, 0.01, 1))  # not planned yet
+    with pytest.raises(BudgetExceeded):
+        ledger.extend_run("r", [SampledGaussian(0.5, 0.5, 1000)])  # far over the total
+    assert [e for e in ledger.run("r")["planned"]] == [Gaussian(20.0, purpose="histogram")]
+    ledger.extend_run("r", [SampledGaussian(1.0, 0.01, 100)])
+    again = impl.restart()
+    assert SampledGaussian(1.0, 0.01, 100) in again.run("r")["planned"]
+    again.charge("r", SampledGaussian(1.0, 0.01, 100))
+    with pytest.raises(BudgetExceeded):
+        again.charge("r", SampledGaussian(1.0, 0.01, 1))  # the extension is used up
+    # another run's admission counts the extension as reserved
+    assert again.spent(fp) > epsilon([Gaussian(20.0)], DELTA, "rdp")
+    again.certify("r", certificate_for(again, "r"))
+    with pytest.raises(ValueError, match="closed"):
+        again.extend_run("r", [SampledGaussian(1.0, 0.01, 1)])
+
+
 def test_a_ledger_from_before_budgets_named_their_accountant(tmp_path):
     """The migration: a budget row without an accountant composes with its first run's, or PRV."""
     path = tmp_path / "old.sqlite"

@@ -193,6 +193,38 @@ class Ledger:
                        (run_id, fingerprint, accountant,
                         json.dumps([to_dict(e) for e in planned])))
 
+    def extend_run(self, run_id: str, events: Sequence[Event]) -> None:
+        """Add `events` to an open run's plan, admitted by the same rule as `open_run` (the dataset's composition
+        with them must fit its budget, and so must the run's whole plan under its own accountant). For a run whose
+        later events are sized by what its first ones released (steps from a DP length histogram); nothing is
+        reserved for them until this call."""
+        events = merge(events)
+        with self._tx() as db:
+            row = db.execute("SELECT fingerprint, accountant, status, planned FROM runs WHERE run_id=?",
+                             (run_id,)).fetchone()
+            if row is None or row[2] != "open":
+                raise ValueError(f"run {run_id!r} is {'unknown' if row is None else 'closed'}")
+            fingerprint, accountant, _, planned = row
+            new_plan = merge(list(_events(planned)) + list(events))
+            if not can_account(new_plan, accountant):
+                raise ValueError(f"run {run_id!r}: accountant {accountant!r} cannot account its plan")
+            budget = self._budget(db, fingerprint)
+            committed: list[Event] = []
+            for rid, status, plan in db.execute(
+                    "SELECT run_id, status, planned FROM runs WHERE fingerprint=? AND run_id<>? ORDER BY rowid",
+                    (fingerprint, run_id)).fetchall():
+                committed += _events(plan) if status == "open" else self._charged(db, rid)
+            rule = dataset_accountant(committed + list(new_plan), budget.accountant)
+            total = epsilon(committed + list(new_plan), budget.delta, rule)
+            own = epsilon(new_plan, budget.delta, accountant)
+            if not (total <= budget.epsilon * (1 + _REL_TOL) and own <= budget.epsilon * (1 + _REL_TOL)):
+                before = epsilon(committed + list(_events(planned)), budget.delta, rule) if planned else 0.0
+                raise BudgetExceeded(
+                    f"privacy budget exceeded for dataset {fingerprint[:12]}..: spent eps={before:.2f} (charged + "
+                    f"reserved), requested +{total - before:.2f}, total eps={budget.epsilon:.2f} at "
+                    f"delta={budget.delta:.2g} (composed with {rule})")
+            db.execute("UPDATE runs SET planned=? WHERE run_id=?", (json.dumps([to_dict(e) for e in new_plan]), run_id))
+
     def charge(self, run_id: str, event: Event) -> None:
         """Durably record ``event`` for ``run_id``; call BEFORE releasing its result.
 

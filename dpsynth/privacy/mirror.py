@@ -96,6 +96,7 @@ class MirroredLedger(Ledger):
     certify = _publishes(Ledger.certify)
     abandon = _publishes(Ledger.abandon)
     rename_dataset = _publishes(Ledger.rename_dataset)
+    extend_run = _publishes(Ledger.extend_run)
 
     def __del__(self) -> None:
         shutil.rmtree(getattr(self, "_dir", ""), ignore_errors=True)

@@ -106,6 +106,18 @@ class PrivateRun:
                  plan.delta)
         return cls(ledger, run_id, dataset, plan, state, False)
 
+    def extend(self, events: tuple[Event, ...]) -> None:
+        """Admit more events into this run's plan (BudgetExceeded if the dataset's budget cannot cover them)."""
+        from .events import merge
+
+        self.ledger.extend_run(self.run_id, events)
+        self.plan = Plan(tuple(merge(list(self.plan.events) + list(events))), self.plan.accountant, self.plan.delta)
+
+    def planned(self) -> tuple[Event, ...]:
+        """The run's admitted plan as the ledger holds it (a resumed run's extensions included)."""
+        record = self.ledger.run(self.run_id)
+        return tuple(record["planned"]) if record is not None else ()
+
     def charge(self, event: Event) -> None:
         """Durably charge `event`; call BEFORE its result exists. BudgetExceeded past the admitted plan."""
         self.ledger.charge(self.run_id, event)

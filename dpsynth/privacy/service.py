@@ -73,7 +73,7 @@ def ledger_actor(path: str | Path):
 
 
 LEDGER_API = ("set_budget", "budget", "open_run", "charge", "try_charge", "charged", "certify", "abandon", "run",
-              "spent", "runs", "datasets", "rename_dataset")
+              "spent", "runs", "datasets", "rename_dataset", "extend_run")
 """What every ledger offers (Ledger, MirroredLedger, LedgerClient): the contract tests/test_ledger_contract.py runs."""
 
 
@@ -114,6 +114,9 @@ class LedgerClient:
 
     def open_run(self, run_id: str, fingerprint: str, planned, accountant: str) -> None:
         return self._call("open_run", run_id, fingerprint, list(planned), accountant)
+
+    def extend_run(self, run_id: str, events) -> None:
+        return self._call("extend_run", run_id, list(events))
 
     def charge(self, run_id: str, event: Event) -> None:
         return self._call("charge", run_id, event)
