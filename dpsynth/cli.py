@@ -255,7 +255,7 @@ def run(config: ConfigOpt = None, set_: SetOpt = None, output: OutOpt = None, pr
         run_dir = run_generation(cfg, show_progress=not quiet)
     else:
         run_dir = run_training(cfg, show_progress=not quiet)
-        run_sampling(run_dir, cfg.sampling, show_progress=not quiet)
+        run_sampling(run_dir, None, show_progress=not quiet)  # the run's own plan (a time budget may cut the corpus)
     _summary(run_dir, run_evaluation(run_dir))
 
 

@@ -153,12 +153,30 @@ class PrivacyConfig(_Section):
     dpsynth.privacy.mirror."""
 
 
+def _seconds(v):
+    """'90', '90s', '10m', '1.5h' -> seconds."""
+    if isinstance(v, str):
+        text = v.strip().lower()
+        scale = {"s": 1, "m": 60, "h": 3600}.get(text[-1:], None)
+        try:
+            return float(text[:-1]) * scale if scale else float(text)
+        except ValueError:
+            raise ValueError(f"{v!r} is not a duration (seconds, or e.g. 10m, 1h)") from None
+    return v
+
+
 class TrainingConfig(_Section):
     batch_size: PositiveInt = 64
     """Expected batch size; Poisson sampling rate q = batch_size / N."""
     epochs: PositiveFloat = 0.25
-    steps: PositiveInt | None = None
-    """Number of DP-SGD steps; overrides epochs (steps = epochs / q)."""
+    steps: PositiveInt | Literal["auto"] | None = "auto"
+    """Number of DP-SGD steps; `auto`: as many as fit `time_budget` (dpsynth.train.budget: the whole run planned on
+    a probe of public dummy tokens, at least `min_steps`); null: epochs / q."""
+    time_budget: Annotated[PositiveFloat, BeforeValidator(_seconds)] = 600.0
+    """Wall-clock budget of the whole run (train + sample + evaluate) that `steps: auto` plans to: seconds, or
+    "10m" / "1h"."""
+    min_steps: PositiveInt = 40
+    """Fewest steps `auto` plans, however small the dataset or the budget: a small dataset gets more epochs."""
     learning_rate: PositiveFloat = 5e-3
     max_grad_norm: PositiveFloat = 1.0
     noise_multiplier: float | None = Field(None, ge=0.0)

@@ -91,6 +91,10 @@ class PrivateJob(Protocol):
 
     def plan(self, cfg: JobConfig, splits: Splits, delta: float) -> JobPlan: ...
 
+    def extend(self, ctx: JobContext) -> tuple:
+        """Optional: events to admit once the histograms are released (nothing for a job planned in full up front).
+        May update ctx.cfg with what it decided."""
+
     def execute(self, ctx: JobContext) -> Any:
         """Run the mechanism, charging through ctx.run before each output exists; raise Interrupted on a stop."""
 
@@ -159,6 +163,9 @@ def run_private_job(cfg: JobConfig, job: PrivateJob, *, show_progress: bool = Tr
                          label_distribution=label_dist, length_distribution=length_dist, lengths=lengths,
                          stop_signal=stop_signal, show_progress=show_progress, secret=secret,
                          resources=resources)
+        extension = job.extend(ctx) if hasattr(job, "extend") else ()
+        if extension:  # events sized by what the histograms released (e.g. steps from the DP lengths)
+            run.extend(extension)
         result = job.execute(ctx)
         cert = job.certify(ctx, result)
         rel = Release(run_dir, cert)

@@ -194,7 +194,11 @@ class SearchJob:
         from dpsynth.private_job import JobPlan
 
         t = cfg.training
-        self.sched = schedule(len(splits.train_units()), t.batch_size, epochs=t.epochs, steps=t.steps)
+        if t.steps == "auto":
+            log.info("search: training.steps auto sizes one run to a time budget; each trial trains training.epochs=%g",
+                     t.epochs)
+        self.sched = schedule(len(splits.train_units()), t.batch_size, epochs=t.epochs,
+                              steps=None if t.steps == "auto" else t.steps)
         releases = plan_releases(cfg, delta, ACCOUNTANT)  # RDP, the search's accountant: shares counted as the search is
         common = {"score_sigma": cfg.tune.score_noise_multiplier, "mean": cfg.tune.mean_trials, "shape": _shape(cfg),
                   "prior": releases.events}

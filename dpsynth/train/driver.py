@@ -24,7 +24,7 @@ from dpsynth.models import adapter_digest
 from dpsynth.privacy import SampledGaussian
 from dpsynth.privacy.certificate import Certificate, DpSgdBlock
 from dpsynth.lengths import Lengths
-from dpsynth.privacy.run import PrivateRun
+from dpsynth.privacy.run import Plan, PrivateRun
 from dpsynth.privacy.sampling import Schedule
 from dpsynth.progress import progress_bar
 from dpsynth.storage import Storage
@@ -180,8 +180,52 @@ class TrainJob:
         from dpsynth.private_job import JobPlan
 
         check_gpus(cfg)
-        self.tp = plan_training(cfg, len(splits.train_units()), delta)
-        return JobPlan(self.tp.plan, self.tp.releases)
+        n = len(splits.train_units())
+        if cfg.training.steps != "auto":
+            self.tp = plan_training(cfg, n, delta)
+            return JobPlan(self.tp.plan, self.tp.releases)
+        # steps: auto. The steps come from the time budget once the DP length histogram says how long the texts
+        # are (extend); only the histograms are admitted now. Refuse now what could not run even at the floor.
+        floor = plan_training(cfg, n, delta, steps=cfg.training.min_steps)
+        self.tp = None
+        return JobPlan(Plan(floor.releases.events, cfg.privacy.accountant, delta), floor.releases)
+
+    def extend(self, ctx) -> tuple:
+        """steps: auto: probe (public dummy tokens), plan the run to training.time_budget, calibrate sigma to it."""
+        from dpsynth.prompts import label_prompts
+        from dpsynth.train.budget import mean_text_tokens, plan_run, probe_on_ray
+
+        if self.tp is not None:
+            return ()
+        cfg, n = ctx.cfg, len(ctx.splits.train_units())
+        charged_plan = [e for e in ctx.run.planned() if isinstance(e, SampledGaussian)]
+        if charged_plan:  # a resumed run: the steps its first attempt planned (and was admitted for)
+            steps, cut = charged_plan[0].count, None
+            log.info("resuming with the %d steps planned by the first attempt", steps)
+            num_examples = cfg.sampling.num_examples
+        else:
+            prompts = label_prompts(cfg, ctx.tokenizer, ctx.splits.name, ctx.splits.labels)
+            prompt = max(prompts.values(), key=len)
+            prompt_tokens = len(ctx.tokenizer(prompt, add_special_tokens=False).input_ids)
+            text = mean_text_tokens(ctx.length_distribution, ctx.lengths.text_tokens)
+            speeds = probe_on_ray(cfg, prompt, int(prompt_tokens + text), min(cfg.training.batch_size, 64))
+            scale = cfg.training.batch_size / min(cfg.training.batch_size, 64) / cfg.scaling.num_workers
+            speeds = type(speeds)(speeds.step_s * max(1.0, scale), speeds.generate_tokens_per_s, speeds.score_tokens_per_s)
+            new_tokens = cfg.sampling.max_new_tokens if isinstance(cfg.sampling.max_new_tokens, int) else ctx.lengths.text_tokens
+            run_plan = plan_run(cfg, speeds, prompt_tokens=prompt_tokens, text_tokens=text, labels=len(ctx.splits.labels),
+                                new_tokens=new_tokens)
+            log.info(run_plan.summary(cfg.training.time_budget))
+            steps, cut, num_examples = run_plan.steps, run_plan.cut, run_plan.num_examples
+            if cut:
+                log.warning(cut)
+        ctx.cfg = cfg.model_copy(update={
+            "training": cfg.training.model_copy(update={"steps": steps}),
+            "sampling": cfg.sampling.model_copy(update={"num_examples": num_examples})})
+        self.tp = plan_training(ctx.cfg, n, ctx.delta, steps=steps, releases=ctx.plan.releases)
+        if charged_plan and self.tp.plan.events[-1] != charged_plan[0]:
+            raise RuntimeError(f"run {ctx.run.run_id}: its admitted DP-SGD plan {charged_plan[0]} is not what this "
+                               f"config calibrates to ({self.tp.plan.events[-1]}); abandon it and start again")
+        return () if charged_plan else (self.tp.plan.events[-1],)
 
     def execute(self, ctx) -> Path:
         cfg, tp, run, storage = ctx.cfg, self.tp, ctx.run, ctx.storage

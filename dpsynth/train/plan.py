@@ -25,12 +25,15 @@ class TrainingPlan:
     releases: DataReleases
 
 
-def plan_training(cfg: JobConfig, train_units: int, delta: float) -> TrainingPlan:
+def plan_training(cfg: JobConfig, train_units: int, delta: float, steps: int | None = None,
+                  releases: DataReleases | None = None) -> TrainingPlan:
     """The DP-SGD steps (q and step count from the one schedule) and the data's histograms, calibrated together to
     privacy.epsilon with the one calibrator (or a fixed training.noise_multiplier, still refused if it overspends)."""
     t, acc, target = cfg.training, cfg.privacy.accountant, cfg.privacy.epsilon
-    sched = schedule(train_units, t.batch_size, epochs=t.epochs, steps=t.steps)
-    releases = plan_releases(cfg, delta, acc)
+    if steps is None and t.steps != "auto":
+        steps = t.steps
+    sched = schedule(train_units, t.batch_size, epochs=t.epochs, steps=steps)  # `auto` unresolved: by epochs
+    releases = releases or plan_releases(cfg, delta, acc)  # given: what the run already admitted (auto steps)
     prior = releases.events
 
     def events_for(sigma: float):

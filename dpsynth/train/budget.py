@@ -1,0 +1,151 @@
+"""A budget in time, not in epochs: `training.steps: auto` sizes a run to `training.time_budget`.
+
+The whole run is planned before training starts: a probe measures, on PUBLIC dummy tokens of the planned shape (the
+conditioning prompt and random token ids, as long as the DP length histogram says the texts are), one DP step's
+forward/backward, the generation speed and the scoring speed, where a training worker runs (a Ray task with a
+worker's resources). From those, sampling (candidates x expected length), label sharpening and the evaluation are
+estimated first, and training gets what is left, never fewer than `training.min_steps` steps (a small dataset gets
+more epochs, not fewer steps). Nothing private is timed: a step time measured on the private batch would make the
+number of steps a function of the data. When even the floor does not fit, the corpus is scaled down (and the log
+says what was cut) before anything more is admitted.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import time
+from dataclasses import dataclass
+
+from dpsynth.config import JobConfig
+
+log = logging.getLogger(__name__)
+
+FIXED_OVERHEAD_S = 45.0
+"""Ray start, model loads, checkpoints and the certificate: measured on the demo, rounded up."""
+EVAL_FIXED_S = 60.0
+"""Classifiers, MAUVE and the DP-SGD baseline of the default evaluation on the 2-core VM, rounded up."""
+MIN_CORPUS = 100
+
+
+@dataclass(frozen=True)
+class Speeds:
+    step_s: float
+    """One DP step (expected batch) on a training worker."""
+    generate_tokens_per_s: float
+    score_tokens_per_s: float
+
+
+@dataclass(frozen=True)
+class RunPlan:
+    steps: int
+    num_examples: int
+    estimates_s: dict[str, float]
+    cut: str | None = None
+
+    def summary(self, budget_s: float) -> str:
+        parts = ", ".join(f"{k} {v / 60:.1f} min" for k, v in self.estimates_s.items())
+        total = sum(self.estimates_s.values())
+        return (f"run plan: {self.steps} DP steps; estimated {parts}; total {total / 60:.1f} min of "
+                f"training.time_budget {budget_s / 60:.1f} min" + (f"; {self.cut}" if self.cut else ""))
+
+
+def probe(cfg_json: dict, prompt: str, tokens: int, batch: int) -> Speeds:
+    """Time the planned work on public dummy inputs (see the module docstring). Runs where a worker would."""
+    import numpy as np
+    import torch
+
+    from dpsynth.models import load_base, wrap_lora
+    from dpsynth.prefixlm import Encoded, collate
+    from dpsynth.sample.engines import GenParams, TransformersEngine
+    from dpsynth.train.step import DPLoRAStep
+
+    cfg = JobConfig.model_validate(cfg_json)
+    cpus = (cfg.scaling.resources_per_worker or {}).get("CPU") or os.cpu_count() or 1
+    torch.set_num_threads(max(1, int(cpus)))
+    device = torch.device("cuda" if cfg.scaling.use_gpu and torch.cuda.is_available() else "cpu")
+    torch.manual_seed(0)
+    model, tok, _ = load_base(cfg.model, device)
+    model = wrap_lora(model, cfg.lora)
+    head = tok(prompt, add_special_tokens=False).input_ids
+    rng = np.random.default_rng(0)  # dummy token ids: public, nothing to protect
+    rows = [Encoded(tuple(head + rng.integers(0, len(tok), max(1, tokens - len(head))).tolist()),
+                    (0,) * len(head) + (1,) * max(1, tokens - len(head))) for _ in range(batch)]
+    step = DPLoRAStep(model, noise_multiplier=1.0, max_grad_norm=1.0, expected_batch_size=batch,
+                      learning_rate=cfg.training.learning_rate, grad_sample_mode=cfg.training.grad_sample_mode,
+                      micro_batch_size=None if cfg.training.micro_batch_size == "auto" else cfg.training.micro_batch_size)
+    timings = []
+    for _ in range(2):  # the first call warms up kernels and allocators
+        t0 = time.perf_counter()
+        step._per_example_grads(collate(rows, tok.pad_token_id, device))
+        step.optimizer.zero_grad(set_to_none=True)
+        timings.append(time.perf_counter() - t0)
+    step_s = timings[-1]
+    model.eval()
+    engine, n, new = TransformersEngine(model, tok), 16, 16
+    engine.generate_ids([head] * 4, GenParams(max_tokens=4))
+    t0 = time.perf_counter()
+    engine.generate_ids([head] * n, GenParams(max_tokens=new))
+    gen_tps = n * new / (time.perf_counter() - t0)
+    with torch.inference_mode():
+        batch_ids = collate(rows, tok.pad_token_id, device)
+        t0 = time.perf_counter()
+        model(input_ids=batch_ids.input_ids, attention_mask=batch_ids.attention_mask)
+        score_tps = batch * tokens / (time.perf_counter() - t0)
+    return Speeds(step_s, gen_tps, score_tps)
+
+
+def probe_on_ray(cfg: JobConfig, prompt: str, tokens: int, batch: int) -> Speeds:
+    """`probe` as a Ray task holding one training worker's resources (a GPU when training uses one)."""
+    import ray
+
+    resources = dict(cfg.scaling.resources_per_worker or {})
+    task = ray.remote(num_cpus=resources.pop("CPU", 1), num_gpus=resources.pop("GPU", 1 if cfg.scaling.use_gpu else 0),
+                      resources=resources or None, max_retries=0)(probe)
+    return ray.get(task.remote(cfg.model_dump(mode="json"), prompt, tokens, batch))
+
+
+def mean_text_tokens(length_distribution: dict[str, float] | None, text_tokens: int) -> float:
+    """Expected text tokens per example from the DP length histogram (bin mid-points), capped by the cut."""
+    from dpsynth.lengths import LENGTH_BINS
+
+    if not length_distribution:
+        return float(text_tokens)
+    lower, mean = 0, 0.0
+    for edge in LENGTH_BINS:
+        mean += length_distribution.get(str(edge), 0.0) * (lower + edge) / 2
+        lower = edge
+    return min(float(text_tokens), max(1.0, mean))
+
+
+def plan_run(cfg: JobConfig, speeds: Speeds, *, prompt_tokens: int, text_tokens: float, labels: int,
+             new_tokens: int) -> RunPlan:
+    """Steps and corpus size that fit `training.time_budget` (see the module docstring)."""
+    budget = cfg.training.time_budget
+    s, ev = cfg.sampling, cfg.evaluation
+    per_candidate = min(float(new_tokens), text_tokens)
+
+    def later(num_examples: int) -> dict[str, float]:
+        candidates = math.ceil(num_examples / s.keep_rate)
+        zero_shot = math.ceil(ev.zero_shot_examples / s.keep_rate) if ev.zero_shot_examples else 0
+        sharpen = (candidates + zero_shot) * labels * (prompt_tokens + per_candidate) / speeds.score_tokens_per_s \
+            if s.keep_rate < 1 else 0.0
+        attacks = 4 * ev.attack_examples * (prompt_tokens + text_tokens) / speeds.score_tokens_per_s
+        return {"sampling": candidates * per_candidate / speeds.generate_tokens_per_s + sharpen * candidates /
+                max(1, candidates + zero_shot),
+                "evaluation": EVAL_FIXED_S + zero_shot * per_candidate / speeds.generate_tokens_per_s + attacks +
+                sharpen * zero_shot / max(1, candidates + zero_shot)}
+
+    num_examples, cut = s.num_examples, None
+    rest = later(num_examples)
+    left = budget - FIXED_OVERHEAD_S - sum(rest.values())
+    steps = max(cfg.training.min_steps, int(left // speeds.step_s)) if left > 0 else cfg.training.min_steps
+    over = FIXED_OVERHEAD_S + steps * speeds.step_s + sum(rest.values()) - budget
+    if over > 0 and num_examples > MIN_CORPUS:  # the floor of steps does not fit: the corpus gives way first
+        per_example = (sum(rest.values()) - sum(later(0).values())) / num_examples
+        smaller = max(MIN_CORPUS, int(num_examples - over / max(per_example, 1e-9)))
+        cut = f"sampling.num_examples cut from {num_examples} to {smaller} to fit training.time_budget"
+        num_examples, rest = smaller, later(smaller)
+    estimates = {"training": steps * speeds.step_s, **rest, "start-up": FIXED_OVERHEAD_S}
+    return RunPlan(steps, num_examples, estimates, cut)
