@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from dpsynth.config import SamplingConfig
-from dpsynth.sample.engines import GenParams, TransformersEngine, left_pad, prompt_ids, sample_texts
+from dpsynth.sample.engines import GenParams, TransformersEngine, left_pad, prompt_ids, sample_texts, stop_token_ids
 
 PROMPTS = ["[reviews][pos]: ", "[reviews][neg]: a", "[reviews][pos]: the cast and the story were"]
 
@@ -83,6 +83,31 @@ def test_greedy_outputs_are_the_same_on_every_engine(engines, tok):
     outs = {name: [(g.text, g.completion_tokens, g.finish_reason) for g in e.generate_ids(ids, greedy)]
             for name, e in engines.items()}
     assert outs["vllm"] == outs["transformers"]
+
+
+def test_every_engine_stops_at_every_special_and_role_token(engine, tok):
+    assert set(stop_token_ids(tok)) <= set(engine.stop_ids)
+    assert {tok.convert_tokens_to_ids(t) for t in ("<|im_start|>", "<|im_end|>", "<|endoftext|>")} <= set(engine.stop_ids)
+
+
+def test_vllm_ends_the_text_at_a_planted_role_token(engines, tok):
+    """vLLM on the engine's own SamplingParams, with `<|im_start|>` made likely (logit_bias, test-only): it stops
+    there and leaves it out of the text. (tests/test_stop_tokens.py plants it in the weights for transformers.)"""
+    if "vllm" not in engines:
+        pytest.skip("vLLM is not installed here")
+    from vllm.inputs import TokensPrompt
+
+    from dpsynth.sample.engines import vllm_params
+
+    e, im_start = engines["vllm"], tok.convert_tokens_to_ids("<|im_start|>")
+    params = [vllm_params(e.vllm, GenParams(temperature=1.0, top_p=1.0, max_tokens=24), s, stop_ids=e.stop_ids)
+              for s in range(8)]
+    for p in params:
+        p.logit_bias = {im_start: 10.0}
+    outs = e.llm.generate([TokensPrompt(prompt_token_ids=prompt_ids(tok, PROMPTS[0]))] * 8, params, use_tqdm=False)
+    stopped = [o.outputs[0] for o in outs if o.outputs[0].finish_reason == "stop"]
+    assert len(stopped) >= 5 and all(o.stop_reason == im_start for o in stopped)
+    assert not any(m in o.outputs[0].text for o in outs for m in ("<|im_start|>", "<|im_end|>", "assistant\n"))
 
 
 def test_left_pad_continues_every_row_from_its_own_last_token():

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from typing import Protocol
@@ -83,6 +84,33 @@ def left_pad(rows: Sequence[Sequence[int]], pad_id: int, device=None) -> tuple[t
     ids = torch.tensor([[pad_id] * (width - len(r)) + list(r) for r in rows], device=device)
     mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows], device=device)
     return ids, mask, (mask.cumsum(-1) - 1).clamp(min=0)
+
+
+_MARKER = re.compile(r"^<\|[^\s]*\|>$|^<[A-Za-z_/][\w/\-]*>$")
+"""An added token that reads as a role or control marker of a chat template: `<|im_start|>`, `<|eot_id|>`, `<file_sep>`."""
+
+
+def stop_token_ids(tokenizer) -> list[int]:
+    """Every id generation must stop at: eos, pad, the tokenizer's special ids, every special added token, and every
+    added token that looks like a role/control marker (`<|...|>`, `<...>`). A sampled text ends at the first of them,
+    so no chat-template debris (`<|im_start|>assistant\n...`) reaches the corpus, whatever the prompt format."""
+    ids: set[int] = set()
+    for name in ("eos_token_id", "pad_token_id"):
+        value = getattr(tokenizer, name, None)
+        ids.update(value if isinstance(value, (list, tuple)) else [value] if value is not None else [])
+    ids.update(getattr(tokenizer, "all_special_ids", None) or [])
+    for i, added in (getattr(tokenizer, "added_tokens_decoder", None) or {}).items():
+        if getattr(added, "special", False) or _MARKER.match(str(getattr(added, "content", added))):
+            ids.add(int(i))
+    return sorted(int(i) for i in ids if i is not None and int(i) >= 0)
+
+
+def cut_at_stop(row: Sequence[int], stops) -> tuple[list[int], bool]:
+    """(the tokens before the first stop id, whether a stop id was found)."""
+    for n, t in enumerate(row):
+        if t in stops:
+            return list(row[:n]), True
+    return list(row), False
 
 
 def sample_texts(engine: Engine, prompt: str, n: int, params: SamplingConfig) -> list[str]:
@@ -159,10 +187,13 @@ def vllm_engine_kwargs(model_dir: str, *, dtype: str, lora_ranks: list[int] | No
     return kw
 
 
-def vllm_params(vllm, params: GenParams, seed: int | None, delta: bool = False):
+def vllm_params(vllm, params: GenParams, seed: int | None, delta: bool = False, stop_ids: Sequence[int] = ()):
+    """vLLM's SamplingParams; `stop_ids` (stop_token_ids(tokenizer)): generation ends at any of them, and vLLM leaves
+    the stop token out of the text."""
     from vllm.sampling_params import RequestOutputKind
 
     return vllm.SamplingParams(temperature=params.temperature, top_p=params.top_p, max_tokens=params.max_tokens, seed=seed,
+                               stop_token_ids=list(stop_ids) or None,
                                output_kind=RequestOutputKind.DELTA if delta else RequestOutputKind.FINAL_ONLY)
 
 
@@ -180,23 +211,27 @@ class TransformersEngine:
 
     def __init__(self, model, tokenizer):
         self.model, self.tok = model, tokenizer
+        gen_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+        self.stop_ids = sorted(set(stop_token_ids(tokenizer)) | set(
+            gen_eos if isinstance(gen_eos, (list, tuple)) else [gen_eos] if gen_eos is not None else []))
 
     @torch.inference_mode()
     def generate_ids(self, prompts: list[list[int]], params: GenParams,
                      seeds: Sequence[int | None] | None = None) -> list[Generation]:
         if seeds and seeds[0] is not None:
             torch.manual_seed(seeds[0])
-        pad, eos = self.tok.pad_token_id, self.tok.eos_token_id
+        pad = self.tok.pad_token_id if self.tok.pad_token_id is not None else self.tok.eos_token_id
         ids, mask, _ = left_pad(prompts, pad, self.model.device)
-        sampling = dict(do_sample=True, temperature=params.temperature, top_p=params.top_p) if params.temperature > 0 else \
+        sampling = dict(do_sample=True, temperature=params.temperature, top_p=params.top_p, top_k=0) if params.temperature > 0 else \
             dict(do_sample=False)  # temperature 0: greedy, as in OpenAI's API
+        # top_k=0: no top-50 cut (transformers' default), the nucleus alone, as in vLLM and the paper's recipe.
         out = self.model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=params.max_tokens, pad_token_id=pad,
-                                  eos_token_id=eos, **sampling)[:, ids.shape[1]:]
-        gens = []
+                                  eos_token_id=self.stop_ids, **sampling)[:, ids.shape[1]:]
+        stops, gens = set(self.stop_ids), []
         for row in out.tolist():
-            n = row.index(eos) if eos in row else len(row)
-            gens.append(Generation(self.tok.decode(row[:n], skip_special_tokens=True), min(n + 1, len(row)),
-                                   "stop" if n < len(row) else "length"))
+            kept, stopped = cut_at_stop(row, stops)  # the text ends at the first stop id, as vLLM's does
+            gens.append(Generation(self.tok.decode(kept, skip_special_tokens=True), len(kept) + stopped,
+                                   "stop" if stopped else "length"))
         return gens
 
 
@@ -208,7 +243,7 @@ class VLLMEngine:
     def __init__(self, model_dir: str, tokenizer, *, lora: tuple[str, str, int] | None = None, dtype: str = "float32",
                  max_model_len: int = 512, max_num_seqs: int = 256, enforce_eager: bool = False):
         vllm = require_vllm()
-        self.vllm, self.tok = vllm, tokenizer
+        self.vllm, self.tok, self.stop_ids = vllm, tokenizer, stop_token_ids(tokenizer)
         self.llm = vllm.LLM(**vllm_engine_kwargs(model_dir, dtype=dtype, lora_ranks=[lora[2]] if lora else None,
                                                  max_model_len=max_model_len, max_num_seqs=max_num_seqs,
                                                  enforce_eager=enforce_eager))
@@ -224,7 +259,7 @@ class VLLMEngine:
 
         seeds = list(seeds) if seeds is not None else [None] * len(prompts)
         outs = self.llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts],
-                                 [vllm_params(self.vllm, params, s) for s in seeds], lora_request=self.lora,
+                                 [vllm_params(self.vllm, params, s, stop_ids=self.stop_ids) for s in seeds], lora_request=self.lora,
                                  use_tqdm=False)
         return [Generation(o.outputs[0].text, len(o.outputs[0].token_ids), _finish(o.outputs[0].finish_reason)) for o in outs]
 

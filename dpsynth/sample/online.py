@@ -17,7 +17,8 @@ from pathlib import Path
 from dpsynth.errors import UserError
 
 from .adapters import CertifiedAdapter, merged_model_dir, same_base
-from .engines import GenParams, Generation, TransformersEngine, _finish, require_vllm, vllm_engine_kwargs, vllm_params
+from .engines import (GenParams, Generation, TransformersEngine, _finish, require_vllm, stop_token_ids, vllm_engine_kwargs,
+                      vllm_params)
 
 log = logging.getLogger(__name__)
 
@@ -61,6 +62,7 @@ class AsyncVLLMEngine:
 
         base = same_base(adapters)
         self.vllm, self.tokenizer = vllm, _tokenizer(adapters[0])
+        self.stop_ids = stop_token_ids(self.tokenizer)
         if opts.merged:
             model_dir, ranks = str(merged_model_dir(adapters[0], Path(opts.cache_dir or cache_dir()))), None
             self.loras = {adapters[0].name: None}
@@ -78,7 +80,7 @@ class AsyncVLLMEngine:
         from vllm.inputs import TokensPrompt
 
         async for out in self.engine.generate(TokensPrompt(prompt_token_ids=prompt_ids),
-                                              vllm_params(self.vllm, params, seed, delta=True),
+                                              vllm_params(self.vllm, params, seed, delta=True, stop_ids=self.stop_ids),
                                               request_id=uuid.uuid4().hex, lora_request=self.loras[adapter]):
             o = out.outputs[0]
             yield o.text, len(o.token_ids), (_finish(o.finish_reason) if out.finished else None)
@@ -87,7 +89,7 @@ class AsyncVLLMEngine:
         from vllm.inputs import TokensPrompt
 
         final = None
-        async for out in self.engine.generate(TokensPrompt(prompt_token_ids=prompt_ids), vllm_params(self.vllm, params, seed),
+        async for out in self.engine.generate(TokensPrompt(prompt_token_ids=prompt_ids), vllm_params(self.vllm, params, seed, stop_ids=self.stop_ids),
                                               request_id=uuid.uuid4().hex, lora_request=self.loras[adapter]):
             final = out
         o = final.outputs[0]
