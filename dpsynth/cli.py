@@ -97,6 +97,12 @@ def _summary(run_dir: Path, evaluation: dict | None = None) -> None:
         mauve = evaluation.get("fidelity", {}).get("mauve", {}).get("synthetic_vs_test", {}).get("mauve")
         if mauve is not None:
             table.add_row("MAUVE, synthetic vs real test", f"{mauve:.3f}")
+        genre = evaluation.get("fidelity", {}).get("out_of_genre", {})
+        if genre.get("share") is not None:
+            real = f" (real held out: {genre['real_share']:.0%})" if genre.get("real_share") is not None else ""
+            share = f"{genre['share']:.0%} of texts{real}: code or markup the real texts lack"
+            limit = evaluation.get("evaluation_config", {}).get("out_of_genre_threshold", 0.10)
+            table.add_row("out of genre, synthetic", f"[bold red]{share}[/]" if genre["share"] > limit else share)
         length = evaluation.get("fidelity", {}).get("lengths", {})
         if length.get("ks") is not None:
             table.add_row("length, synthetic vs real test", f"{length['synthetic_words_mean']:.1f} vs {length['real_words_mean']:.1f} "
@@ -108,7 +114,7 @@ def _summary(run_dir: Path, evaluation: dict | None = None) -> None:
             table.add_row("empirical epsilon lower bound", f"{privacy['empirical_epsilon']['lower_bound']:.3f}  (certified {cert.epsilon:.3f})")
         v = evaluation.get("verdict")
         if v:
-            style = "bold red" if v["level"] == "no_signal" else ("yellow" if v["level"] == "below_dp_direct" else "bold green")
+            style = "bold red" if v["level"] in ("no_signal", "out_of_genre") else ("yellow" if v["level"] == "below_dp_direct" else "bold green")
             table.add_row("verdict", f"[{style}]{v['text']}[/]")
     Console().print(table)
 

@@ -421,6 +421,10 @@ class EvaluationConfig(_Section):
     """Top MiniLM layers fine-tuned (with the head) by the `transformer` classifier."""
     samples_per_label: int = Field(5, ge=0)
     """Synthetic examples per label shown in the report."""
+    out_of_genre_threshold: float = Field(0.10, ge=0.0, le=1.0)
+    """Above this share of synthetic texts out of genre (code or markup where the real test texts have none: their
+    code/markup score beyond the real texts' 99th percentile; fidelity.out_of_genre), the verdict is "out of genre",
+    whatever the accuracy."""
 
     @field_validator("zero_shot_prompt")
     @classmethod

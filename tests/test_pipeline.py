@@ -76,7 +76,8 @@ def test_tiny_pipeline_end_to_end(tiny_job, tmp_path):
     majority = max(sum(ex.label == lab for ex in splits.test) for lab in splits.labels) / len(splits.test)
     assert ev["baselines"]["majority_class"]["accuracy"] == pytest.approx(majority)
     assert 0 <= ev["baselines"]["zero_shot"]["accuracy"] <= 1 and ev["baselines"]["zero_shot"]["examples"] == 12
-    assert ev["verdict"]["level"] in {"no_signal", "below_dp_direct", "competitive"} and ev["verdict"]["text"]
+    assert ev["verdict"]["level"] in {"no_signal", "below_dp_direct", "competitive", "out_of_genre"} and ev["verdict"]["text"]
+    assert {"share", "real_share", "threshold", "examples"} <= set(ev["fidelity"]["out_of_genre"]) and "out of genre" in res.stdout
     for row in ("majority class", "zero-shot floor", "verdict"):
         assert row in res.stdout, row
     # label sharpening (default keep rate 0.5): twice the candidates, every one of them kept for the evaluation

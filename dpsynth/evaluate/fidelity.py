@@ -3,6 +3,7 @@ fidelity, duplicates."""
 
 from __future__ import annotations
 
+import re
 from collections import Counter
 from collections.abc import Sequence
 
@@ -95,3 +96,88 @@ def label_fidelity(synthetic: Sequence[Example], predicted: Sequence[str]) -> di
         per_label.setdefault(ex.label, []).append(a)
     return {"agreement": float(np.mean(agree)) if agree else 0.0,
             "per_label": {lab: float(np.mean(v)) for lab, v in sorted(per_label.items())}}
+
+
+# ------------------------------------------------------------------ out of genre: code or markup where the real data has none
+
+GENRE_SIGNALS = {
+    "symbols": r"[{}\[\]<>=|\\`~^]",
+    "calls": r"\b[A-Za-z_]\w*\((?!\s)",
+    "keywords": r"\b(?:def|return|import|class|function|var|const|elif|lambda|self|void|public|static|printf|println|"
+                r"console|null|undefined|pass|except|isinstance|typeof)\b|#include|#define|\btry:|\w\.\w+\(|^\s*from [\w.]+ import\b",
+    "comments": r"^\s*(?:#|//|/\*|\*|--)\s|\"\"\"|\'\'\'",
+    "block_opens": r"\)\s*:\s*$|^\s*(?:if|for|while|else|with)\b[^\n]*:\s*$",
+    "markup": r"</|/>|://|&[a-z]+;|&#\d+;|<[A-Za-z][\w-]*[\s>]",
+    "operators": r"==|!=|<=|>=|\+=|-=|=>|->|::|&&|\|\|",
+    "line_breaks": r"\n",
+    "indentation": r"^(?:\t| {2,})\S",
+    "statement_ends": r"[;{}]\s*$",
+    "identifiers": r"\b[a-z][a-z0-9]*_[a-z0-9_]+\b|\b__?[a-z]\w*|\b[a-z]+[A-Z][A-Za-z0-9]*\b|\b[A-Z][a-z]+[A-Z][a-z]+[A-Za-z0-9]*\b",
+}
+"""What code and markup are made of: brackets and `=`, calls `f(x`, keywords, tags and URLs, operators, line breaks,
+indented lines, `;`/`{` line ends, snake_case and camelCase identifiers. Each match counts once per pattern."""
+_GENRE_RE = {name: re.compile(p, re.MULTILINE) for name, p in GENRE_SIGNALS.items()}
+
+
+def genre_signals(text: str) -> dict[str, int]:
+    return {name: len(rx.findall(text)) for name, rx in _GENRE_RE.items()}
+
+
+def signal_rarity(reference: Sequence[str]) -> dict[str, float]:
+    """Each signal's weight: how rare it is in the real texts, log((1 + n) / (1 + texts with it)) / log(1 + n), in
+    [0, 1] (1: no real text has it). URLs in real tweets, or line breaks in real poems, weigh little."""
+    n = len(reference)
+    present = Counter(k for t in reference for k, c in genre_signals(t).items() if c)
+    return {k: float(np.log((1 + n) / (1 + present[k])) / np.log(1 + n)) if n else 1.0 for k in GENRE_SIGNALS}
+
+
+def markup_score(text: str, rarity: dict[str, float] | None = None) -> float:
+    """Code/markup signals per 100 characters, each weighted by its rarity in the real texts (`signal_rarity`; all 1
+    without); texts shorter than 20 characters count as 20."""
+    sig = genre_signals(text)
+    return 100.0 * sum(c * (rarity[k] if rarity else 1.0) for k, c in sig.items()) / max(len(text), 20)
+
+
+def char_classes(text: str) -> dict[str, float]:
+    """Shares of letters, digits, whitespace, punctuation, brackets and line breaks, and the length in characters."""
+    n = max(len(text), 1)
+    return {"letters": sum(c.isalpha() for c in text) / n, "digits": sum(c.isdigit() for c in text) / n,
+            "whitespace": sum(c.isspace() for c in text) / n,
+            "punctuation": sum(not (c.isalnum() or c.isspace()) for c in text) / n,
+            "brackets": sum(c in "{}[]()<>" for c in text) / n, "line_breaks": text.count("\n") / n,
+            "chars": float(len(text))}
+
+
+def _means(rows: Sequence[dict]) -> dict[str, float]:
+    return {k: float(np.mean([r[k] for r in rows])) for k in rows[0]} if rows else {}
+
+
+def out_of_genre(synthetic: Sequence[str], reference: Sequence[str], held_out: Sequence[str], *, quantile: float = 0.99,
+                 min_score: float = 1.5, examples: int = 3) -> dict:
+    """Share of synthetic texts that do not look like the real data: their code/markup score (`markup_score`, the
+    signals weighted by their rarity in the real reference texts) is above the `quantile` of the reference texts'
+    scores (and above `min_score`, so one stray `=` in a long text is not flagged). The same test on real texts held out from the reference is the
+    floor (about 1 - quantile when the real data is homogeneous). The synthetic set is judged, never fitted on."""
+    if not reference or not synthetic:
+        return {"share": None, "note": "no texts"}
+    rarity = signal_rarity(reference)
+    ref = np.array([markup_score(t, rarity) for t in reference], float)
+    threshold = max(float(np.quantile(ref, quantile)), min_score)
+    syn = np.array([markup_score(t, rarity) for t in synthetic], float)
+    held = np.array([markup_score(t, rarity) for t in held_out], float)
+    flagged = syn > threshold
+    worst: list[str] = []
+    for i in np.argsort(-syn, kind="stable")[: int(flagged.sum())]:
+        if len(worst) < examples and synthetic[i][:120] not in worst:
+            worst.append(synthetic[i][:120])
+    real_texts = list(reference) + list(held_out)
+    return {"share": float(flagged.mean()), "real_share": float((held > threshold).mean()) if len(held) else None,
+            "threshold": threshold, "quantile": quantile, "flagged": int(flagged.sum()), "synthetic_texts": len(syn),
+            "reference_texts": len(ref), "held_out_texts": len(held),
+            "score": "code/markup signals per 100 characters, weighted by their rarity in the real texts",
+            "signal_rarity": rarity,
+            "examples": worst,
+            "signals": {"synthetic": _means([genre_signals(t) for t in synthetic]),
+                        "real": _means([genre_signals(t) for t in real_texts])},
+            "char_classes": {"synthetic": _means([char_classes(t) for t in synthetic]),
+                             "real": _means([char_classes(t) for t in real_texts])}}

@@ -25,7 +25,8 @@ from dpsynth.evaluate.audit import privacy_audit
 from dpsynth.evaluate.classifiers import Context, metrics, predict
 from dpsynth.evaluate.corpora import find_corpus, read_corpus, zero_shot_corpus
 from dpsynth.evaluate.embed import Embedder
-from dpsynth.evaluate.utility import SOURCES, majority_class, subset, tuning_rank_correlation, utility_table, verdict
+from dpsynth.evaluate.utility import (SOURCES, genre_verdict, majority_class, subset, tuning_rank_correlation,
+                                      utility_table, verdict)
 from dpsynth.io import atomic_write_json
 from dpsynth.privacy.certificate import read_certificate
 
@@ -93,6 +94,19 @@ def fidelity_section(synthetic: list[Example], real: list[Example], test: list[E
         if zero_shot:
             out["mauve"]["zero_shot_vs_test"] = fidelity.mauve_score(embedder([e.text for e in zero_shot]), test_emb, ev.seed)
     return out
+
+
+def out_of_genre_section(synthetic: list[Example], test: list[Example], validation: list[Example], seed: int) -> dict:
+    """fidelity.out_of_genre with the real test texts as the reference and the validation texts as the held-out floor
+    (without a validation split: a seeded half of the test texts is held out from the reference)."""
+    texts = [e.text for e in test]
+    if validation:
+        ref, held, how = texts, [e.text for e in validation], "validation split"
+    else:
+        order = np.random.default_rng(seed).permutation(len(texts))
+        held, ref = [texts[i] for i in order[: len(texts) // 2]], [texts[i] for i in order[len(texts) // 2:]]
+        how = "half of the test split (the other half is the reference)"
+    return {**fidelity.out_of_genre([e.text for e in synthetic], ref, held), "held_out": how}
 
 
 def sharpening_gain(run_dir: Path, corpus: Path, synthetic: list[Example], real: list[Example], test: list[Example],
@@ -187,8 +201,10 @@ def evaluate(run_dir: Path, ev: EvaluationConfig | None = None, *, show_progress
     if sharpening:
         result["sharpening"] = sharpening
     dp_direct = utility[ev.classifier].get("dp_real", {}).get("accuracy")
-    result["verdict"] = verdict(result["synthetic"]["accuracy"], len(test), majority["accuracy"],
-                                result["baselines"].get("zero_shot", {}).get("accuracy"), dp_direct)
+    genre = timed("out_of_genre", out_of_genre_section, synthetic, test, val, ev.seed)
+    result["verdict"] = genre_verdict(verdict(result["synthetic"]["accuracy"], len(test), majority["accuracy"],
+                                              result["baselines"].get("zero_shot", {}).get("accuracy"), dp_direct),
+                                      genre, ev.out_of_genre_threshold)
     log.info("verdict: %s", result["verdict"]["text"])
     if ev.tuning:
         if not val:  # no validation split configured: hold out part of train for the real ranking only
@@ -199,6 +215,7 @@ def evaluate(run_dir: Path, ev: EvaluationConfig | None = None, *, show_progress
         tune_train = subset(tune_train, ev.max_real_examples, ev.seed)  # 2 x 8 fits: keep the real side cheap too
         result["tuning"] = timed("tuning", tuning_rank_correlation, tune_train, val, synthetic, test, ev.seed)
     result["fidelity"] = timed("fidelity", fidelity_section, synthetic, real, test, zero_shot, embedder, ev, ctx)
+    result["fidelity"]["out_of_genre"] = genre
     result["privacy"] = timed("privacy", privacy_audit, run_dir, cfg, splits, synthetic, embedder, ev)
     if audit is not None:
         result["audit"] = audit  # dpsynth.audit_experiments: the canary runs, trained and attacked before this

@@ -146,7 +146,7 @@ def render_html(res: dict, cert, run_dir: Path, comparison: dict | None = None) 
     parts.append("<h2>Utility</h2><p class='note'>Same real test split for every classifier (Kurakin et al. 2023).</p>")
     verdict = res.get("verdict")
     if verdict:
-        parts.append(f"<p class='{'warn' if verdict['level'] in ('no_signal', 'below_dp_direct') else 'note'}'><b>Verdict: "
+        parts.append(f"<p class='{'warn' if verdict['level'] in ('no_signal', 'below_dp_direct', 'out_of_genre') else 'note'}'><b>Verdict: "
                      f"{_e(verdict['text'])}</b></p>")
     base = res.get("baselines", {})
     brows = [["trained on the DP synthetic corpus", res["synthetic"]["accuracy"]]]
@@ -192,6 +192,18 @@ def render_html(res: dict, cert, run_dir: Path, comparison: dict | None = None) 
     if "mauve" in fid:
         parts.append(_table(["MAUVE (MiniLM features)", "score"], [[k.replace("_", " "), v.get("mauve")] for k, v in fid["mauve"].items()
                                                                    if isinstance(v, dict)]))
+    genre = fid.get("out_of_genre", {})
+    if genre.get("share") is not None:
+        limit = res.get("evaluation_config", {}).get("out_of_genre_threshold", 0.10)
+        real = f"{genre['real_share']:.1%}" if genre.get("real_share") is not None else "-"
+        parts.append(f"<p class='{'warn' if genre['share'] > limit else 'note'}'>Out of genre: a text is flagged when its "
+                     f"code/markup score ({_e(genre['score'])}) is above the 99th percentile of the real test texts' "
+                     f"scores ({genre['threshold']:.2f}); real texts held out from that reference ({_e(genre['held_out'])}) "
+                     "show the floor.</p>")
+        parts.append(_table(["out of genre", ""], [
+            ["synthetic texts flagged", f"{genre['share']:.1%} ({genre['flagged']} of {genre['synthetic_texts']})"],
+            ["real texts held out, flagged (the floor)", real],
+            *[[f"  example {i + 1}", ex] for i, ex in enumerate(genre.get("examples", []))]]))
     keys = ["texts", "words_mean", "words_median", "chars_mean", "vocabulary", "distinct_1", "distinct_2"]
     parts.append(_table(["corpus", *keys], [[name, *[st[k] for k in keys]] for name, st in fid["text_stats"].items()]))
     lengths = fid.get("lengths", {})

@@ -124,3 +124,17 @@ def verdict(synthetic: float, test_examples: int, majority: float, zero_shot: fl
                                                      f"{dp_direct:.3f} at the same epsilon")}
     return {"level": "competitive", "text": (f"competitive with DP-direct: synthetic {synthetic:.3f} vs DP-SGD on the "
                                              f"real data {dp_direct:.3f} at the same epsilon")}
+
+
+def genre_verdict(accuracy_verdict: dict, out_of_genre: dict | None, threshold: float) -> dict:
+    """The verdict, overridden by "out of genre" when more than `threshold` of the synthetic texts look like code or
+    markup where the real texts do not (fidelity.out_of_genre), whatever the accuracy: such a corpus is not the
+    genre it claims to be, and its accuracy says nothing about it."""
+    share = (out_of_genre or {}).get("share")
+    if share is None or share <= threshold:
+        return accuracy_verdict
+    real = out_of_genre.get("real_share")
+    floor = f"; real texts held out: {real:.0%}" if real is not None else ""
+    return {"level": "out_of_genre", "accuracy_level": accuracy_verdict["level"],
+            "text": (f"out of genre: {share:.0%} of the synthetic texts look like code or markup, unlike the real "
+                     f"texts (above the {threshold:.0%} limit{floor}); accuracy aside: {accuracy_verdict['text']}")}
