@@ -48,6 +48,10 @@ class DataConfig(_Section):
     label_column: str = "label"
     name: str | None = None
     """Dataset name used in the Prefix-LM prefix; defaults to the source name or file stem."""
+    labels: tuple[str, ...] | None = None
+    """The label set, declared public by you: a corpus is conditioned on these, and records with any other label are
+    dropped. Unset: the labels found in the data are taken as the label set, and released as public (a label only
+    one record has would then tell that record is there: set this when the label set itself is sensitive)."""
     description: str | None = None
     """What the texts are, in a few public words ("SMS messages", "support tickets"): said in the conditioning
     prompt (dpsynth.prompts). Yours to write, never read from the data."""

@@ -137,9 +137,23 @@ def load_examples(cfg: DataConfig) -> tuple[str, list[Example]]:
 
 
 def dedupe(examples: list[Example], *, within_units: bool = False) -> list[Example]:
-    """Drop repeated texts (first occurrence wins): a repeated record would weaken per-example DP. With
-    `within_units` (a unit column) only repeats inside one unit are dropped: two people's equal texts are two
-    people's records, and dropping one would let one unit's presence change another's records."""
+    """Drop repeated records (label and text): a repeated record would weaken per-example DP. A text that appears
+    under two labels stays as two records, and (its unit being its text's keyed hash) as one unit: keeping the first
+    would let an added record flip another record's label. With `within_units` (a unit column) only repeats inside
+    one unit are dropped: two people's equal texts are two people's records, and dropping one would let one unit's
+    presence change another's records."""
+    seen: set = set()
+    out = []
+    for ex in examples:
+        key = (ex.unit, ex.label, ex.text) if within_units else (ex.label, ex.text)
+        if key not in seen:
+            seen.add(key)
+            out.append(ex)
+    return out
+
+
+def _first_per_text(examples: list[Example], within_units: bool) -> list[Example]:
+    """The dedupe of earlier versions (first occurrence of a text wins): only to find a ledger's old rows."""
     seen: set = set()
     out = []
     for ex in examples:
@@ -237,11 +251,15 @@ def prepare(cfg: DataConfig, secret: bytes) -> Splits:
     if not isinstance(secret, bytes) or not secret:
         raise TypeError("prepare(cfg, secret): secret must be the owner's key (dpsynth.privacy.secret.ledger_secret)")
     name, examples = load_examples(cfg)
+    legacy = legacy_fingerprint(_first_per_text(examples, cfg.unit_column is not None))  # as dedupe once was
     examples = dedupe(examples, within_units=cfg.unit_column is not None)
+    fp = fingerprint(examples, secret)  # of the whole dataset, so subsets, reseeds and label sets share one budget
+    if cfg.labels:  # the declared label set: other labels never reach a split, a histogram or a prompt
+        declared = set(cfg.labels)
+        examples = [ex for ex in examples if ex.label in declared]
     if not examples:
-        raise DataError(f"data.source: no usable (text, label) examples in {cfg.source}")
-    fp = fingerprint(examples, secret)  # of the whole dataset, so subsets and reseeds share one budget
-    legacy = legacy_fingerprint(examples)
+        raise DataError(f"data.source: no usable (text, label) examples in {cfg.source}"
+                        + (f" with a label in data.labels" if cfg.labels else ""))
     total = len(examples)
     examples, unit_name, near = _unit_of_records(examples, cfg, secret)
     units = group_by_unit(examples)
@@ -263,7 +281,7 @@ def prepare(cfg: DataConfig, secret: bytes) -> Splits:
     if not test:
         raise DataError(f"data.test_fraction: no unit of the {len(units)} fell in the test split (each goes there with "
                         f"probability {cfg.test_fraction}); use more data or a larger data.test_fraction")
-    labels = tuple(sorted({ex.label for ex in examples}))
+    labels = tuple(sorted(cfg.labels)) if cfg.labels else tuple(sorted({ex.label for ex in examples}))
     return Splits(name, tuple(train), tuple(val), tuple(test), labels, fp, total, unit_name, n_units, near,
                   legacy_fingerprint=legacy)
 

@@ -137,6 +137,9 @@ def run_private_job(cfg: JobConfig, job: PrivateJob, *, show_progress: bool = Tr
     secret = ledger_secret(cfg.privacy.ledger)
     splits = prepare(cfg.data, secret)
     dataset = dataset_block(splits)
+    if not cfg.data.labels:
+        log.warning("data.labels is not set: the %d labels found in the data are released as the public label set "
+                    "(set data.labels to declare it yourself)", len(splits.labels))
     base = base_info(cfg.model)
     tokenizer = load_tokenizer(cfg.model)  # a bad model fails here, in one line, before any worker starts
     job.check(cfg, splits)

@@ -24,6 +24,7 @@ from typing import Literal
 
 from dpsynth.errors import UserError
 from dpsynth.io import atomic_dir, atomic_write_bytes
+from dpsynth.privacy.certificate import read_certificate
 
 OWNER = "owner"
 """The owner-only part of a run directory: never exported."""
@@ -215,15 +216,17 @@ class Release:
 
     def commit(self, *, with_certificate: bool = True) -> None:
         """Write the manifest (every shareable file and why it may leave), then the run's certificate, last."""
-        from dpsynth.privacy.certificate import write_certificate
-
-        if with_certificate:
-            write_certificate(self.run_dir / self.certificate_name, self.cert)
-            self._record(self.certificate_name, certificate())
+        body = None
+        if with_certificate:  # listed with its digest now, written after the manifest: its presence marks the end
+            body = (json.dumps(self.cert.to_json(), indent=2, sort_keys=True) + "\n").encode()
+            self.files[self.certificate_name] = {"sha256": hashlib.sha256(body).hexdigest(), "kind": "certificate",
+                                                 "source": [], "why": certificate().why(self.certificate_name)}
         doc = {"format": FORMAT, "run_id": self.cert.run_id,
                "about": "the files of this run that may leave the data owner, and why; `dpsynth export` copies "
                         "exactly these", "files": dict(sorted(self.files.items()))}
         atomic_write_bytes(self.run_dir / MANIFEST, json.dumps(doc, indent=2).encode())
+        if body is not None:
+            atomic_write_bytes(self.run_dir / self.certificate_name, body)
 
 
 def export(run_dir: str | Path, dest: str | Path) -> list[str]:
@@ -239,8 +242,23 @@ def export(run_dir: str | Path, dest: str | Path) -> list[str]:
         raise ReleaseError(f"export: {dest} is inside the run directory")
     if dest.exists() and any(dest.iterdir()):
         raise ReleaseError(f"export: {dest} is not empty")
+    cert = read_certificate(run_dir / CERTIFICATE)
+    allowed = mechanisms_of(cert)
     for name, entry in files.items():
+        # The manifest is a file on disk: check every entry as the Release checked it when it was written.
+        parts = Path(name).parts
+        if Path(name).is_absolute() or ".." in parts or not parts or parts[0] in (OWNER, ".checkpoints", MANIFEST):
+            raise ReleaseError(f"export: the manifest lists {name!r}, which is not in the shareable part")
+        kind, source = entry.get("kind"), entry.get("source") or []
+        if (kind == "mechanism" and (not source or source[0] not in allowed)) or \
+                (kind == "public" and Path(name).name not in PUBLIC) or \
+                kind not in ("mechanism", "post-processing", "certificate", "public"):
+            raise ReleaseError(f"export: the manifest's provenance of {name} ({kind} {source}) is not one the "
+                               "certificate backs")
         src = run_dir / name
+        if src.is_symlink() or any(p.is_symlink() for p in src.parents if run_dir in p.parents or p == run_dir) \
+                or run_dir not in src.resolve().parents:
+            raise ReleaseError(f"export: {name} is a link or leads outside the run directory")
         if not src.is_file():
             raise ReleaseError(f"export: {name} is listed in the manifest but missing from {run_dir}")
         if _sha256(src) != entry["sha256"]:

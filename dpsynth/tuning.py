@@ -103,9 +103,11 @@ def dp_score(cfg: JobConfig, adapter_dir: Path, units, dataset_name: str) -> flo
     for unit in units:
         losses = [x.mean() for x in nll[start:start + len(unit)]]
         start += len(unit)
-        total += min(max(float(np.mean(losses)), 0.0), clip)
+        # a non-finite loss is clipped like any other: one unit must not be able to fail every trial
+        total += float(np.clip(np.nan_to_num(np.mean(losses), nan=clip, posinf=clip, neginf=0.0), 0.0, clip))
     noise = np.random.default_rng().normal(0.0, cfg.tune.score_noise_multiplier * clip)
-    return (total + noise) / len(units)
+    # Divided by the configured count, not by how many units there were: that count would scale the noise by the data.
+    return (total + noise) / cfg.tune.score_examples
 
 
 WORST = math.inf

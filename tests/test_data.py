@@ -54,9 +54,25 @@ def test_split_is_seeded_and_fingerprint_is_content_only(jsonl_dataset):
     assert fingerprint([Example("x", "pos")], TEST_SECRET) != fingerprint([Example("x", "neg")], TEST_SECRET)
 
 
-def test_dedupe_keeps_first_occurrence():
-    rows = [Example("a", "pos"), Example("b", "neg"), Example("a", "neg")]
-    assert dedupe(rows) == [Example("a", "pos"), Example("b", "neg")]
+def test_dedupe_drops_repeated_records_but_keeps_a_text_under_each_label():
+    """An added record can never flip another's label: a text under two labels stays twice (one unit, its text's)."""
+    rows = [Example("a", "pos"), Example("b", "neg"), Example("a", "neg"), Example("a", "pos")]
+    assert dedupe(rows) == [Example("a", "pos"), Example("b", "neg"), Example("a", "neg")]
+
+
+def test_a_text_under_two_labels_is_one_unit_and_declared_labels_filter(tmp_path, secret):
+    path = tmp_path / "d.jsonl"
+    rows = [{"t": f"text number {i} here", "y": "pos" if i % 2 else "neg"} for i in range(60)]
+    rows += [{"t": "text number 3 here", "y": "neg"}, {"t": "a secret one", "y": "rare"}]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    base = DataConfig(source=str(path), text_column="t", label_column="y", near_duplicates="keep", test_fraction=0.2)
+    s = prepare(base, secret)
+    both = [ex for ex in s.train + s.validation + s.test if ex.text == "text number 3 here"]
+    assert sorted(ex.label for ex in both) == ["neg", "pos"] and len({ex.unit for ex in both}) == 1
+    assert "rare" in s.labels  # undeclared: the labels found are the label set
+    declared = prepare(base.model_copy(update={"labels": ("neg", "pos")}), secret)
+    assert declared.labels == ("neg", "pos") and all(ex.label != "rare" for ex in declared.train + declared.test)
+    assert declared.fingerprint == s.fingerprint  # one dataset, one budget, whatever label set is declared
 
 
 def test_missing_file_column_and_empty(tmp_path):

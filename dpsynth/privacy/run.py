@@ -101,6 +101,9 @@ class PrivateRun:
         ledger.open_run(run_id, dataset.fingerprint, plan.events, plan.accountant)
         state = {"run_id": run_id, "config_hash": config_hash, **(state or {})}
         if storage is not None:
+            # A fresh run inherits nothing: histograms, rows or trials left by an abandoned run (or another config)
+            # were paid for by that run, and reusing them here would release what this run never charged.
+            storage.delete()
             storage.write_text(STATE, json.dumps(state))
         log.info("ledger admitted run %s: planned eps=%.4f (%s, delta=%.3g)", run_id, plan.epsilon, plan.accountant,
                  plan.delta)

@@ -16,6 +16,7 @@ import torch
 
 from dpsynth.config import SamplingConfig
 from dpsynth.errors import UserError
+from dpsynth.interrupt import graceful_stop
 from dpsynth.privacy.certificate import CorpusBlock, now, read_certificate
 from dpsynth.release import Release, post_processing
 
@@ -49,6 +50,11 @@ def sample(run_dir: Path, params: SamplingConfig | None = None, *, show_progress
     With `keep_rate` < 1, ceil(n / keep_rate) candidates are generated per label and the n the adapter itself
     reads most clearly as their label are kept (label sharpening, sharpen.py); every candidate, with its
     margin, goes to `synthetic.candidates.jsonl` so the evaluation can measure what sharpening bought.
+
+    The transformers engine shows tokens/s and an ETA, and keeps every finished batch in an owner-side scratch file
+    (`owner/sampling/<key>.partial.jsonl`, `partial_path`): after Ctrl-C (or SIGTERM, or a crash) the same command
+    continues where it stopped, with the seeds an uninterrupted run would have used (each batch's seed derives from
+    `seed`, the label and the rows already made), and the scratch file is deleted once the corpus is released.
     """
     from dpsynth.models import load_adapter, load_tokenizer
     from dpsynth.prompts import label_prompts
@@ -80,7 +86,7 @@ def sample(run_dir: Path, params: SamplingConfig | None = None, *, show_progress
     log.info("sampling %d examples with the %s engine: %s%s", params.num_examples, engine, counts,
              f" (label sharpening: {sum(wanted.values())} candidates, keep rate {params.keep_rate:g})"
              if params.keep_rate < 1 else "")
-    model = tok = None
+    model = tok = partial = None
     if engine == "vllm":
         from .adapters import read_adapter
         from .batch import sample_ray_data
@@ -92,7 +98,10 @@ def sample(run_dir: Path, params: SamplingConfig | None = None, *, show_progress
     else:
         torch.manual_seed(params.seed)
         model, tok = load_adapter(run_dir, cfg.model)
-        rows = generate_corpus(TransformersEngine(model, tok), prompts, wanted, params, show_progress)
+        partial = partial_path(run_dir, cfg, prompts, wanted, params)
+        with graceful_stop() as stopped:  # Ctrl-C / SIGTERM: stop after the batch, keep what is finished
+            rows = generate_corpus(TransformersEngine(model, tok), prompts, wanted, params, show_progress,
+                                   partial=partial, stop=stopped)
     sharpening = None
     if params.keep_rate < 1:
         if model is None:
@@ -109,4 +118,18 @@ def sample(run_dir: Path, params: SamplingConfig | None = None, *, show_progress
         engine=engine, sampling=params.model_dump(mode="json"), sharpening=sharpening, created=now(),
         candidates_file=CANDIDATES if sharpening is not None else None)))
     release.commit(with_certificate=False)  # the manifest now lists the corpus; the run's certificate is unchanged
+    if partial is not None:
+        partial.unlink(missing_ok=True)  # the scratch of finished batches: the corpus is released, it is done
     return corpus
+
+
+def partial_path(run_dir: Path, cfg, prompts: dict[str, str], wanted: dict[str, int], params: SamplingConfig) -> Path:
+    """The owner-side scratch file of an unfinished sampling (`generate_corpus(partial=...)`), named by everything
+    the candidates depend on: the certificate (hence the adapter), the base, the prompts, the counts and the sampling
+    settings. The same `dpsynth sample` / `dpsynth run` again continues from it; other settings start afresh."""
+    from dpsynth.release import owner_path
+
+    key = json.dumps({"certificate": hashlib.sha256((Path(run_dir) / "certificate.json").read_bytes()).hexdigest(),
+                      "base": cfg.model.base, "prompts": prompts, "wanted": wanted,
+                      "sampling": params.model_dump(mode="json", exclude={"format"})}, sort_keys=True)
+    return owner_path(run_dir, f"sampling/{hashlib.sha256(key.encode()).hexdigest()[:16]}.partial.jsonl")

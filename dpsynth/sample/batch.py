@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 
 from dpsynth.config import SamplingConfig
 
@@ -82,7 +83,11 @@ def sample_ray_data(adapter: CertifiedAdapter, counts: dict[str, int], params: S
                  "merged weights" if lora is None else "LoRA")
         out = ds.map_batches(VLLMBatchSampler, fn_constructor_kwargs=kwargs, batch_size=params.batch_size,
                              concurrency=params.replicas, num_cpus=1, num_gpus=gpus)
+        t0 = time.monotonic()
         rows = out.take_all()
+        took = time.monotonic() - t0
+        log.info("Ray Data batch job: %d rows, %d tokens in %.0f s (%.0f tokens/s, engine start-up included)", len(rows),
+                 sum(int(r["tokens"]) for r in rows), took, sum(int(r["tokens"]) for r in rows) / max(took, 1e-9))
     finally:
         if started:
             ray.shutdown()

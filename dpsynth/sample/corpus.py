@@ -11,6 +11,8 @@ import csv
 import hashlib
 import io
 import json
+import logging
+import os
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 
@@ -18,9 +20,13 @@ import yaml
 
 from dpsynth.config import JobConfig, SamplingConfig
 from dpsynth.errors import UserError
+from dpsynth.interrupt import Interrupted
+from dpsynth.io import atomic_write_text
 from dpsynth.progress import progress_bar
 
-from .engines import Engine, sample_texts
+from .engines import Engine, GenParams, prompt_ids
+
+log = logging.getLogger(__name__)
 
 
 def load_run_config(run_dir: Path) -> JobConfig:
@@ -72,22 +78,75 @@ def example_seed(seed: int, label: str, index: int, attempt: int = 0) -> int:
     return int.from_bytes(digest[:4], "little") & 0x7FFFFFFF
 
 
+class PartialCorpus:
+    """Owner-side scratch file of the candidates finished so far (JSONL), appended per batch with flush + fsync, so
+    an interrupted sampling loses at most the batch it was in; the same sampling again continues from it."""
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        self.rows: list[dict] = []
+        if self.path.is_file():
+            for line in self.path.read_text(encoding="utf-8").splitlines():
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError:
+                    break  # a batch cut short by a hard kill: drop it and everything after
+                self.rows.append({"text": row["text"], "label": row["label"]})
+            atomic_write_text(self.path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in self.rows))
+
+    def append(self, rows: list[dict]) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        with open(self.path, "a", encoding="utf-8") as f:
+            f.write("".join(json.dumps({"text": r["text"], "label": r["label"]}, ensure_ascii=False) + "\n" for r in rows))
+            f.flush()
+            os.fsync(f.fileno())
+
+    def remove(self) -> None:
+        self.path.unlink(missing_ok=True)
+
+
 def generate_corpus(engine: Engine, prompts: dict[str, str], counts: dict[str, int], params: SamplingConfig,
-                    show_progress: bool = True, max_rounds: int = 20) -> list[dict]:
-    """Exactly counts[label] non-empty examples per label; empty generations are redrawn."""
-    rows: list[dict] = []
-    with progress_bar("sampling", total=sum(counts.values()), enabled=show_progress) as advance:
+                    show_progress: bool = True, max_rounds: int = 20, *, partial: Path | None = None,
+                    stop: Callable[[], int | None] | None = None) -> list[dict]:
+    """Exactly counts[label] non-empty examples per label; empty generations are redrawn.
+
+    Each batch draws from its own seeds, `example_seed(params.seed, label, rows of that label so far, ...)`, so
+    the corpus depends on the seed and the batch size only. With `partial` (an owner-side scratch path), finished
+    batches are kept there and a second call with the same arguments continues after them: the same seeds, the same
+    corpus as one uninterrupted call. `stop()` (e.g. graceful_stop's) is read between batches: a signal number stops
+    the sampling there (`Interrupted`), with every finished batch kept.
+    """
+    scratch = PartialCorpus(partial) if partial is not None else None
+    done: dict[str, list[dict]] = {lab: [] for lab in counts}
+    for r in scratch.rows if scratch else []:
+        if r["label"] in done and len(done[r["label"]]) < counts[r["label"]]:
+            done[r["label"]].append(r)
+    resumed, total = sum(len(v) for v in done.values()), sum(counts.values())
+    if resumed:
+        log.info("sampling resumes: %d of %d examples were kept in %s", resumed, total, partial)
+    with progress_bar("sampling", total=total, enabled=show_progress, unit="tokens", completed=resumed,
+                      log_every=30.0) as advance:
         for label, want in counts.items():
-            got, rounds = 0, 0
-            while got < want:
+            rows, rounds, attempt = done[label], 0, 0
+            ids = prompt_ids(engine.tok, prompts[label])
+            while len(rows) < want:
+                if stop is not None and (signum := stop()):
+                    raise Interrupted(signum, f"sampling stopped after {sum(len(v) for v in done.values())} of {total} "
+                                      "examples" + (f"; they are kept ({partial}): run the same command again to continue"
+                                                    if scratch else ""))
                 rounds += 1
                 if rounds > max_rounds * (1 + want // params.batch_size):
-                    raise RuntimeError(f"label '{label}': only {got}/{want} non-empty generations; the adapter may be broken")
-                texts = [t for t in sample_texts(engine, prompts[label], min(params.batch_size, want - got), params) if t]
-                rows.extend({"text": t, "label": label} for t in texts)
-                got += len(texts)
-                advance(label, len(texts))
-    return rows
+                    raise RuntimeError(f"label '{label}': only {len(rows)}/{want} non-empty generations; the adapter may be broken")
+                n, got = min(params.batch_size, want - len(rows)), len(rows)
+                gens = engine.generate_ids([ids] * n, GenParams.of(params),
+                                           [example_seed(params.seed, label, got, attempt * params.batch_size + j) for j in range(n)])
+                new = [{"text": g.text.strip(), "label": label} for g in gens if g.text.strip()]
+                attempt = 0 if new else attempt + 1
+                if scratch and new:
+                    scratch.append(new)
+                rows.extend(new)
+                advance(label, len(new), sum(g.completion_tokens for g in gens))
+    return [r for label in counts for r in done[label]]
 
 
 async def stream_jobs(generate: Callable[[str, int], Awaitable[tuple[str, int]]], jobs: list[tuple[str, int]], seed: int,

@@ -96,7 +96,10 @@ def fit(cfg: JobConfig, plan: WorkerPlan) -> Storage | None:
     trainer = TorchTrainer(
         train_loop, train_loop_config={"plan": plan}, scaling_config=scaling, torch_config=torch_config,
         run_config=RunConfig(name=name, storage_path=ray_path, storage_filesystem=fs,
-                             failure_config=FailureConfig(max_failures=cfg.scaling.max_failures),
+                             # A search trial's steps are not charged one by one: a restarted trial would redo
+                             # lost steps with fresh noise outside the accounting, so it fails (worst score) instead.
+                             failure_config=FailureConfig(max_failures=0 if plan.covered_by_search
+                                                          else cfg.scaling.max_failures),
                              checkpoint_config=CheckpointConfig(num_to_keep=2)),
     )
     _fit_off_the_main_thread(trainer)
@@ -151,6 +154,7 @@ def release_adapter(release, ckpt: Path, mechanism_name: str) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         src = Path(tmp) / "adapter"
         shutil.copytree(ckpt / "adapter", src)
+        (src / "README.md").unlink(missing_ok=True)  # peft's model card names the local base path
         conf = src / "adapter_config.json"
         doc = json.loads(conf.read_text())
         doc["base_model_name_or_path"] = release.cert.base_model.name
