@@ -74,6 +74,8 @@ class JobContext:
     lengths: Any
     stop_signal: Callable[[], int | None]
     show_progress: bool
+    config_hash: str
+    """The job's config hash, keyed: what its certificate records and a second run of the same job matches."""
     secret: bytes
     """The owner's key (dpsynth.privacy.secret): for keyed-hash subsets; stays in the driver's memory."""
     resources: ExitStack
@@ -130,11 +132,14 @@ def run_private_job(cfg: JobConfig, job: PrivateJob, *, show_progress: bool = Tr
     from dpsynth.release import Release, mechanism, public, shareable_config
     from dpsynth.runtime import ensure_ray, job_storage, remove_job_storage
 
+    from dpsynth.privacy.secret import keyed_hash
+
     run_dir = Path(cfg.output_dir).expanduser().resolve()
-    config_hash = job.config_hash(cfg)
+    secret = ledger_secret(cfg.privacy.ledger)
+    # Keyed: the config names local paths (the data file); a plain hash would let a guessed path be confirmed.
+    config_hash = keyed_hash(secret, "config", job.config_hash(cfg)).hex()[:16]
     if reuse_existing(run_dir, config_hash):
         return run_dir
-    secret = ledger_secret(cfg.privacy.ledger)
     splits = prepare(cfg.data, secret)
     dataset = dataset_block(splits)
     if not cfg.data.labels:
@@ -164,7 +169,7 @@ def run_private_job(cfg: JobConfig, job: PrivateJob, *, show_progress: bool = Tr
         ctx = JobContext(cfg=resolved, job_cfg=cfg, splits=splits, dataset=dataset, run=run, storage=storage,
                          run_dir=run_dir, delta=delta, plan=jp, tokenizer=tokenizer, base=base,
                          label_distribution=label_dist, length_distribution=length_dist, lengths=lengths,
-                         stop_signal=stop_signal, show_progress=show_progress, secret=secret,
+                         stop_signal=stop_signal, show_progress=show_progress, secret=secret, config_hash=config_hash,
                          resources=resources)
         extension = job.extend(ctx) if hasattr(job, "extend") else ()
         if extension:  # events sized by what the histograms released (e.g. steps from the DP lengths)

@@ -269,7 +269,7 @@ class SearchJob:
                                   per_trial_epsilon_alone=self.trial_eps, lora=cfg.lora.model_dump(mode="json"),
                                   selected={"max_grad_norm": best["max_grad_norm"], "learning_rate": best["learning_rate"],
                                             "dp_validation_loss": best["score"]}),
-            base_model=ctx.base, config_hash=search_hash(ctx.job_cfg), label_histogram=ctx.plan.releases.labels,
+            base_model=ctx.base, config_hash=ctx.config_hash, label_histogram=ctx.plan.releases.labels,
             length_histogram=ctx.plan.releases.lengths,
             lengths={"max_length": cfg.model.max_length, "max_new_tokens": cfg.sampling.max_new_tokens},
             artefacts={"adapter": adapter_digest(ckpt / "adapter")})

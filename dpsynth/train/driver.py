@@ -261,7 +261,7 @@ class TrainJob:
                                  workers=cfg.scaling.num_workers,
                                  max_records_per_unit=cfg.privacy.max_records_per_unit if ctx.dataset.unit != "record" else None,
                                  deepspeed_stage=cfg.scaling.deepspeed_stage, lora=cfg.lora.model_dump(mode="json")),
-            base_model=ctx.base, config_hash=ctx.job_cfg.training_hash(), label_histogram=tp.releases.labels,
+            base_model=ctx.base, config_hash=ctx.config_hash, label_histogram=tp.releases.labels,
             length_histogram=tp.releases.lengths,
             lengths={"max_length": cfg.model.max_length, "max_new_tokens": cfg.sampling.max_new_tokens},
             artefacts={"adapter": adapter_digest(ckpt / "adapter")})
