@@ -176,11 +176,13 @@ class TrainingConfig(_Section):
     steps: PositiveInt | Literal["auto"] | None = "auto"
     """Number of DP-SGD steps; `auto`: as many as fit `time_budget` (dpsynth.train.budget: the whole run planned on
     a probe of public dummy tokens, at least `min_steps`); null: epochs / q."""
-    time_budget: Annotated[PositiveFloat, BeforeValidator(_seconds)] = 600.0
+    time_budget: Annotated[PositiveFloat, BeforeValidator(_seconds)] = 720.0
     """Wall-clock budget of the whole run (train + sample + evaluate) that `steps: auto` plans to: seconds, or
     "10m" / "1h"."""
     min_steps: PositiveInt = 40
     """Fewest steps `auto` plans, however small the dataset or the budget: a small dataset gets more epochs."""
+    max_steps: PositiveInt = 2000
+    """Most steps `auto` plans (a fast machine and a long budget would otherwise buy steps noise then drowns)."""
     learning_rate: PositiveFloat = 5e-3
     max_grad_norm: PositiveFloat = 1.0
     noise_multiplier: float | None = Field(None, ge=0.0)
@@ -400,7 +402,7 @@ class EvaluationConfig(_Section):
     """(c): each classifier DP-SGD-trained on the real data at the run's certified epsilon/delta (Opacus, Poisson)."""
     dp_baseline_epochs: PositiveFloat = 5.0
     dp_baseline_batch_size: PositiveInt = 256
-    zero_shot_examples: int = Field(500, ge=0)
+    zero_shot_examples: int = Field(200, ge=0)
     """(d) the zero-shot floor: a corpus of this size from the base model without adapter (no private data), through
     the same prompts, sampling and label sharpening; 0 skips it."""
     zero_shot_prompt: str | None = None

@@ -24,8 +24,13 @@ log = logging.getLogger(__name__)
 
 FIXED_OVERHEAD_S = 45.0
 """Ray start, model loads, checkpoints and the certificate: measured on the demo, rounded up."""
-EVAL_FIXED_S = 60.0
-"""Classifiers, MAUVE and the DP-SGD baseline of the default evaluation on the 2-core VM, rounded up."""
+EVAL_FIXED_S = 120.0
+"""Classifiers, MAUVE and the DP-SGD baseline of the default evaluation (demo, 2-core VM: 126 s), rounded down."""
+ATTACK_PASSES = 40
+"""Forward passes per attack example (loss attack with and without the adapter, per-unit scoring, canaries): the
+demo's audit took 187 s for 128 examples, about this many passes of its probe's scoring speed."""
+STEP_OVERHEAD = 1.2
+"""A real step over the probe's forward/backward: Poisson batch size spread, clipping, noise, the optimizer."""
 MIN_CORPUS = 100
 
 
@@ -131,7 +136,7 @@ def plan_run(cfg: JobConfig, speeds: Speeds, *, prompt_tokens: int, text_tokens:
         zero_shot = math.ceil(ev.zero_shot_examples / s.keep_rate) if ev.zero_shot_examples else 0
         sharpen = (candidates + zero_shot) * labels * (prompt_tokens + per_candidate) / speeds.score_tokens_per_s \
             if s.keep_rate < 1 else 0.0
-        attacks = 4 * ev.attack_examples * (prompt_tokens + text_tokens) / speeds.score_tokens_per_s
+        attacks = ATTACK_PASSES * ev.attack_examples * (prompt_tokens + text_tokens) / speeds.score_tokens_per_s
         return {"sampling": candidates * per_candidate / speeds.generate_tokens_per_s + sharpen * candidates /
                 max(1, candidates + zero_shot),
                 "evaluation": EVAL_FIXED_S + zero_shot * per_candidate / speeds.generate_tokens_per_s + attacks +
@@ -141,6 +146,7 @@ def plan_run(cfg: JobConfig, speeds: Speeds, *, prompt_tokens: int, text_tokens:
     rest = later(num_examples)
     left = budget - FIXED_OVERHEAD_S - sum(rest.values())
     steps = max(cfg.training.min_steps, int(left // speeds.step_s)) if left > 0 else cfg.training.min_steps
+    steps = min(steps, cfg.training.max_steps)
     over = FIXED_OVERHEAD_S + steps * speeds.step_s + sum(rest.values()) - budget
     if over > 0 and num_examples > MIN_CORPUS:  # the floor of steps does not fit: the corpus gives way first
         per_example = (sum(rest.values()) - sum(later(0).values())) / num_examples
