@@ -147,7 +147,7 @@ def trial(config: dict) -> dict:
                                                                                              error="non-finite score")
     except Exception as e:  # noqa: BLE001 - a failed trial is a trial, with the worst score
         log.warning("trial %s failed (%s): counted with the worst score", name, str(e).splitlines()[0] if str(e) else type(e).__name__)
-        result.update(score=WORST, status="failed", error=type(e).__name__)
+        result.update(score=WORST, status="failed", error=f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
     records.write_text(f"{name}.json", json.dumps(result))
     return result
 
@@ -232,8 +232,9 @@ class SearchJob:
                  self.sigma, ctx.delta)
         if len(done) < k:
             splits = dataclasses.replace(ctx.splits, test=())
-            score_units = tuple(keyed_subset(group_by_unit(splits.validation), cfg.tune.score_examples,
-                                             ctx.secret, f"score:{cfg.data.seed}"))
+            val = {u[0].unit: u for u in group_by_unit(splits.validation)}
+            score_units = tuple(val[key] for key in keyed_subset(list(val.values()), cfg.tune.score_examples,
+                                                                 ctx.secret, f"score:{cfg.data.seed}"))
             self.runner(trial, plan=TrialPlan(cfg.model_dump(mode="json"), run, self.sigma, self.sched, str(storage),
                                               splits, score_units),
                         space={"max_grad_norm": cfg.tune.max_grad_norm, "learning_rate": cfg.tune.learning_rate},

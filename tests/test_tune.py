@@ -166,7 +166,7 @@ def test_three_trial_search_end_to_end(tiny_job, tmp_path):
     from dpsynth.tuning import search
 
     cfg = load_config(None, [*tiny_job, "training.steps=3", "privacy.epsilon=6", "tune.score_examples=24",
-                             "tune.max_concurrent_trials=1"])
+                             "tune.max_concurrent_trials=1", "privacy.dataset_epsilon=20"])
     run_dir = search(cfg, runner=run_trials, show_progress=False, num_trials=3)  # K fixed here only; a real search draws it in secret
     cert = json.loads((run_dir / "certificate.json").read_text())
     assert not (run_dir / "trials.csv").exists() and not (run_dir / "tuning.json").exists()  # owner-only
@@ -206,3 +206,24 @@ def test_three_trial_search_end_to_end(tiny_job, tmp_path):
     assert "trials_run" not in text and "num_trials" not in text
     model, _ = load_adapter(run_dir, cfg.model)
     assert model is not None
+
+    # then a PRV training run on the same dataset: the dataset's budget composes both (RDP where PRV cannot), and
+    # `dpsynth budget` lists both runs
+    import subprocess
+    import sys
+
+    train = [o for o in tiny_job if not o.startswith("output_dir=")] + [f"output_dir={tmp_path / 'trained'}",
+                                                                         "privacy.epsilon=4", "privacy.dataset_epsilon=20"]
+    res = subprocess.run([sys.executable, "-m", "dpsynth", "train", "--quiet", *[a for o in train for a in ("--set", o)]],
+                         capture_output=True, text=True, timeout=900)
+    assert res.returncode == 0, res.stderr[-3000:]
+    trained = json.loads((tmp_path / "trained" / "certificate.json").read_text())
+    assert trained["accountant"] == "prv" and trained["dataset"]["fingerprint"] == cert["dataset"]["fingerprint"]
+    import os
+
+    res = subprocess.run([sys.executable, "-m", "dpsynth", "budget", "--ledger", str(cfg.privacy.ledger)],
+                         capture_output=True, text=True, timeout=300, env={**os.environ, "COLUMNS": "250"})
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert cert["run_id"] in res.stdout and trained["run_id"] in res.stdout
+    spent = Ledger(cfg.privacy.ledger).spent(cert["dataset"]["fingerprint"])
+    assert cert["epsilon"] < spent <= 20 and spent >= trained["epsilon"]
