@@ -198,7 +198,7 @@ def render_html(res: dict, cert, run_dir: Path, comparison: dict | None = None) 
         real = f"{genre['real_share']:.1%}" if genre.get("real_share") is not None else "-"
         parts.append(f"<p class='{'warn' if genre['share'] > limit else 'note'}'>Out of genre: a text is flagged when its "
                      f"code/markup score ({_e(genre['score'])}) is above the 99th percentile of the real test texts' "
-                     f"scores ({genre['threshold']:.2f}); real texts held out from that reference ({_e(genre['held_out'])}) "
+                     f"scores, at least 1.5 (here {genre['threshold']:.2f}); real texts held out from that reference ({_e(genre['held_out'])}) "
                      "show the floor.</p>")
         parts.append(_table(["out of genre", ""], [
             ["synthetic texts flagged", f"{genre['share']:.1%} ({genre['flagged']} of {genre['synthetic_texts']})"],
