@@ -10,7 +10,6 @@ from __future__ import annotations
 import bz2
 import csv
 import glob
-import io
 import pathlib
 import random
 import sys
