@@ -275,14 +275,14 @@ def test_zero_shot_corpus_from_the_base_model_is_uniform_and_cached(tiny_model_d
     from dpsynth.config import ModelConfig
 
     params = SamplingConfig(max_new_tokens=6, batch_size=5)
-    base = ModelConfig(base=tiny_model_dir, max_length=32)
+    base = ModelConfig(base=tiny_model_dir, max_length=64)  # room for the 36-token chat prompt
     rows = zero_shot_corpus(tmp_path / "zs.jsonl", base, "toy", ["neg", "pos"], 7, "A {label} text from {dataset}:\n", params)
     assert len(rows) == 7 and [e.label for e in rows].count("neg") == 4 and all(e.text for e in rows)
     meta = json.loads((tmp_path / "zs.meta.json").read_text())
     assert meta["prompt"] == "A {label} text from {dataset}:\n" and meta["base"] == tiny_model_dir
     assert zero_shot_corpus(tmp_path / "zs.jsonl", base, "toy", ["neg", "pos"], 7, "A {label} text from {dataset}:\n",
                             params) == rows  # cached
-    # by default the floor uses the run's own Prefix-LM prefix, and the same label sharpening as the corpus
+    # by default the floor uses the run's own conditioning prompt, and the same label sharpening as the corpus
     floor = zero_shot_corpus(tmp_path / "zs2.jsonl", base, "toy", ["neg", "pos"], 6, None, SamplingConfig(
         max_new_tokens=6, batch_size=6, keep_rate=0.5))
-    assert len(floor) == 6 and json.loads((tmp_path / "zs2.meta.json").read_text())["prompt"] == base.prefix_template
+    assert len(floor) == 6 and json.loads((tmp_path / "zs2.meta.json").read_text())["prompt"] == base.model_dump(mode="json")

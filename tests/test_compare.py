@@ -26,8 +26,9 @@ def sets(overrides) -> list[str]:
 
 
 def incontext(tmp_path: Path, tiny_job: list[str], name: str, eps: float) -> list[str]:
-    data = [o for o in tiny_job if o.startswith(("data.", "model."))]
-    return [*data, f"privacy.ledger={tmp_path / f'ledger-{name}.sqlite'}", f"privacy.epsilon={eps}", "privacy.accountant=pld",
+    # The same ledger as the DP-LoRA run: its owner key is what makes the two fingerprints one dataset's.
+    data = [o for o in tiny_job if o.startswith(("data.", "model.", "privacy.ledger"))]
+    return [*data, "privacy.dataset_epsilon=40", f"privacy.epsilon={eps}", "privacy.accountant=pld",
             "incontext.engine=transformers", "incontext.num_examples=8", "incontext.max_new_tokens=5", "incontext.groups=4",
             "incontext.examples_per_group=2", "sampling.label_proportions=uniform"]
 
@@ -35,7 +36,7 @@ def incontext(tmp_path: Path, tiny_job: list[str], name: str, eps: float) -> lis
 @pytest.mark.slow
 def test_report_compares_dp_lora_with_in_context_from_each_runs_own_files(tmp_path, tiny_job, capsys):
     lora = Path(dict(o.split("=", 1) for o in tiny_job)["output_dir"])
-    code, _, err = cli(capsys, "train", "-q", *sets(tiny_job))
+    code, _, err = cli(capsys, "train", "-q", *sets([*tiny_job, "privacy.dataset_epsilon=40"]))
     assert code == 0, err
     assert cli(capsys, "sample", str(lora), "-q")[0] == 0
     fewshot = tmp_path / "fewshot"
