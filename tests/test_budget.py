@@ -37,10 +37,19 @@ def test_steps_fill_what_sampling_and_evaluation_leave():
 
 
 def test_a_budget_too_small_keeps_the_floor_and_cuts_the_corpus_first():
-    cfg = load_config(None, ["training.time_budget=120", "training.min_steps=40", "sampling.num_examples=2000"])
-    plan = plan_run(cfg, Speeds(3.0, 100.0, 2000.0), prompt_tokens=40, text_tokens=60, labels=3, new_tokens=64)
+    cfg = load_config(None, ["training.time_budget=400", "training.min_steps=40", "sampling.num_examples=2000"])
+    plan = plan_run(cfg, Speeds(3.0, 1000.0, 20000.0), prompt_tokens=40, text_tokens=60, labels=3, new_tokens=64)
     assert plan.steps == 40  # a small budget (or dataset) gets the floor, not fewer steps
     assert plan.num_examples < 2000 and "sampling.num_examples cut from 2000" in plan.cut
+
+
+def test_a_run_far_over_its_budget_is_refused_naming_the_key():
+    from dpsynth.errors import UserError
+
+    cfg = load_config(None, ["training.time_budget=15m"])
+    # long documents on a CPU: a step of minutes, slow generation (the news corpus measured 288 min at the floor)
+    with pytest.raises(UserError, match=r"training.time_budget: this run needs about \d+ min"):
+        plan_run(cfg, Speeds(190.0, 20.0, 500.0), prompt_tokens=40, text_tokens=600, labels=9, new_tokens=1536)
 
 
 def test_expected_length_reads_the_dp_histogram():

@@ -32,6 +32,10 @@ demo's audit took 187 s for 128 examples, about this many passes of its probe's 
 STEP_OVERHEAD = 1.2
 """A real step over the probe's forward/backward: Poisson batch size spread, clipping, noise, the optimizer."""
 MIN_CORPUS = 100
+OVER_BUDGET = 1.5
+"""A plan this many times over training.time_budget, even at the floor of steps and the smallest corpus, is refused."""
+PROBE_BATCH = 8
+"""Examples the probe times (a step's cost grows linearly with its batch): long documents stay cheap to probe."""
 
 
 @dataclass(frozen=True)
@@ -154,4 +158,11 @@ def plan_run(cfg: JobConfig, speeds: Speeds, *, prompt_tokens: int, text_tokens:
         cut = f"sampling.num_examples cut from {num_examples} to {smaller} to fit training.time_budget"
         num_examples, rest = smaller, later(smaller)
     estimates = {"training": steps * speeds.step_s, **rest, "start-up": FIXED_OVERHEAD_S}
-    return RunPlan(steps, num_examples, estimates, cut)
+    plan = RunPlan(steps, num_examples, estimates, cut)
+    if sum(estimates.values()) > OVER_BUDGET * budget:
+        from dpsynth.errors import UserError
+
+        raise UserError(f"training.time_budget: this run needs about {sum(estimates.values()) / 60:.0f} min here even at "
+                        f"{steps} steps and {num_examples} texts ({plan.summary(budget).split('; ', 1)[1]}); give it "
+                        "more time, shorter texts (model.length_percentile, model.max_length), or a GPU (--preset gpu)")
+    return plan

@@ -199,7 +199,7 @@ class TrainJob:
     def extend(self, ctx) -> tuple:
         """steps: auto: probe (public dummy tokens), plan the run to training.time_budget, calibrate sigma to it."""
         from dpsynth.prompts import label_prompts
-        from dpsynth.train.budget import STEP_OVERHEAD, mean_text_tokens, plan_run, probe_on_ray
+        from dpsynth.train.budget import PROBE_BATCH, STEP_OVERHEAD, mean_text_tokens, plan_run, probe_on_ray
 
         if self.tp is not None:
             return ()
@@ -215,13 +215,19 @@ class TrainJob:
             prompt_tokens = len(ctx.tokenizer(prompt, add_special_tokens=False).input_ids)
             text = mean_text_tokens(ctx.length_distribution, ctx.lengths.text_tokens)
             # a batch is padded to its longest example, which in a batch of dozens is about max_length
-            speeds = probe_on_ray(cfg, prompt, int(cfg.model.max_length), min(cfg.training.batch_size, 64))
-            scale = cfg.training.batch_size / min(cfg.training.batch_size, 64) / cfg.scaling.num_workers
+            probe_batch = min(cfg.training.batch_size, PROBE_BATCH)
+            speeds = probe_on_ray(cfg, prompt, int(cfg.model.max_length), probe_batch)
+            scale = cfg.training.batch_size / probe_batch / cfg.scaling.num_workers
             speeds = type(speeds)(speeds.step_s * max(1.0, scale) * STEP_OVERHEAD, speeds.generate_tokens_per_s,
                                   speeds.score_tokens_per_s)
             new_tokens = cfg.sampling.max_new_tokens if isinstance(cfg.sampling.max_new_tokens, int) else ctx.lengths.text_tokens
-            run_plan = plan_run(cfg, speeds, prompt_tokens=prompt_tokens, text_tokens=text, labels=len(ctx.splits.labels),
-                                new_tokens=new_tokens)
+            try:
+                run_plan = plan_run(cfg, speeds, prompt_tokens=prompt_tokens, text_tokens=text,
+                                    labels=len(ctx.splits.labels), new_tokens=new_tokens)
+            except UserError as e:  # nothing trained: close the run (the histograms it released stay spent)
+                ctx.run.abandon()
+                raise UserError(f"{e}; the DP length histogram that measured this stays charged "
+                                f"(ledger run {ctx.run.run_id}, closed)") from None
             log.info(run_plan.summary(cfg.training.time_budget))
             steps, cut, num_examples = run_plan.steps, run_plan.cut, run_plan.num_examples
             if cut:
