@@ -259,7 +259,7 @@ def prepare(cfg: DataConfig, secret: bytes) -> Splits:
         examples = [ex for ex in examples if ex.label in declared]
     if not examples:
         raise DataError(f"data.source: no usable (text, label) examples in {cfg.source}"
-                        + (f" with a label in data.labels" if cfg.labels else ""))
+                        + (" with a label in data.labels" if cfg.labels else ""))
     total = len(examples)
     examples, unit_name, near = _unit_of_records(examples, cfg, secret)
     units = group_by_unit(examples)

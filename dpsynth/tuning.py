@@ -32,7 +32,7 @@ from dpsynth.config import JobConfig, load_config
 from dpsynth.data import Splits, group_by_unit, keyed_subset
 from dpsynth.data_releases import plan_releases
 from dpsynth.errors import UserError
-from dpsynth.models import adapter_digest, load_base
+from dpsynth.models import load_base
 from dpsynth.privacy import RepeatAndSelect, epsilon
 from dpsynth.privacy.certificate import SearchBlock
 from dpsynth.privacy.run import Plan, PrivateRun
@@ -259,6 +259,8 @@ class SearchJob:
         return ctx.resources.enter_context(local_checkpoint(best["checkpoint"]))
 
     def certify(self, ctx, ckpt: Path):
+        from dpsynth.train.driver import adapter_certificate
+
         cfg, best, shape = ctx.cfg, self.best, _shape(ctx.cfg)
         self.trial_eps = epsilon(trial_events(self.sigma, self.sched.q, self.sched.steps, cfg.tune.score_noise_multiplier),
                                  ctx.delta, ACCOUNTANT)
@@ -270,10 +272,7 @@ class SearchJob:
                                   per_trial_epsilon_alone=self.trial_eps, lora=cfg.lora.model_dump(mode="json"),
                                   selected={"max_grad_norm": best["max_grad_norm"], "learning_rate": best["learning_rate"],
                                             "dp_validation_loss": best["score"]}),
-            base_model=ctx.base, config_hash=ctx.config_hash, label_histogram=ctx.plan.releases.labels,
-            length_histogram=ctx.plan.releases.lengths,
-            lengths={"max_length": cfg.model.max_length, "max_new_tokens": cfg.sampling.max_new_tokens},
-            artefacts={"adapter": adapter_digest(ckpt / "adapter")})
+            **adapter_certificate(ctx, ckpt))
 
     def released_config(self, ctx, ckpt: Path) -> JobConfig:
         return self.selected

@@ -63,7 +63,7 @@ def test_auto_steps_are_planned_charged_and_recorded(tiny_job, tmp_path):
     """Through the CLI: the plan is logged before training, the certificate's steps are the planned ones (admitted
     after the DP length histogram), and the owner's config records them so a resume or an audit repeats them."""
     job = [o for o in tiny_job if not o.startswith(("training.steps", "model.max_length"))] + [
-        "training.steps=auto", "training.time_budget=90", "training.min_steps=3", "model.max_length=auto",
+        "training.steps=auto", "training.time_budget=300", "training.min_steps=3", "training.max_steps=6", "model.max_length=auto",
         "sampling.max_new_tokens=auto"]
     res = subprocess.run([sys.executable, "-m", "dpsynth", "train", "--quiet", *[a for o in job for a in ("--set", o)]],
                          capture_output=True, text=True, timeout=900)

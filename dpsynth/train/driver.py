@@ -164,6 +164,14 @@ def release_adapter(release, ckpt: Path, mechanism_name: str) -> None:
         release.share_dir("adapter", src, mechanism(mechanism_name))
 
 
+def adapter_certificate(ctx, ckpt: Path) -> dict:
+    """What the certificate of a trained adapter states besides its mechanism (training and the search alike)."""
+    return dict(base_model=ctx.base, config_hash=ctx.config_hash, label_histogram=ctx.plan.releases.labels,
+                length_histogram=ctx.plan.releases.lengths,
+                lengths={"max_length": ctx.cfg.model.max_length, "max_new_tokens": ctx.cfg.sampling.max_new_tokens},
+                artefacts={"adapter": adapter_digest(ckpt / "adapter")})
+
+
 def training_metrics(ckpt: Path) -> dict:
     """The owner's record of a fit: per-step true batch sizes and losses, restarts, nodes. Never released."""
     final = json.loads((ckpt / STATE).read_text())
@@ -271,10 +279,7 @@ class TrainJob:
                                  workers=cfg.scaling.num_workers,
                                  max_records_per_unit=cfg.privacy.max_records_per_unit if ctx.dataset.unit != "record" else None,
                                  deepspeed_stage=cfg.scaling.deepspeed_stage, lora=cfg.lora.model_dump(mode="json")),
-            base_model=ctx.base, config_hash=ctx.config_hash, label_histogram=tp.releases.labels,
-            length_histogram=tp.releases.lengths,
-            lengths={"max_length": cfg.model.max_length, "max_new_tokens": cfg.sampling.max_new_tokens},
-            artefacts={"adapter": adapter_digest(ckpt / "adapter")})
+            **adapter_certificate(ctx, ckpt))
 
     def released_config(self, ctx, ckpt: Path) -> JobConfig:
         return ctx.cfg
