@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import math
 import os
 import subprocess
@@ -356,6 +357,8 @@ def test_cli_generate_on_vllm_certifies_the_same_charges(tmp_path, vllm_tiny_mod
     certs = {}
     for engine in ("vllm", "transformers"):
         run, ledger = tmp_path / engine, tmp_path / f"ledger-{engine}.sqlite"
+        if certs:  # the same owner key beside both ledgers: keyed hashes (config, fingerprint) then agree
+            shutil.copy(tmp_path / "ledger-vllm.sqlite.key", tmp_path / f"ledger-{engine}.sqlite.key")
         proc = subprocess.run([sys.executable, "-m", "dpsynth", "generate", "-q", "-o", str(run),
                                *[a for s in [*sets, f"privacy.ledger={ledger}", f"incontext.engine={engine}"] for a in ("--set", s)]],
                               capture_output=True, text=True, timeout=900, env=env)
