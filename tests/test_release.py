@@ -163,3 +163,26 @@ def test_an_exported_run_holds_no_private_fact(tiny_job, tmp_path):
     res = cli("sample", str(dest), "-n", "4", "--quiet", "--base", cfg.model.base)
     assert res.returncode == 0, res.stderr
     assert len((dest / "synthetic.jsonl").read_text().splitlines()) == 4
+
+
+def test_export_rechecks_a_hand_edited_manifest(tmp_path):
+    """The manifest is a file: an entry naming owner/, a path outside the run, a link, or an unbacked provenance is
+    refused, and nothing is written."""
+    run = tmp_path / "run"
+    rel = Release(run, _cert(tmp_path))
+    rel.share_json("labels.json", ["neg", "pos"], public())
+    rel.owner_json("metrics.json", {"train": [{"loss": 1.0}]})
+    rel.commit()
+    doc = json.loads((run / MANIFEST).read_text())
+    secret = tmp_path / "private.csv"
+    secret.write_text("secret")
+    (run / "leak.json").symlink_to(owner_path(run, "metrics.json"))
+    digest = hashlib.sha256(owner_path(run, "metrics.json").read_bytes()).hexdigest()
+    for name, entry in [("owner/metrics.json", {"kind": "public"}), ("../private.csv", {"kind": "public"}),
+                        ("leak.json", {"kind": "post-processing", "source": ["labels.json"]}),
+                        ("labels.json", {"kind": "mechanism", "source": ["in_context"]})]:
+        files = {**doc["files"], name: {"sha256": digest, "source": [], "why": "", **entry}}
+        (run / MANIFEST).write_text(json.dumps({**doc, "files": files}))
+        with pytest.raises(ReleaseError):
+            export(run, tmp_path / "out")
+        assert not (tmp_path / "out").exists()

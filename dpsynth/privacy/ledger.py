@@ -170,11 +170,7 @@ class Ledger:
                 raise ValueError(f"dataset {fingerprint} has no budget; call set_budget first")
             if db.execute("SELECT 1 FROM runs WHERE run_id=?", (run_id,)).fetchone():
                 raise ValueError(f"run {run_id!r} already exists")
-            committed: list[Event] = []
-            for rid, status, plan in db.execute(
-                    "SELECT run_id, status, planned FROM runs WHERE fingerprint=? ORDER BY rowid",
-                    (fingerprint,)).fetchall():
-                committed += _events(plan) if status == "open" else self._charged(db, rid)
+            committed = self._committed(db, fingerprint)
             rule = dataset_accountant(committed + list(planned), budget.accountant)
             total = epsilon(committed + list(planned), budget.delta, rule)
             if not total <= budget.epsilon * (1 + _REL_TOL):  # written so NaN refuses
@@ -209,11 +205,7 @@ class Ledger:
             if not can_account(new_plan, accountant):
                 raise ValueError(f"run {run_id!r}: accountant {accountant!r} cannot account its plan")
             budget = self._budget(db, fingerprint)
-            committed: list[Event] = []
-            for rid, status, plan in db.execute(
-                    "SELECT run_id, status, planned FROM runs WHERE fingerprint=? AND run_id<>? ORDER BY rowid",
-                    (fingerprint, run_id)).fetchall():
-                committed += _events(plan) if status == "open" else self._charged(db, rid)
+            committed = self._committed(db, fingerprint, other_than=run_id)
             rule = dataset_accountant(committed + list(new_plan), budget.accountant)
             total = epsilon(committed + list(new_plan), budget.delta, rule)
             own = epsilon(new_plan, budget.delta, accountant)
@@ -366,6 +358,16 @@ class Ledger:
             rule = dataset_accountant(ev, accountant or b.accountant)
             out.append({"fingerprint": fp, "budget": b, "spent": epsilon(ev, b.delta, rule), "accountant": rule})
         return out
+
+    @classmethod
+    def _committed(cls, db: sqlite3.Connection, fingerprint: str, other_than: str | None = None) -> list[Event]:
+        """What the dataset's budget already holds: closed runs' charges + open runs' plans (but `other_than`'s)."""
+        committed: list[Event] = []
+        for rid, status, plan in db.execute(
+                "SELECT run_id, status, planned FROM runs WHERE fingerprint=? AND run_id IS NOT ? ORDER BY rowid",
+                (fingerprint, other_than)).fetchall():
+            committed += _events(plan) if status == "open" else cls._charged(db, rid)
+        return committed
 
     @staticmethod
     def _budget(db: sqlite3.Connection, fingerprint: str) -> Budget | None:
