@@ -88,7 +88,7 @@ class PrivateJob(Protocol):
 
     def config_hash(self, cfg: JobConfig) -> str: ...
 
-    def check(self, cfg: JobConfig, splits: Splits) -> None:
+    def check(self, cfg: JobConfig, splits: Splits, tokenizer) -> None:
         """Refuse, with a one-line UserError, what the job cannot run or account, before anything starts."""
 
     def plan(self, cfg: JobConfig, splits: Splits, delta: float) -> JobPlan: ...
@@ -147,7 +147,7 @@ def run_private_job(cfg: JobConfig, job: PrivateJob, *, show_progress: bool = Tr
                     "(set data.labels to declare it yourself)", len(splits.labels))
     base = base_info(cfg.model)
     tokenizer = load_tokenizer(cfg.model)  # a bad model fails here, in one line, before any worker starts
-    job.check(cfg, splits)
+    job.check(cfg, splits, tokenizer)
     ensure_ray(cfg.scaling.address)
     ledger = LedgerClient(cfg.privacy.ledger)
     if splits.legacy_fingerprint != splits.fingerprint:  # a ledger from before keyed fingerprints keeps its spend

@@ -58,3 +58,17 @@ def label_prompt(cfg: JobConfig, tokenizer, dataset: str, label: str) -> str:
 
 def label_prompts(cfg: JobConfig, tokenizer, dataset: str, labels: Iterable[str]) -> dict[str, str]:
     return {lab: label_prompt(cfg, tokenizer, dataset, lab) for lab in labels}
+
+
+def check_prompts_fit(cfg: JobConfig, tokenizer, dataset: str, labels: Iterable[str]) -> None:
+    """Refuse a fixed model.max_length the longest prompt leaves no room in (`auto` sizes itself to the prompt).
+    Checked before anything is charged: prompts are public, so the refusal tells nothing of the data."""
+    from dpsynth.errors import UserError
+
+    if not isinstance(cfg.model.max_length, int):
+        return
+    longest = max((len(tokenizer(p, add_special_tokens=False).input_ids)
+                   for p in label_prompts(cfg, tokenizer, dataset, labels).values()), default=0)
+    if longest + 2 > cfg.model.max_length:  # one text token and EOS at least
+        raise UserError(f"model.max_length: {cfg.model.max_length} leaves no room for text after the {longest}-token "
+                        f"{style_of(cfg.model, tokenizer)} prompt; raise it (or use auto)")

@@ -183,12 +183,14 @@ class SearchJob:
     def config_hash(self, cfg: JobConfig) -> str:
         return search_hash(cfg)
 
-    def check(self, cfg: JobConfig, splits: Splits) -> None:
+    def check(self, cfg: JobConfig, splits: Splits, tokenizer) -> None:
+        from dpsynth.prompts import check_prompts_fit
         from dpsynth.train.driver import _scaling, check_labels
 
         check_search(cfg)
         if not splits.validation:
             raise UserError("data.validation_fraction: a search scores trials on the validation split; it must not be 0")
+        check_prompts_fit(cfg, tokenizer, splits.name, splits.labels)
         check_labels(splits, cfg.training.batch_size)
         _scaling(cfg)
 

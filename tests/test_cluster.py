@@ -386,7 +386,7 @@ def test_two_node_local_cluster_runs_a_training_job_through_ray_job_submit(tmp_p
     run_dir, ledger = tmp_path / "run", tmp_path / "shared" / "ledger.sqlite"
     (job_dir / "job.yaml").write_text(yaml.safe_dump({
         "data": {"source": str(tmp_path / "reviews.jsonl"), "text_column": "review", "label_column": "sentiment"},
-        "model": {"base": tiny_model_dir, "max_length": 32},
+        "model": {"base": tiny_model_dir, "max_length": 72},
         "lora": {"r": 2},
         "privacy": {"ledger": str(ledger)},
         "training": {"batch_size": 16, "steps": 6, "learning_rate": 0.01},

@@ -154,7 +154,7 @@ def encoder_dir(tmp_path):
     return path
 
 
-@pytest.mark.parametrize("case", ["missing_file", "missing_column", "empty", "rare_label", "epsilon", "delta", "not_causal_lm",
+@pytest.mark.parametrize("case", ["missing_file", "missing_column", "empty", "undeclared_labels", "short_max_length", "epsilon", "delta", "not_causal_lm",
                                   "unknown_key", "batch_over_n"])
 def test_bad_input_is_one_line_nonzero_and_leaves_nothing(case, tiny_job, tmp_path, capsys, encoder_dir):
     ov = overrides_dict(tiny_job)
@@ -166,11 +166,10 @@ def test_bad_input_is_one_line_nonzero_and_leaves_nothing(case, tiny_job, tmp_pa
     elif case == "empty":
         (tmp_path / "empty.csv").write_text("review,sentiment\n")
         ov["data.source"], want = str(tmp_path / "empty.csv"), "no usable"
-    elif case == "rare_label":
-        rows = [json.loads(x) for x in Path(ov["data.source"]).read_text().splitlines()]
-        rows += [{"review": f"odd one {i}", "sentiment": "meh"} for i in range(5)]
-        Path(ov["data.source"]).write_text("".join(json.dumps(r) + "\n" for r in rows))
-        want = "label 'meh' has"
+    elif case == "undeclared_labels":  # a declared label set the data never uses: nothing is left to train on
+        ov["data.labels"], want = "[meh,nah]", "with a label in data.labels"
+    elif case == "short_max_length":  # refused before any worker starts, not as a Ray worker-group traceback
+        ov["model.max_length"], want = "24", "model.max_length: 24 leaves no room for text after the"
     elif case == "epsilon":
         ov["privacy.epsilon"], want = "0", "privacy.epsilon"
     elif case == "delta":
@@ -233,7 +232,8 @@ def test_real_bundled_model_and_data(tmp_path):
     rows = [json.loads(line) for line in (run_dir / "synthetic.jsonl").read_text().splitlines()]
     assert len(rows) == 16 and {r["label"] for r in rows} <= {"fresh", "rotten"}
     ev = json.loads(owner_path(run_dir, "evaluation.json").read_text())
-    assert ev["real"]["accuracy"] > 0.5 and ev["test_examples"] == 80  # above chance on 720 real reviews
+    # ~720 reviews kept at this rate, ~80 of them in the test split; a keyed subset's size is binomial (sd ~9)
+    assert ev["real"]["accuracy"] > 0.5 and 40 <= ev["test_examples"] <= 120
 
 
 def test_single_label_synthetic_scores_as_a_constant_classifier():

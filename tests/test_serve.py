@@ -52,7 +52,7 @@ def runs(ray_local, tmp_path_factory, vllm_tiny_model_dir):
     data = root / "reviews.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in make_rows(240)))
     common = [f"data.source={data}", "data.text_column=review", "data.label_column=sentiment",
-              f"model.base={vllm_tiny_model_dir}", "model.max_length=32", "training.batch_size=16", "training.steps=4", "training.learning_rate=0.3",
+              f"model.base={vllm_tiny_model_dir}", "model.max_length=72", "training.batch_size=16", "training.steps=4", "training.learning_rate=0.3",
               "privacy.dataset_epsilon=20", f"privacy.ledger={root / 'ledger.sqlite'}"]
     dirs = {}
     for name, rank in (("alpha", 2), ("beta", 8)):

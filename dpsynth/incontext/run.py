@@ -65,7 +65,7 @@ class InContextJob:
     def config_hash(self, cfg: JobConfig) -> str:
         return incontext_hash(cfg)
 
-    def check(self, cfg: JobConfig, splits: Splits) -> None:
+    def check(self, cfg: JobConfig, splits: Splits, tokenizer) -> None:
         if cfg.incontext.mechanism == "laplace" and cfg.privacy.accountant == "prv":
             raise UserError("privacy.accountant: 'prv' cannot account Laplace; use pld (or rdp) with "
                             "incontext.mechanism=laplace")

@@ -186,7 +186,10 @@ class TrainJob:
     def config_hash(self, cfg: JobConfig) -> str:
         return cfg.training_hash()
 
-    def check(self, cfg: JobConfig, splits: Splits) -> None:
+    def check(self, cfg: JobConfig, splits: Splits, tokenizer) -> None:
+        from dpsynth.prompts import check_prompts_fit
+
+        check_prompts_fit(cfg, tokenizer, splits.name, splits.labels)
         check_labels(splits, cfg.training.batch_size)
         _scaling(cfg)  # refuse a configuration that cannot keep the guarantee before anything starts
 
