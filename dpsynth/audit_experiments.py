@@ -14,6 +14,7 @@ import json
 import logging
 from pathlib import Path
 
+from dpsynth.records import RecordSchema
 from dpsynth.release import owner_path
 from dpsynth.config import EvaluationConfig, JobConfig, load_config
 from dpsynth.data import Splits, prepare
@@ -52,7 +53,11 @@ def audit_config(cfg: JobConfig, eps, data: Path, out: Path, dataset_name: str, 
     design, and the audit measures exposure against how many of them were trained on."""
     tree = cfg.model_dump(mode="json")
     tree["data"].update(source=str(data), text_column="text", label_column="label", name=dataset_name, subset_fraction=None,
-                        unit_column="unit" if cfg.data.unit_column else None, near_duplicates="keep")
+                        unit_column="unit" if cfg.data.unit_column else None, near_duplicates="keep",
+                        # the canary file holds each record as its training text and cell (dpsynth.records)
+                        text_columns=None, attribute_values=None,
+                        attribute_columns=[] if RecordSchema.of(cfg.data).unlabelled else None,
+                        max_attribute_values=max(cfg.data.max_attribute_values, cfg.data.max_cells))
     tree["privacy"].update(delta=delta, ledger=str(out.parent / "ledgers" / f"eps-{eps_name(eps)}.sqlite"))
     tree["output_dir"] = str(out)
     if eps == "inf":  # no DP: tiny fixed noise (the driver refuses 0), accounted with RDP just to have a number
@@ -102,7 +107,7 @@ def run_audit_experiments(run_dir: Path, ev: EvaluationConfig, show_progress: bo
             corpus = find_corpus(adir)
         except Exception:
             corpus = sample(adir, acfg.sampling, show_progress=show_progress)
-        synthetic = read_corpus(corpus)
+        synthetic = read_corpus(corpus, RecordSchema.of(acfg.data))
         asplits = prepare(acfg.data, ledger_secret(acfg.privacy.ledger))
         canary_texts = {r.text for c in canaries for r in c.records()}
         clean = Splits(asplits.name, tuple(e for e in asplits.train if e.text not in canary_texts),

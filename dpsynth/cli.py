@@ -78,7 +78,7 @@ def _summary(run_dir: Path, evaluation: dict | None = None) -> None:
             table.add_row("synthetic corpus", str(run_dir / f"synthetic.{fmt}"))
     if evaluation:
         base = evaluation.get("baselines", {})
-        for src in ("real", "synthetic"):
+        for src in [s for s in ("real", "synthetic") if s in evaluation]:  # unlabelled data: no classifier
             m = evaluation[src]
             table.add_row(f"test accuracy, trained on {src}", f"{m['accuracy']:.3f}  (macro-F1 {m['macro_f1']:.3f})")
         dp_real = evaluation.get("utility", {}).get(evaluation.get("classifier"), {}).get("dp_real")
@@ -89,6 +89,14 @@ def _summary(run_dir: Path, evaluation: dict | None = None) -> None:
         if "majority_class" in base:
             table.add_row("test accuracy, majority class", f"{base['majority_class']['accuracy']:.3f}  "
                           f"(always '{base['majority_class']['label']}')")
+        for col, a in evaluation.get("attributes", {}).items():
+            if "synthetic" in a:
+                table.add_row(f"attribute '{col}'", f"synthetic {a['synthetic']['accuracy']:.3f}, real {a['real']['accuracy']:.3f}, "
+                              f"majority {a['majority_class']['accuracy']:.3f}, fidelity {a['fidelity']:.3f}")
+        records = evaluation.get("records")
+        if records and records.get("parse_rate") is not None:
+            table.add_row("records parsed", f"{records['parse_rate']:.0%} of {records['drawn']} generations parsed into "
+                          f"{', '.join(records['columns'])} (the rest were redrawn)")
         sharp = evaluation.get("sharpening")
         if sharp:
             table.add_row("label sharpening", f"accuracy {sharp['unsharpened']['accuracy']:.3f} -> "

@@ -52,6 +52,23 @@ class DataConfig(_Section):
     """The label set, declared public by you: a corpus is conditioned on these, and records with any other label are
     dropped. Unset: the labels found in the data are taken as the label set, and released as public (a label only
     one record has would then tell that record is there: set this when the label set itself is sensitive)."""
+    text_columns: tuple[str, ...] | None = None
+    """Several free-text fields of one record (e.g. [subject, body]): rendered into one training text with
+    `<column>...</column>` markers, the loss on all of them, and parsed back into the columns when sampled
+    (dpsynth.records). Unset: the one field data.text_column."""
+    attribute_columns: tuple[str, ...] | None = None
+    """The categorical columns every text is conditioned on (e.g. [queue, priority]); [] = unlabelled data (trained
+    and sampled on the dataset prompt alone). Unset: the one attribute data.label_column. The DP label mix becomes
+    the DP joint of their values (one histogram over the cells of their value domains)."""
+    attribute_values: dict[str, tuple[str, ...]] | None = None
+    """Each attribute's value domain, declared public by you (as data.labels is for one label): records with any
+    other value are dropped. An attribute not listed here has the values found in the data taken as its domain,
+    and released as public (set it when the values themselves are sensitive)."""
+    max_attribute_values: PositiveInt = 50
+    """An attribute with more values than this is refused (a domain that large is not a condition but a text)."""
+    max_cells: PositiveInt = 1024
+    """The most cells (value combinations) the attributes' joint may have: a corpus is drawn per cell, and a DP
+    joint's noise is spread over all of them."""
     description: str | None = None
     """What the texts are, in a few public words ("SMS messages", "support tickets"): said in the conditioning
     prompt (dpsynth.prompts). Yours to write, never read from the data."""
@@ -67,6 +84,35 @@ class DataConfig(_Section):
     """Train and evaluate on a keyed random subset of the units, each kept with this probability (a rate the config
     fixes, so one unit more or less in the data moves no other unit in or out); the budget still belongs to the
     whole dataset."""
+
+    @model_validator(mode="after")
+    def _record_schema(self):
+        texts = self.text_columns if self.text_columns is not None else (self.text_column,)
+        attrs = self.attribute_columns if self.attribute_columns is not None else (self.label_column,)
+        if not texts:
+            raise ValueError("data.text_columns: needs at least one column")
+        for key, cols in (("data.text_columns", texts), ("data.attribute_columns", attrs)):
+            if len(set(cols)) != len(cols):
+                raise ValueError(f"{key}: a column is listed twice")
+        for col in texts:
+            if col in attrs:
+                raise ValueError(f"data.attribute_columns: column '{col}' is also a text column")
+            if self.unit_column == col:
+                raise ValueError(f"data.unit_column: column '{col}' is also a text column")
+        if self.unit_column in attrs:
+            raise ValueError(f"data.unit_column: column '{self.unit_column}' is also an attribute column")
+        for col, values in (self.attribute_values or {}).items():
+            if col not in attrs:
+                raise ValueError(f"data.attribute_values: '{col}' is not an attribute column ({', '.join(attrs) or 'none'})")
+            if not values or len(set(values)) != len(values):
+                raise ValueError(f"data.attribute_values.{col}: needs distinct values")
+            if len(values) > self.max_attribute_values:
+                raise ValueError(f"data.attribute_values.{col}: {len(values)} values, over data.max_attribute_values "
+                                 f"{self.max_attribute_values}")
+        if self.labels is not None and len(attrs) != 1:
+            raise ValueError("data.labels: declares the one attribute's values; with data.attribute_columns use "
+                             "data.attribute_values")
+        return self
 
     @model_validator(mode="before")
     @classmethod
@@ -106,7 +152,11 @@ class ModelConfig(_Section):
     """The chat prompt's system turn: "" = an empty one (short: the template's default persona is 16 more tokens per
     example), null = the template's default."""
     prefix_template: str = "{dataset} text, label {label}: "
-    """The plain prompt (Kurakin et al. 2023's `[dataset][label]`)."""
+    """The plain prompt (Kurakin et al. 2023's `[dataset][label]`); {label} names every attribute value."""
+    unconditioned_instruction: str = "Write one text from {source}. Reply with the text only."
+    """The chat prompt of unlabelled data (data.attribute_columns: []): nothing to condition on."""
+    unconditioned_prefix_template: str = "{dataset} text: "
+    """The plain prompt of unlabelled data."""
 
     @field_validator("prefix_template")
     @classmethod

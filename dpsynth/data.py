@@ -19,6 +19,8 @@ from __future__ import annotations
 import hashlib
 import hmac
 import importlib.util
+import logging
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -27,6 +29,9 @@ import pandas as pd
 from dpsynth.config import DataConfig
 from dpsynth.errors import UserError
 from dpsynth.privacy.secret import keyed_hash, keyed_unit_interval
+from dpsynth.records import RecordSchema
+
+log = logging.getLogger(__name__)
 
 
 class DataError(UserError):
@@ -107,16 +112,39 @@ def _read_table(path: Path) -> pd.DataFrame:
     raise DataError(f"data.source: {path} must be .csv, .jsonl or .parquet")
 
 
-def _from_frame(df: pd.DataFrame, text_col: str, label_col: str, where: str, unit_col: str | None = None) -> list[Example]:
-    for key, col in (("data.text_column", text_col), ("data.label_column", label_col), ("data.unit_column", unit_col)):
-        if col is not None and col not in df.columns:
+def _from_frame(df: pd.DataFrame, schema: RecordSchema, where: str, unit_col: str | None = None,
+                keys: tuple[str, str] = ("data.text_columns", "data.attribute_columns")) -> list[Example]:
+    """Records as (training text, condition cell, unit): text fields joined (dpsynth.records), attribute values
+    as one cell. Records missing an attribute or their unit are dropped; so are records whose text fields are all
+    empty (counted in the owner's log)."""
+    text_key, attr_key = keys
+    wanted = [(text_key, c) for c in schema.text_columns] + [(attr_key, c) for c in schema.attribute_columns]
+    for key, col in wanted + ([("data.unit_column", unit_col)] if unit_col else []):
+        if col not in df.columns:
             raise DataError(f"{key}: column '{col}' not in {where} (columns: {', '.join(map(str, df.columns))})")
-    cols = [text_col, label_col] + ([unit_col] if unit_col else [])
-    df = df[cols].dropna()
-    texts = df[text_col].astype(str).str.strip()
-    labels = df[label_col].astype(str).str.strip()
-    units = df[unit_col].astype(str).str.strip() if unit_col else [""] * len(df)
-    return [Example(t, l, u) for t, l, u in zip(texts, labels, units) if t and l and (u or not unit_col)]
+    keep = list(schema.attribute_columns) + ([unit_col] if unit_col else [])
+    df = df.dropna(subset=keep) if keep else df
+    fields = {c: df[c].fillna("").astype(str).str.strip() for c in schema.text_columns}
+    if len(df):
+        for col, values in fields.items():
+            if len(schema.text_columns) > 1 and not (values != "").any():
+                raise DataError(f"{text_key}: column '{col}' is empty in every record of {where}")
+    columns = [f.tolist() for f in fields.values()]
+    attrs = [df[c].astype(str).str.strip().tolist() for c in schema.attribute_columns]
+    units = df[unit_col].astype(str).str.strip().tolist() if unit_col else [""] * len(df)
+    out, empty = [], 0
+    for i, unit in enumerate(units):
+        parts = [f[i] for f in columns]
+        values = [a[i] for a in attrs]
+        if not any(parts):
+            empty += 1
+            continue
+        if any(v == "" for v in values) or (unit_col and not unit):
+            continue
+        out.append(Example(schema.join(parts), schema.cell(values), unit))
+    if empty:
+        log.info("data: %d records with every text field empty were dropped", empty)  # owner's log only
+    return out
 
 
 def load_examples(cfg: DataConfig) -> tuple[str, list[Example]]:
@@ -128,11 +156,15 @@ def load_examples(cfg: DataConfig) -> tuple[str, list[Example]]:
         df = df[~df[label_col].isin(drop)]
         if cfg.unit_column is not None:
             raise DataError(f"data.unit_column: the bundled corpus '{cfg.source}' has no unit column (one record per author)")
-        return cfg.name or cfg.source, _from_frame(df, text_col, label_col, cfg.source)
+        if not RecordSchema.of(cfg).shorthand:
+            raise DataError(f"data.text_columns: the bundled corpus '{cfg.source}' has one text and one label column")
+        return cfg.name or cfg.source, _from_frame(df, RecordSchema((text_col,), (label_col,), True), cfg.source)
     path = Path(cfg.source).expanduser()
     if not path.is_file():
         raise DataError(f"data.source: file not found: {path} (or use a bundled corpus: {', '.join(BUNDLED)})")
-    examples = _from_frame(_read_table(path), cfg.text_column, cfg.label_column, str(path), cfg.unit_column)
+    schema = RecordSchema.of(cfg)
+    keys = ("data.text_column", "data.label_column") if schema.shorthand else ("data.text_columns", "data.attribute_columns")
+    examples = _from_frame(_read_table(path), schema, str(path), cfg.unit_column, keys)
     return cfg.name or path.name.split(".")[0], examples
 
 
@@ -254,12 +286,16 @@ def prepare(cfg: DataConfig, secret: bytes) -> Splits:
     legacy = legacy_fingerprint(_first_per_text(examples, cfg.unit_column is not None))  # as dedupe once was
     examples = dedupe(examples, within_units=cfg.unit_column is not None)
     fp = fingerprint(examples, secret)  # of the whole dataset, so subsets, reseeds and label sets share one budget
-    if cfg.labels:  # the declared label set: other labels never reach a split, a histogram or a prompt
-        declared = set(cfg.labels)
-        examples = [ex for ex in examples if ex.label in declared]
+    schema = RecordSchema.of(cfg)
+    declared = declared_domains(cfg, schema)
+    if declared:  # declared value domains: other values never reach a split, a histogram or a prompt
+        examples = [ex for ex in examples
+                    if all(v in declared.get(c, (v,)) for c, v in schema.attributes(ex.label).items())]
     if not examples:
         raise DataError(f"data.source: no usable (text, label) examples in {cfg.source}"
-                        + (" with a label in data.labels" if cfg.labels else ""))
+                        + ((" with a label in data.labels" if cfg.labels else " with values in data.attribute_values")
+                           if declared else ""))
+    labels = schema.cells(attribute_domains(cfg, schema, examples, declared))
     total = len(examples)
     examples, unit_name, near = _unit_of_records(examples, cfg, secret)
     units = group_by_unit(examples)
@@ -281,9 +317,39 @@ def prepare(cfg: DataConfig, secret: bytes) -> Splits:
     if not test:
         raise DataError(f"data.test_fraction: no unit of the {len(units)} fell in the test split (each goes there with "
                         f"probability {cfg.test_fraction}); use more data or a larger data.test_fraction")
-    labels = tuple(sorted(cfg.labels)) if cfg.labels else tuple(sorted({ex.label for ex in examples}))
     return Splits(name, tuple(train), tuple(val), tuple(test), labels, fp, total, unit_name, n_units, near,
                   legacy_fingerprint=legacy)
+
+
+def declared_domains(cfg: DataConfig, schema: RecordSchema) -> dict[str, tuple[str, ...]]:
+    """The value domains the user declared public: data.attribute_values, and data.labels for the one attribute."""
+    declared = {c: tuple(v) for c, v in (cfg.attribute_values or {}).items()}
+    if cfg.labels and schema.attribute_columns:
+        declared[schema.attribute_columns[0]] = tuple(cfg.labels)
+    return declared
+
+
+def attribute_domains(cfg: DataConfig, schema: RecordSchema, examples, declared) -> dict[str, tuple[str, ...]]:
+    """Each attribute's value domain: declared, or (the stated rule) the values found in the data, released as
+    public with the run. Refuses an attribute with over data.max_attribute_values values, and a joint of over
+    data.max_cells cells, naming the column."""
+    domains: dict[str, tuple[str, ...]] = {}
+    for c in schema.attribute_columns:
+        if c in declared:
+            domains[c] = tuple(sorted(declared[c]))
+            continue
+        found = tuple(sorted({schema.attributes(ex.label)[c] for ex in examples}))
+        if len(found) > cfg.max_attribute_values:
+            key = "data.label_column" if schema.shorthand else "data.attribute_columns"
+            raise DataError(f"{key}: column '{c}' has {len(found)} distinct values, over data.max_attribute_values "
+                            f"{cfg.max_attribute_values} (a categorical condition, not a text: raise the limit or "
+                            "leave the column out)")
+        domains[c] = found
+    cells = math.prod(len(v) for v in domains.values())
+    if cells > cfg.max_cells:
+        raise DataError(f"data.attribute_columns: {' x '.join(f'{c} ({len(v)})' for c, v in domains.items())} make "
+                        f"{cells} value combinations, over data.max_cells {cfg.max_cells}; condition on fewer columns")
+    return domains
 
 
 def format_prefix(template: str, dataset: str, label: str) -> str:

@@ -31,6 +31,14 @@ class DataReleases:
         return tuple(histogram_event(b.noise_multiplier) for b in (self.labels, self.lengths) if b is not None)
 
 
+def label_mix_released(cfg: JobConfig) -> bool:
+    """Whether the run releases a DP label mix (the joint of its attributes): not for unlabelled data, whose one
+    cell has nothing to mix."""
+    from dpsynth.records import RecordSchema
+
+    return cfg.sampling.label_proportions == "dp" and not RecordSchema.of(cfg.data).unlabelled
+
+
 def plan_releases(cfg: JobConfig, delta: float, accountant: str, samples: bool = True) -> DataReleases:
     """Each histogram's noise, calibrated to its share of privacy.epsilon under the run's accountant (`samples`:
     whether the run's output is sampled with sampling.max_new_tokens, which `auto` then sizes too)."""
@@ -41,7 +49,7 @@ def plan_releases(cfg: JobConfig, delta: float, accountant: str, samples: bool =
             raise UserError(f"{key}: {e}") from None
 
     labels = planned(cfg.sampling.label_budget_share, "sampling.label_budget_share") \
-        if cfg.sampling.label_proportions == "dp" else None
+        if label_mix_released(cfg) else None
     lengths = planned(cfg.privacy.length_budget_share, "privacy.length_budget_share") if needs_release(cfg, samples) else None
     return DataReleases(labels, lengths)
 

@@ -11,7 +11,8 @@ BENCHMARKS.md, "Your own data"). So:
 * `plain` (`auto` on a base model): `model.prefix_template`, as in the paper.
 
 A prompt is built from public facts only: the dataset name, `data.description`, and the values it is conditioned
-on (the label today; every attribute column of a record the same way, `conditions` takes them all). It never looks
+on (every attribute of a record, dpsynth.records: `label: fresh`, or `queue: billing, priority: high`; nothing
+for unlabelled data, which gets `unconditioned_instruction`). It never looks
 at the private data: choosing it by the data would be a hyperparameter choice on private data.
 """
 
@@ -34,17 +35,24 @@ def conditions_text(conditions: Mapping[str, str]) -> str:
     return ", ".join(f"{name}: {value}" for name, value in conditions.items())
 
 
+def label_text(conditions: Mapping[str, str]) -> str:
+    """What {label} stands for in a template: the value itself for one condition (`fresh`, as in Kurakin et al.),
+    `name: value, ...` for several."""
+    return next(iter(conditions.values())) if len(conditions) == 1 else conditions_text(conditions)
+
+
 def render(model: ModelConfig, tokenizer, *, dataset: str, conditions: Mapping[str, str],
            description: str | None = None) -> str:
     """The prompt for one combination of condition values (e.g. {"label": "fresh"})."""
     if style_of(model, tokenizer) == "plain":
-        fields = {"dataset": dataset, "description": description or dataset, **conditions}
-        return model.prefix_template.format(**fields)
+        fields = {"label": label_text(conditions), **conditions, "dataset": dataset, "description": description or dataset}
+        return (model.prefix_template if conditions else model.unconditioned_prefix_template).format(**fields)
     if not getattr(tokenizer, "chat_template", None):
         raise ValueError("model.prompt: chat needs a tokenizer with a chat template; use plain")
     source = description or f"the dataset '{dataset}'"
-    instruction = model.instruction.format(source=source, dataset=dataset, conditions=conditions_text(conditions),
-                                           **conditions)
+    template = model.instruction if conditions else model.unconditioned_instruction
+    instruction = template.format(**{"label": label_text(conditions), **conditions, "source": source, "dataset": dataset,
+                                     "conditions": conditions_text(conditions)})
     messages = [{"role": "user", "content": instruction}]
     if model.system_prompt is not None:
         messages.insert(0, {"role": "system", "content": model.system_prompt})
@@ -52,8 +60,12 @@ def render(model: ModelConfig, tokenizer, *, dataset: str, conditions: Mapping[s
 
 
 def label_prompt(cfg: JobConfig, tokenizer, dataset: str, label: str) -> str:
-    """The prompt of one label (the one-attribute shorthand)."""
-    return render(cfg.model, tokenizer, dataset=dataset, conditions={"label": label}, description=cfg.data.description)
+    """The prompt of one label: one cell of the record schema's attributes (dpsynth.records), `label` itself in the
+    one-label shorthand, nothing for unlabelled data."""
+    from dpsynth.records import RecordSchema
+
+    conditions = RecordSchema.of(cfg.data).conditions(label)
+    return render(cfg.model, tokenizer, dataset=dataset, conditions=conditions, description=cfg.data.description)
 
 
 def label_prompts(cfg: JobConfig, tokenizer, dataset: str, labels: Iterable[str]) -> dict[str, str]:

@@ -180,8 +180,9 @@ class Gateway:
                                  media_type=media, headers=headers)
 
     async def _stream_corpus(self, adapter: str, jobs: list, params: dict, seed: int, fmt: str):
+        schema = self.adapters[adapter].schema
         if fmt == "csv":
-            yield "text,label\r\n"
+            yield ",".join(schema.output_columns) + "\r\n"
         queue: asyncio.Queue = asyncio.Queue()
         size = self.cfg.chunk_size
         chunks = [jobs[i:i + size] for i in range(0, len(jobs), size)]
@@ -204,7 +205,7 @@ class Gateway:
                 seen.add(key)
                 self.tokens.inc(item["tokens"], tags={"endpoint": "/v1/corpus", "adapter": adapter})
                 self.examples.inc(tags={"adapter": adapter})
-                yield serialize_row(item, fmt)
+                yield serialize_row(item, fmt, schema=schema)
         finally:
             for t in tasks:
                 t.cancel()

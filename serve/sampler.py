@@ -26,6 +26,7 @@ class Sampler:
         self.engine = build_online_engine(engine, loaded, EngineOptions(**options))
         tok = self.engine.tokenizer
         self.prompt_ids = {a.name: {lab: prompt_ids(tok, p) for lab, p in a.prompts.items()} for a in loaded}
+        self.schemas = {a.name: a.schema for a in loaded}
 
     async def corpus(self, adapter: str, jobs: list[tuple[str, int]], params: dict, seed: int):
         """Stream one row per (label, index) job: {text, label, index, tokens}."""
@@ -35,7 +36,7 @@ class Sampler:
             g = await self.engine.generate(adapter, prompts[label], gp, example_seed)
             return g.text, g.completion_tokens
 
-        async for row in stream_jobs(generate, [(lab, int(i)) for lab, i in jobs], seed):
+        async for row in stream_jobs(generate, [(lab, int(i)) for lab, i in jobs], seed, schema=self.schemas[adapter]):
             yield row
 
     async def complete(self, adapter: str, prompts: list[list[int]], params: dict, n: int, seed: int | None) -> list[dict]:

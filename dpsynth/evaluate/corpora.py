@@ -12,18 +12,23 @@ from dpsynth.config import SamplingConfig
 from dpsynth.data import Example
 from dpsynth.errors import UserError
 from dpsynth.io import atomic_write_json, atomic_write_text
+from dpsynth.records import RecordSchema
+from dpsynth.sample.corpus import SHORTHAND
 
 log = logging.getLogger(__name__)
 
 
-def read_corpus(path: Path) -> list[Example]:
+def read_corpus(path: Path, schema: RecordSchema | None = None) -> list[Example]:
+    """A corpus file as (training text, cell) examples: `schema` names its columns (dpsynth.records; the one-label
+    shorthand's `text`, `label` by default, which is also how candidate and zero-shot files are kept)."""
     import pandas as pd
 
     path = Path(path)
-    df = pd.read_json(path, lines=True) if path.suffix == ".jsonl" else pd.read_csv(path, keep_default_na=False)
+    df = pd.read_json(path, lines=True, dtype=False) if path.suffix == ".jsonl" else pd.read_csv(path, keep_default_na=False, dtype=str)
     if len(df) == 0:
         return []
-    return [Example(str(t), str(lab)) for t, lab in zip(df["text"], df["label"])]
+    schema = schema or SHORTHAND
+    return [Example(*schema.from_record(row)) for row in df.to_dict("records")]
 
 
 def find_corpus(run_dir: Path) -> Path:
@@ -40,7 +45,8 @@ def split_counts(labels: list[str], total: int) -> dict[str, int]:
 
 
 def zero_shot_corpus(path: Path, model_cfg, dataset: str, labels: list[str], n: int, prompt: str | None,
-                     params: SamplingConfig, show_progress: bool = False, description: str | None = None) -> list[Example]:
+                     params: SamplingConfig, show_progress: bool = False, description: str | None = None,
+                     schema: RecordSchema | None = None) -> list[Example]:
     """`n` texts (uniform over labels) from the public base model with no adapter (Kurakin et al. 2023's floor),
     through the same generation and label sharpening as the DP corpus, the base model doing the scoring. `prompt`:
     a template with {dataset} and {label}; None = the run's own Prefix-LM prefix. No private data is read, only
@@ -63,11 +69,13 @@ def zero_shot_corpus(path: Path, model_cfg, dataset: str, labels: list[str], n: 
     model.eval()
     torch.manual_seed(params.seed)
     prompts = {lab: format_prefix(prompt, dataset, lab) if prompt else  # the run's own conditioning prompt by default
-               render(model_cfg, tok, dataset=dataset, conditions={"label": lab}, description=description) for lab in labels}
+               render(model_cfg, tok, dataset=dataset, conditions=(schema or SHORTHAND).conditions(lab),
+                      description=description) for lab in labels}
     counts = split_counts(labels, n)
     log.info("zero-shot corpus: %d texts from the base model, no adapter", n)
     rows = generate_corpus(TransformersEngine(model, tok), prompts,
-                           {lab: candidates_needed(c, params.keep_rate) for lab, c in counts.items()}, params, show_progress)
+                           {lab: candidates_needed(c, params.keep_rate) for lab, c in counts.items()}, params, show_progress,
+                           schema=schema)
     if params.keep_rate < 1:
         rows, _ = sharpen(model, tok, rows, counts, prompts, {lab: 1.0 for lab in labels}, model_cfg.max_length)
     atomic_write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))

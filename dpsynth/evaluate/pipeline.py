@@ -28,6 +28,7 @@ from dpsynth.evaluate.embed import Embedder
 from dpsynth.evaluate.utility import (SOURCES, genre_verdict, majority_class, subset, tuning_rank_correlation,
                                       utility_table, verdict)
 from dpsynth.io import atomic_write_json
+from dpsynth.records import RecordSchema
 from dpsynth.privacy.certificate import read_certificate
 
 log = logging.getLogger(__name__)
@@ -68,7 +69,7 @@ def samples_per_label(synthetic: list[Example], k: int) -> dict[str, list[str]]:
 
 
 def fidelity_section(synthetic: list[Example], real: list[Example], test: list[Example], zero_shot, embedder: Embedder,
-                     ev: EvaluationConfig, ctx: Context) -> dict:
+                     ev: EvaluationConfig, ctx: Context, labelled: bool = True) -> dict:
     syn_texts = [ex.text for ex in synthetic]
     out: dict = {"text_stats": {"real_train": fidelity.text_stats([e.text for e in real]),
                                 "real_test": fidelity.text_stats([e.text for e in test]),
@@ -76,11 +77,11 @@ def fidelity_section(synthetic: list[Example], real: list[Example], test: list[E
                  "vocabulary_overlap": fidelity.vocabulary_overlap(syn_texts, [e.text for e in real]),
                  "lengths": fidelity.length_fidelity(syn_texts, [e.text for e in test]),
                  "duplicates": fidelity.duplicate_rate(syn_texts)}
-    # label fidelity: a real-trained classifier reads the synthetic texts; its real test accuracy is the ceiling
-    pred = predict("tfidf_logreg", real, syn_texts + [e.text for e in test], ctx)
-    out["label_fidelity"] = {**fidelity.label_fidelity(synthetic, pred[: len(synthetic)]),
-                             "classifier": "tfidf_logreg trained on real",
-                             "classifier_real_test_accuracy": metrics([e.label for e in test], pred[len(synthetic) :])["accuracy"]}
+    if labelled:  # label fidelity: a real-trained classifier reads the synthetic texts; its real test accuracy is the ceiling
+        pred = predict("tfidf_logreg", real, syn_texts + [e.text for e in test], ctx)
+        out["label_fidelity"] = {**fidelity.label_fidelity(synthetic, pred[: len(synthetic)]),
+                                 "classifier": "tfidf_logreg trained on real",
+                                 "classifier_real_test_accuracy": metrics([e.label for e in test], pred[len(synthetic) :])["accuracy"]}
     if zero_shot:
         out["text_stats"]["zero_shot"] = fidelity.text_stats([e.text for e in zero_shot])
         out["duplicates_zero_shot"] = fidelity.duplicate_rate([e.text for e in zero_shot])
@@ -94,6 +95,57 @@ def fidelity_section(synthetic: list[Example], real: list[Example], test: list[E
         if zero_shot:
             out["mauve"]["zero_shot_vs_test"] = fidelity.mauve_score(embedder([e.text for e in zero_shot]), test_emb, ev.seed)
     return out
+
+
+def project(examples: list[Example], schema: RecordSchema, column: str) -> list[Example]:
+    """The examples labelled by one attribute's value instead of their whole cell."""
+    return [Example(ex.text, schema.attributes(ex.label)[column], ex.unit) for ex in examples]
+
+
+def attributes_section(schema: RecordSchema, synthetic: list[Example], real: list[Example], test: list[Example],
+                       ev: EvaluationConfig, ctx: Context) -> dict:
+    """Per attribute column: train-on-synthetic test-on-real utility beside the real-trained ceiling and the majority
+    rate, and attribute fidelity (a real-trained classifier of that attribute agrees with the synthetic value)."""
+    out = {}
+    for col in schema.attribute_columns:
+        syn, tr, te = project(synthetic, schema, col), project(real, schema, col), project(test, schema, col)
+        if len({ex.label for ex in te}) < 2:
+            out[col] = {"skipped": "one value in the test split"}
+            continue
+        truth, texts = [e.label for e in te], [e.text for e in te]
+        pred = predict("tfidf_logreg", tr, [e.text for e in syn], ctx)
+        out[col] = {"classifier": ev.classifier, "real": metrics(truth, predict(ev.classifier, tr, texts, ctx)),
+                    "synthetic": metrics(truth, predict(ev.classifier, syn, texts, ctx)),
+                    "majority_class": majority_class(te),
+                    "fidelity": fidelity.label_fidelity(syn, pred)["agreement"]}
+    return out
+
+
+def records_section(schema: RecordSchema, corpus: Path, synthetic: list[Example], test: list[Example]) -> dict:
+    """A record schema's corpus: how many generations parsed into the text fields (from its certificate), and each
+    text field's length fidelity against the real test records."""
+    import json
+
+    block = json.loads(corpus.with_name(corpus.name + ".certificate.json").read_text()).get("corpus", {}).get("records") or {}
+    drawn = block.get("drawn") or 0
+    out: dict = {"columns": list(schema.output_columns), "drawn": drawn, "rejected": block.get("rejected"),
+                 "parse_rate": (drawn - block.get("rejected", 0)) / drawn if drawn else None, "fields": {}}
+    if len(schema.text_columns) > 1:
+        for col in schema.text_columns:
+            syn = [(schema.parse(e.text) or {}).get(col, "") for e in synthetic]
+            real = [(schema.parse(e.text) or {}).get(col, "") for e in test]
+            out["fields"][col] = fidelity.length_fidelity(syn, real)
+    return out
+
+
+def unlabelled_verdict(mauve: dict | None) -> dict:
+    """Unlabelled data has no classifier utility: the verdict is MAUVE beside the real data's own."""
+    if not mauve:
+        return {"level": "unlabelled", "text": "unlabelled data: no label to test; MAUVE was not computed"}
+    syn, real = mauve["synthetic_vs_test"]["mauve"], mauve["real_train_vs_test"]["mauve"]
+    zs = mauve.get("zero_shot_vs_test", {}).get("mauve")
+    return {"level": "unlabelled", "text": f"unlabelled data: MAUVE {syn:.3f} vs the test split (real train {real:.3f}"
+                                           + (f", zero-shot floor {zs:.3f}" if zs is not None else "") + ")"}
 
 
 def out_of_genre_section(synthetic: list[Example], test: list[Example], validation: list[Example], seed: int) -> dict:
@@ -155,7 +207,8 @@ def evaluate(run_dir: Path, ev: EvaluationConfig | None = None, *, show_progress
     if splits.fingerprint != cert.dataset.fingerprint:
         raise UserError(f"data: the dataset changed since training (fingerprint {splits.fingerprint} != {cert.dataset.fingerprint})")
     corpus = find_corpus(run_dir)
-    synthetic = read_corpus(corpus)
+    schema = RecordSchema.of(cfg.data)
+    synthetic = read_corpus(corpus, schema)
     if not synthetic:
         raise UserError(f"{corpus}: the synthetic corpus is empty")
     real, test = list(splits.train), list(splits.test)
@@ -178,20 +231,34 @@ def evaluate(run_dir: Path, ev: EvaluationConfig | None = None, *, show_progress
             params = params.model_copy(update={"max_new_tokens": cfg.incontext.max_new_tokens})
         zero_shot = timed("zero_shot_corpus", zero_shot_corpus, owner_path(run_dir, "evaluation") / "zero_shot.jsonl", cfg.model,
                           splits.name, list(splits.labels), ev.zero_shot_examples, ev.zero_shot_prompt, params,
-                          show_progress, cfg.data.description)
+                          show_progress, cfg.data.description, schema)
+    result: dict = {
+        "classifier": ev.classifier, "test_examples": len(test), "corpus": corpus.name, "synthetic_examples": len(synthetic),
+        "real_train_examples": len(real), "epsilon": cert.epsilon, "delta": cert.delta, "accountant": cert.accountant,
+        "dataset_fingerprint": cert.dataset.fingerprint, "privacy_unit": cert.dataset.unit,
+        "sources": SOURCES, "evaluation_config": ev.model_dump(mode="json"),
+    }
+    if not schema.shorthand:
+        result["records"] = records_section(schema, corpus, synthetic, test)
+    genre = timed("out_of_genre", out_of_genre_section, synthetic, test, val, ev.seed)
+    if schema.unlabelled:  # nothing to classify: fidelity (MAUVE, lengths, genre) and the audit say it all
+        result["fidelity"] = timed("fidelity", fidelity_section, synthetic, real, test, zero_shot, embedder, ev, ctx,
+                                   labelled=False)
+        result["fidelity"]["out_of_genre"] = genre
+        result["verdict"] = genre_verdict(unlabelled_verdict(result["fidelity"].get("mauve")), genre,
+                                          ev.out_of_genre_threshold)
+        log.info("verdict: %s", result["verdict"]["text"])
+        return finish(result, run_dir, cfg, splits, synthetic, embedder, ev, audit, timings, t0)
     dp = None
     if ev.dp_baseline:
         dp = {"epsilon": cert.epsilon, "delta": cert.delta, "accountant": cert.accountant,
               "epochs": ev.dp_baseline_epochs, "batch_size": ev.dp_baseline_batch_size}
     utility = timed("utility", utility_table, classifiers, test, real, synthetic, zero_shot, ctx, dp=dp,
                     max_real_examples=ev.max_real_examples)
-    result: dict = {
-        "classifier": ev.classifier, "test_examples": len(test), "corpus": corpus.name, "synthetic_examples": len(synthetic),
-        "real_train_examples": len(real), "epsilon": cert.epsilon, "delta": cert.delta, "accountant": cert.accountant,
-        "dataset_fingerprint": cert.dataset.fingerprint, "privacy_unit": cert.dataset.unit,
-        "real": utility[ev.classifier]["real"], "synthetic": utility[ev.classifier]["synthetic"],
-        "utility": utility, "sources": SOURCES, "evaluation_config": ev.model_dump(mode="json"),
-    }
+    result.update({"real": utility[ev.classifier]["real"], "synthetic": utility[ev.classifier]["synthetic"],
+                   "utility": utility})
+    if len(schema.attribute_columns) > 1:  # the joint's cells are the classes above; each attribute on its own here
+        result["attributes"] = timed("attributes", attributes_section, schema, synthetic, real, test, ev, ctx)
     majority = majority_class(test)
     result["baselines"] = {"majority_class": majority}
     if zero_shot:
@@ -201,7 +268,6 @@ def evaluate(run_dir: Path, ev: EvaluationConfig | None = None, *, show_progress
     if sharpening:
         result["sharpening"] = sharpening
     dp_direct = utility[ev.classifier].get("dp_real", {}).get("accuracy")
-    genre = timed("out_of_genre", out_of_genre_section, synthetic, test, val, ev.seed)
     result["verdict"] = genre_verdict(verdict(result["synthetic"]["accuracy"], len(test), majority["accuracy"],
                                               result["baselines"].get("zero_shot", {}).get("accuracy"), dp_direct),
                                       genre, ev.out_of_genre_threshold)
@@ -216,7 +282,15 @@ def evaluate(run_dir: Path, ev: EvaluationConfig | None = None, *, show_progress
         result["tuning"] = timed("tuning", tuning_rank_correlation, tune_train, val, synthetic, test, ev.seed)
     result["fidelity"] = timed("fidelity", fidelity_section, synthetic, real, test, zero_shot, embedder, ev, ctx)
     result["fidelity"]["out_of_genre"] = genre
-    result["privacy"] = timed("privacy", privacy_audit, run_dir, cfg, splits, synthetic, embedder, ev)
+    return finish(result, run_dir, cfg, splits, synthetic, embedder, ev, audit, timings, t0)
+
+
+def finish(result: dict, run_dir: Path, cfg, splits, synthetic, embedder, ev: EvaluationConfig, audit, timings: dict,
+           t0: float) -> dict:
+    """The privacy audit, samples and timings; evaluation.json written (owner-only)."""
+    t = time.monotonic()
+    result["privacy"] = privacy_audit(run_dir, cfg, splits, synthetic, embedder, ev)
+    timings["privacy"] = round(time.monotonic() - t, 2)
     if audit is not None:
         result["audit"] = audit  # dpsynth.audit_experiments: the canary runs, trained and attacked before this
     result["samples"] = samples_per_label(synthetic, ev.samples_per_label)

@@ -63,7 +63,7 @@ def _plots(res: dict) -> dict[str, str]:
     import matplotlib.pyplot as plt
 
     out = {}
-    util = res["utility"]
+    util = res.get("utility", {})  # unlabelled data: no classifier
     sources = [s for s in ("real", "synthetic", "dp_real", "zero_shot") if any(s in row for row in util.values())]
     fig, ax = plt.subplots(figsize=(7, 3.2))
     width = 0.8 / max(1, len(sources))
@@ -148,36 +148,49 @@ def render_html(res: dict, cert, run_dir: Path, comparison: dict | None = None) 
     if verdict:
         parts.append(f"<p class='{'warn' if verdict['level'] in ('no_signal', 'below_dp_direct', 'out_of_genre') else 'note'}'><b>Verdict: "
                      f"{_e(verdict['text'])}</b></p>")
-    base = res.get("baselines", {})
-    brows = [["trained on the DP synthetic corpus", res["synthetic"]["accuracy"]]]
-    if "dp_real" in res["utility"].get(res["classifier"], {}):
-        brows.append(["DP-SGD directly on the real data (same epsilon)", res["utility"][res["classifier"]]["dp_real"]["accuracy"]])
-    if "zero_shot" in base:
-        brows.append(["zero-shot floor (base model, no private data)", base["zero_shot"]["accuracy"]])
-    if "majority_class" in base:
-        brows.append([f"majority class (always '{base['majority_class']['label']}')", base["majority_class"]["accuracy"]])
-    brows.append(["trained on the real data (ceiling)", res["real"]["accuracy"]])
-    parts.append(_table([f"{res['classifier']}: test accuracy", ""], brows))
-    sharp = res.get("sharpening")
-    if sharp:
-        parts.append(f"<p class='note'>Label sharpening (free post-processing: the adapter scores each candidate under every "
-                     f"label, the clearest {sharp['kept']} of {sharp['candidates']} kept):</p>")
-        parts.append(_table(["", "accuracy", "macro-F1", "label fidelity"], [
-            ["without sharpening", sharp["unsharpened"]["accuracy"], sharp["unsharpened"]["macro_f1"], sharp["unsharpened"]["label_fidelity"]],
-            ["with sharpening (released)", sharp["sharpened"]["accuracy"], sharp["sharpened"]["macro_f1"], sharp["sharpened"]["label_fidelity"]]]))
-    util = res["utility"]
-    srcs = [s for s in res["sources"] if any(s in row for row in util.values())]
-    rows = []
-    for name, row in util.items():
-        for s in srcs:
-            if s in row:
-                m = row[s]
-                dp = m.get("dp")
-                note = (f"eps={dp['epsilon']:.3f}, sigma={dp['noise_multiplier']:.3f}, q={dp['sampling_rate']:.4f}, "
-                        f"{dp['steps']} steps (Opacus, Poisson)" if dp else "") + (f"; {m['features']}" if m.get("features") else "")
-                rows.append([name, res["sources"][s], m["accuracy"], m["macro_f1"], m["train_examples"], note])
-    parts.append(_table(["classifier", "trained on", "accuracy", "macro-F1", "train examples", "note"], rows, left=2))
-    parts.append(plots["utility"])
+    if "synthetic" not in res:  # unlabelled data (data.attribute_columns: []): nothing to classify
+        parts.append("<p class='note'>Unlabelled data: no classifier utility; see MAUVE and lengths under Fidelity.</p>")
+    else:
+        base = res.get("baselines", {})
+        brows = [["trained on the DP synthetic corpus", res["synthetic"]["accuracy"]]]
+        if "dp_real" in res["utility"].get(res["classifier"], {}):
+            brows.append(["DP-SGD directly on the real data (same epsilon)", res["utility"][res["classifier"]]["dp_real"]["accuracy"]])
+        if "zero_shot" in base:
+            brows.append(["zero-shot floor (base model, no private data)", base["zero_shot"]["accuracy"]])
+        if "majority_class" in base:
+            brows.append([f"majority class (always '{base['majority_class']['label']}')", base["majority_class"]["accuracy"]])
+        brows.append(["trained on the real data (ceiling)", res["real"]["accuracy"]])
+        parts.append(_table([f"{res['classifier']}: test accuracy", ""], brows))
+        sharp = res.get("sharpening")
+        if sharp:
+            parts.append(f"<p class='note'>Label sharpening (free post-processing: the adapter scores each candidate under every "
+                         f"label, the clearest {sharp['kept']} of {sharp['candidates']} kept):</p>")
+            parts.append(_table(["", "accuracy", "macro-F1", "label fidelity"], [
+                ["without sharpening", sharp["unsharpened"]["accuracy"], sharp["unsharpened"]["macro_f1"], sharp["unsharpened"]["label_fidelity"]],
+                ["with sharpening (released)", sharp["sharpened"]["accuracy"], sharp["sharpened"]["macro_f1"], sharp["sharpened"]["label_fidelity"]]]))
+        util = res["utility"]
+        srcs = [s for s in res["sources"] if any(s in row for row in util.values())]
+        rows = []
+        for name, row in util.items():
+            for s in srcs:
+                if s in row:
+                    m = row[s]
+                    dp = m.get("dp")
+                    note = (f"eps={dp['epsilon']:.3f}, sigma={dp['noise_multiplier']:.3f}, q={dp['sampling_rate']:.4f}, "
+                            f"{dp['steps']} steps (Opacus, Poisson)" if dp else "") + (f"; {m['features']}" if m.get("features") else "")
+                    rows.append([name, res["sources"][s], m["accuracy"], m["macro_f1"], m["train_examples"], note])
+        parts.append(_table(["classifier", "trained on", "accuracy", "macro-F1", "train examples", "note"], rows, left=2))
+        parts.append(plots["utility"])
+    attrs = {c: a for c, a in res.get("attributes", {}).items() if "synthetic" in a}
+    if attrs:
+        parts.append("<h3>Each attribute on its own</h3>")
+        parts.append(_table(["attribute", "trained on synthetic", "trained on real", "majority class", "attribute fidelity"],
+                            [[c, a["synthetic"]["accuracy"], a["real"]["accuracy"], a["majority_class"]["accuracy"],
+                              a["fidelity"]] for c, a in attrs.items()], left=1))
+    rec = res.get("records")
+    if rec and rec.get("parse_rate") is not None:
+        parts.append(f"<p class='note'>Records: {rec['parse_rate']:.1%} of {rec['drawn']} generations parsed into "
+                     f"{_e(', '.join(rec['columns']))}; the rest were redrawn (free post-processing).</p>")
     tun = res.get("tuning")
     if tun:
         parts.append("<h3>Hyperparameter tuning on synthetic data</h3>")

@@ -134,6 +134,9 @@ class CorpusBlock(_Block):
     sampling: dict[str, Any] | None = None
     sharpening: dict[str, Any] | None = None
     candidates_file: str | None = None
+    records: dict[str, Any] | None = None
+    """A record schema's corpus (dpsynth.records): its columns, and how many generations were drawn and how many
+    were redrawn for not parsing into the text fields (post-processing: counts of public outputs)."""
 
 
 class Certificate(_Block):

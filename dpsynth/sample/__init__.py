@@ -18,6 +18,7 @@ from dpsynth.config import SamplingConfig
 from dpsynth.errors import UserError
 from dpsynth.interrupt import graceful_stop
 from dpsynth.privacy.certificate import CorpusBlock, now, read_certificate
+from dpsynth.records import RecordSchema
 from dpsynth.release import Release, post_processing
 
 from .corpus import generate_corpus, label_counts, load_run_config, resolve_proportions, serialize
@@ -75,13 +76,18 @@ def sample(run_dir: Path, params: SamplingConfig | None = None, *, show_progress
             raise UserError(f"sampling.max_new_tokens: run {run_dir} resolved no lengths from its data; give a number")
         params = params.model_copy(update={"max_new_tokens": cfg.sampling.max_new_tokens})
     labels = tuple(sorted(json.loads((run_dir / "labels.json").read_text())))
+    if len(labels) == 1 and params.keep_rate < 1:  # unlabelled data: one prompt, no label to sharpen
+        params = params.model_copy(update={"keep_rate": 1.0})
     proportions = resolve_proportions(run_dir, labels, params.label_proportions)
     # Sampling reads only released files: the adapter (and the DP label mix), so the corpus is post-processing.
     release = Release(run_dir, cert)
-    made_from = post_processing("adapter", *(["label_distribution.json"] if params.label_proportions == "dp" else []))
+    mixed = params.label_proportions == "dp" and (run_dir / "label_distribution.json").is_file()
+    made_from = post_processing("adapter", *(["label_distribution.json"] if mixed else []))
     counts = label_counts(labels, proportions, params.num_examples)
     wanted = {lab: candidates_needed(n, params.keep_rate) for lab, n in counts.items()}
     prompts = label_prompts(cfg, load_tokenizer(cfg.model), cert.dataset.name, labels)
+    schema = RecordSchema.of(cfg.data)
+    stats: dict = {}
     engine = choose_engine(params.engine)
     log.info("sampling %d examples with the %s engine: %s%s", params.num_examples, engine, counts,
              f" (label sharpening: {sum(wanted.values())} candidates, keep rate {params.keep_rate:g})"
@@ -94,14 +100,14 @@ def sample(run_dir: Path, params: SamplingConfig | None = None, *, show_progress
         import dataclasses
 
         adapter = dataclasses.replace(read_adapter(run_dir), model=cfg.model)  # with --base where it was given
-        rows = sample_ray_data(adapter, wanted, params, show_progress=show_progress)
+        rows = sample_ray_data(adapter, wanted, params, show_progress=show_progress, schema=schema, stats=stats)
     else:
         torch.manual_seed(params.seed)
         model, tok = load_adapter(run_dir, cfg.model)
         partial = partial_path(run_dir, cfg, prompts, wanted, params)
         with graceful_stop() as stopped:  # Ctrl-C / SIGTERM: stop after the batch, keep what is finished
             rows = generate_corpus(TransformersEngine(model, tok), prompts, wanted, params, show_progress,
-                                   partial=partial, stop=stopped)
+                                   partial=partial, stop=stopped, schema=schema, stats=stats)
     sharpening = None
     if params.keep_rate < 1:
         if model is None:
@@ -111,12 +117,19 @@ def sample(run_dir: Path, params: SamplingConfig | None = None, *, show_progress
         release.share_text(CANDIDATES, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in candidates), made_from)
         log.info("label sharpening kept %d of %d candidates; the adapter agreed with %.0f%% of the labels",
                  len(rows), len(candidates), 100 * sharpening["adapter_agrees"])
-    body = serialize(rows, params.format)
+    records = None
+    if not schema.shorthand:  # a record schema: every row parsed into the user's columns; what was redrawn
+        drawn = stats.get("drawn", 0)
+        records = {"columns": list(schema.output_columns), "drawn": drawn, "rejected": stats.get("rejected", 0),
+                   "rejection_rate": stats.get("rejected", 0) / drawn if drawn else 0.0}
+        log.info("records: %d of %d generations did not parse into %s and were redrawn", records["rejected"], drawn,
+                 ", ".join(schema.text_columns))
+    body = serialize(rows, params.format, schema)
     corpus = release.share_text(f"synthetic.{params.format}", body, made_from)
     release.share_certificate(f"synthetic.{params.format}.certificate.json", cert.with_corpus(CorpusBlock(
         file=corpus.name, sha256=hashlib.sha256(body.encode()).hexdigest(), examples=len(rows), label_counts=counts,
         engine=engine, sampling=params.model_dump(mode="json"), sharpening=sharpening, created=now(),
-        candidates_file=CANDIDATES if sharpening is not None else None)))
+        candidates_file=CANDIDATES if sharpening is not None else None, records=records)))
     release.commit(with_certificate=False)  # the manifest now lists the corpus; the run's certificate is unchanged
     if partial is not None:
         partial.unlink(missing_ok=True)  # the scratch of finished batches: the corpus is released, it is done

@@ -16,6 +16,8 @@ import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from dpsynth.records import RecordSchema
+
 from dpsynth.config import ModelConfig, PrivacyConfig
 from dpsynth.errors import UserError
 from dpsynth.io import atomic_dir
@@ -23,7 +25,7 @@ from dpsynth.models import check_adapter
 from dpsynth.privacy import ledger_exists, open_ledger
 from dpsynth.privacy.certificate import Certificate, read_certificate
 
-from .corpus import load_run_config
+from .corpus import SHORTHAND, load_run_config
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +42,8 @@ class CertifiedAdapter:
     prompts: dict[str, str] = field(default_factory=dict)
     max_new_tokens: int = 40
     """The run's own sampling length (its DP length histogram's, when `auto`)."""
+    schema: RecordSchema = SHORTHAND
+    """The run's record schema: what a generation must parse into, and the corpus's columns."""
 
     @property
     def adapter_dir(self) -> Path:
@@ -102,7 +106,8 @@ def read_adapter(run_dir: str | Path, name: str | None = None) -> CertifiedAdapt
     prompts = label_prompts(cfg, load_tokenizer(cfg.model), cert.dataset.name, labels)
     new_tokens = cfg.sampling.max_new_tokens if isinstance(cfg.sampling.max_new_tokens, int) else 40
     return CertifiedAdapter(name or run_dir.name, run_dir, cert, cfg.model, labels,
-                            json.loads(dist.read_text()) if dist.is_file() else None, rank, prompts, new_tokens)
+                            json.loads(dist.read_text()) if dist.is_file() else None, rank, prompts, new_tokens,
+                            RecordSchema.of(cfg.data))
 
 
 def same_base(adapters: list[CertifiedAdapter]) -> ModelConfig:

@@ -23,6 +23,7 @@ from dpsynth.errors import UserError
 from dpsynth.interrupt import Interrupted
 from dpsynth.io import atomic_write_text
 from dpsynth.progress import progress_bar
+from dpsynth.records import RecordSchema
 
 from .engines import Engine, GenParams, prompt_ids
 
@@ -61,6 +62,8 @@ def resolve_proportions(run_dir: Path, labels: tuple[str, ...], spec) -> dict[st
         return {lab: 1.0 for lab in labels}
     if spec == "dp":
         path = Path(run_dir) / "label_distribution.json"
+        if not path.is_file() and len(labels) == 1:  # unlabelled data: one cell, no mix was released
+            return {labels[0]: 1.0}
         if not path.is_file():
             raise UserError(f"sampling.label_proportions: 'dp' needs {path}, written only by a run trained with label_proportions: dp")
         return json.loads(path.read_text())
@@ -105,10 +108,19 @@ class PartialCorpus:
         self.path.unlink(missing_ok=True)
 
 
+def accepts(schema: RecordSchema | None, text: str) -> bool:
+    """Whether a generation is one record: non-empty, and with several text fields, one that parses into them
+    (dpsynth.records). Anything else is redrawn (post-processing: it costs nothing)."""
+    text = text.strip()
+    return bool(text) and (schema is None or schema.parse(text) is not None)
+
+
 def generate_corpus(engine: Engine, prompts: dict[str, str], counts: dict[str, int], params: SamplingConfig,
                     show_progress: bool = True, max_rounds: int = 20, *, partial: Path | None = None,
-                    stop: Callable[[], int | None] | None = None) -> list[dict]:
-    """Exactly counts[label] non-empty examples per label; empty generations are redrawn.
+                    stop: Callable[[], int | None] | None = None, schema: RecordSchema | None = None,
+                    stats: dict | None = None) -> list[dict]:
+    """Exactly counts[label] examples per label; empty generations, and with `schema` ones that do not parse into
+    its text fields, are redrawn (`stats`, when given, gets the `drawn` and `rejected` counts of this call).
 
     Each batch draws from its own seeds, `example_seed(params.seed, label, rows of that label so far, ...)`, so
     the corpus depends on the seed and the batch size only. With `partial` (an owner-side scratch path), finished
@@ -136,11 +148,15 @@ def generate_corpus(engine: Engine, prompts: dict[str, str], counts: dict[str, i
                                                     if scratch else ""))
                 rounds += 1
                 if rounds > max_rounds * (1 + want // params.batch_size):
-                    raise RuntimeError(f"label '{label}': only {len(rows)}/{want} non-empty generations; the adapter may be broken")
+                    raise RuntimeError(f"label '{label}': only {len(rows)}/{want} usable generations (non-empty"
+                                       + (", parsing into the record's fields" if schema else "") + "); the adapter may be broken")
                 n, got = min(params.batch_size, want - len(rows)), len(rows)
                 gens = engine.generate_ids([ids] * n, GenParams.of(params),
                                            [example_seed(params.seed, label, got, attempt * params.batch_size + j) for j in range(n)])
-                new = [{"text": g.text.strip(), "label": label} for g in gens if g.text.strip()]
+                new = [{"text": g.text.strip(), "label": label} for g in gens if accepts(schema, g.text)]
+                if stats is not None:
+                    stats["drawn"] = stats.get("drawn", 0) + len(gens)
+                    stats["rejected"] = stats.get("rejected", 0) + len(gens) - len(new)
                 attempt = 0 if new else attempt + 1
                 if scratch and new:
                     scratch.append(new)
@@ -150,7 +166,8 @@ def generate_corpus(engine: Engine, prompts: dict[str, str], counts: dict[str, i
 
 
 async def stream_jobs(generate: Callable[[str, int], Awaitable[tuple[str, int]]], jobs: list[tuple[str, int]], seed: int,
-                      *, max_attempts: int = 20, max_in_flight: int = 256) -> AsyncIterator[dict]:
+                      *, max_attempts: int = 20, max_in_flight: int = 256,
+                      schema: RecordSchema | None = None) -> AsyncIterator[dict]:
     """Run every job concurrently (the engine batches them) and yield rows as they finish.
 
     `generate(label, seed) -> (text, completion_tokens)`. Empty texts are redrawn with the
@@ -164,7 +181,7 @@ async def stream_jobs(generate: Callable[[str, int], Awaitable[tuple[str, int]]]
             for attempt in range(max_attempts):
                 text, used = await generate(label, example_seed(seed, label, index, attempt))
                 tokens += used
-                if text.strip():
+                if accepts(schema, text):
                     return {"text": text.strip(), "label": label, "index": index, "tokens": tokens}
         raise RuntimeError(f"label '{label}': {max_attempts} empty generations in a row; the adapter may be broken")
 
@@ -177,21 +194,30 @@ async def stream_jobs(generate: Callable[[str, int], Awaitable[tuple[str, int]]]
             t.cancel()  # a client that went away stops its generations (the engine aborts them)
 
 
-def serialize_row(row: dict, fmt: str, header: bool = False) -> str:
-    """One corpus row as a JSONL line or CSV record (with the CSV header first when asked)."""
+SHORTHAND = RecordSchema(("text",), ("label",), shorthand=True)
+
+
+def serialize_row(row: dict, fmt: str, header: bool = False, schema: RecordSchema | None = None) -> str:
+    """One corpus row as a JSONL line or CSV record (with the CSV header first when asked), in the record schema's
+    columns (the user's own; `text`, `label` in the one-label shorthand)."""
+    schema = schema or SHORTHAND
+    record = schema.record(row["text"], row["label"])
+    if record is None:
+        raise ValueError(f"a corpus row does not parse into the fields {', '.join(schema.text_columns)}")
     if fmt == "jsonl":
-        return json.dumps({"text": row["text"], "label": row["label"]}, ensure_ascii=False) + "\n"
+        return json.dumps(record, ensure_ascii=False) + "\n"
     buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=["text", "label"], extrasaction="ignore")
+    writer = csv.DictWriter(buf, fieldnames=list(schema.output_columns), extrasaction="ignore")
     if header:
         writer.writeheader()
-    writer.writerow(row)
+    writer.writerow(record)
     return buf.getvalue()
 
 
-def serialize(rows: list[dict], fmt: str) -> str:
+def serialize(rows: list[dict], fmt: str, schema: RecordSchema | None = None) -> str:
+    schema = schema or SHORTHAND
     if fmt == "jsonl":
-        return "".join(serialize_row(r, fmt) for r in rows)
+        return "".join(serialize_row(r, fmt, schema=schema) for r in rows)
     if not rows:
-        return "text,label\r\n"
-    return "".join(serialize_row(r, fmt, header=i == 0) for i, r in enumerate(rows))
+        return ",".join(schema.output_columns) + "\r\n"
+    return "".join(serialize_row(r, fmt, header=i == 0, schema=schema) for i, r in enumerate(rows))

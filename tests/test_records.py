@@ -1,0 +1,226 @@
+"""The user's records as they are (dpsynth.records): several text fields, several attribute columns, no label."""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from dpsynth.config import load_config
+from dpsynth.data import DataError, prepare
+from dpsynth.records import RecordSchema
+
+SECRET = b"k" * 32
+SCHEMA = RecordSchema(("subject", "body"), ("queue", "priority"))
+
+
+def tickets(n: int = 240, seed: int = 0) -> list[dict]:
+    rng = random.Random(seed)
+    queues, priorities = ["billing", "login", "shipping"], ["high", "low"]
+    words = {"billing": ["invoice", "charge", "refund", "card"], "login": ["password", "account", "reset", "locked"],
+             "shipping": ["parcel", "delivery", "late", "courier"]}
+    rows = []
+    for i in range(n):
+        q, p = queues[i % 3], priorities[(i // 3) % 2]
+        rows.append({"subject": f"{rng.choice(words[q])} issue {i}", "body": " ".join(rng.choices(words[q], k=6)) + f" #{i}",
+                     "queue": q, "priority": p, "agent": f"a{i % 7}"})
+    return rows
+
+
+def write(tmp_path: Path, rows: list[dict], name: str = "tickets.jsonl") -> Path:
+    path = tmp_path / name
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def data_cfg(path: Path, *extra: str):
+    return load_config(None, [f"data.source={path}", "data.text_columns=[subject,body]",
+                              "data.attribute_columns=[queue,priority]", *extra]).data
+
+
+field_text = st.text(st.characters(blacklist_characters="<>", blacklist_categories=("Cs",)), max_size=40)
+
+
+@settings(max_examples=200, deadline=None)
+@given(subject=field_text, body=field_text, queue=st.text(min_size=1, max_size=10), priority=st.text(min_size=1, max_size=10))
+def test_a_record_renders_to_one_text_and_parses_back(subject, body, queue, priority):
+    text, cell = SCHEMA.join([subject.strip(), body.strip()]), SCHEMA.cell([queue, priority])
+    row = SCHEMA.record(text, cell)
+    if not (subject.strip() or body.strip()):
+        assert row is None  # a record with every text field empty is not a record
+        return
+    assert row == {"subject": subject.strip(), "body": body.strip(), "queue": queue, "priority": priority}
+    assert SCHEMA.from_record(row) == (text, cell)
+
+
+@pytest.mark.parametrize("text", ["just a body", "<body>b</body>\n<subject>s</subject>", "<subject>s</subject>",
+                                  "<subject>s</subject>\n<body>b</body>\n<body>again</body>",
+                                  "<subject>s <body>x</body></subject>\n<body>b</body>", "<subject> </subject><body></body>"])
+def test_a_text_that_is_not_one_record_does_not_parse(text):
+    assert SCHEMA.parse(text) is None
+
+
+def test_the_one_label_shorthand_is_unchanged():
+    cfg = load_config(None, ["data.text_column=review", "data.label_column=sentiment"]).data
+    s = RecordSchema.of(cfg)
+    assert s.shorthand and s.output_columns == ("text", "label") and s.conditions("pos") == {"label": "pos"}
+    assert s.join(["a review"]) == "a review" and s.cell(["pos"]) == "pos"
+
+
+@pytest.mark.parametrize("overrides, want", [
+    (["data.text_columns=[subject,body]", "data.attribute_columns=[body]"], "data.attribute_columns: column 'body' is also a text column"),
+    (["data.attribute_columns=[queue,priority]", "data.labels=[a,b]"], "data.labels: declares the one attribute's values"),
+    (["data.attribute_columns=[queue]", "data.attribute_values={agent: [a]}"], "data.attribute_values: 'agent' is not an attribute column"),
+    (["data.text_columns=[]"], "data.text_columns: needs at least one column"),
+])
+def test_a_schema_that_cannot_be_is_a_one_line_config_error(overrides, want):
+    with pytest.raises(Exception) as e:
+        load_config(None, overrides)
+    assert want in str(e.value) and "\n" not in str(e.value)
+
+
+def test_several_attributes_make_a_joint_of_cells_and_several_fields_one_text(tmp_path):
+    splits = prepare(data_cfg(write(tmp_path, tickets())), SECRET)
+    assert len(splits.labels) == 6  # 3 queues x 2 priorities: the product of the domains, the DP joint's cells
+    assert {json.loads(c)["queue"] for c in splits.labels} == {"billing", "login", "shipping"}
+    ex = splits.train[0]
+    fields = SCHEMA.parse(ex.text)
+    assert fields is not None and fields["subject"] and fields["body"]
+    assert set(json.loads(ex.label)) == {"queue", "priority"}
+
+
+def test_declared_attribute_values_drop_other_records_and_stay_the_domain(tmp_path):
+    splits = prepare(data_cfg(write(tmp_path, tickets()), "data.attribute_values={queue: [billing, refunds]}",
+                              "data.test_fraction=0.3"), SECRET)
+    queues = {json.loads(c)["queue"] for c in splits.labels}
+    assert queues == {"billing", "refunds"}  # declared (public), even a value no record has
+    assert {json.loads(ex.label)["queue"] for ex in splits.train + splits.test} == {"billing"}
+
+
+def test_unlabelled_data_has_one_empty_cell(tmp_path):
+    path = write(tmp_path, tickets())
+    cfg = load_config(None, [f"data.source={path}", "data.text_columns=[body]", "data.attribute_columns=[]"]).data
+    splits = prepare(cfg, SECRET)
+    assert splits.labels == ("",) and {ex.label for ex in splits.train} == {""}
+    assert RecordSchema.of(cfg).record(splits.train[0].text, "") == {"body": splits.train[0].text}
+
+
+@pytest.mark.parametrize("case, want", [
+    ("missing", "data.attribute_columns: column 'team' not in"),
+    ("too_many", "data.attribute_columns: column 'agent' has 7 distinct values, over data.max_attribute_values 5"),
+    ("empty_field", "data.text_columns: column 'subject' is empty in every record"),
+    ("joint", "make 6 value combinations, over data.max_cells 4"),
+])
+def test_bad_records_get_a_one_line_error_naming_the_column(tmp_path, case, want):
+    rows = tickets()
+    extra = []
+    if case == "missing":
+        extra = ["data.attribute_columns=[queue,team]"]
+    elif case == "too_many":
+        extra = ["data.attribute_columns=[queue,agent]", "data.max_attribute_values=5"]
+    elif case == "empty_field":
+        rows = [{**r, "subject": ""} for r in rows]
+    elif case == "joint":
+        extra = ["data.max_cells=4"]
+    with pytest.raises(DataError) as e:
+        prepare(data_cfg(write(tmp_path, rows), *extra), SECRET)
+    assert want in str(e.value) and "\n" not in str(e.value)
+
+
+def test_records_with_every_text_field_empty_are_dropped(tmp_path, caplog):
+    rows = tickets(60) + [{"subject": "", "body": " ", "queue": "login", "priority": "low", "agent": "a0"}] * 3
+    with caplog.at_level("INFO", logger="dpsynth.data"):
+        splits = prepare(data_cfg(write(tmp_path, rows)), SECRET)
+    assert all(SCHEMA.parse(ex.text) for ex in splits.train + splits.validation + splits.test)
+    assert "3 records with every text field empty were dropped" in caplog.text
+
+
+class ScriptedEngine:
+    """Hands out the given texts in order: generate_corpus's redraw logic is what is under test, and no real model
+    can be told to emit a malformed record on cue. The tokenizer is the real one."""
+
+    name = "scripted"
+
+    def __init__(self, tok, texts):
+        self.tok, self.texts = tok, list(texts)
+
+    def generate_ids(self, prompts, params, seeds=None):
+        from dpsynth.sample.engines import Generation
+
+        return [Generation(self.texts.pop(0), 3, "stop") for _ in prompts]
+
+
+def test_a_sample_that_does_not_parse_is_redrawn_and_counted(tiny_model_dir):
+    from transformers import AutoTokenizer
+
+    from dpsynth.config import SamplingConfig
+    from dpsynth.sample.corpus import generate_corpus, serialize
+
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    good = "<subject>refund</subject>\n<body>please refund my card</body>"
+    texts = ["no markers at all", good, "<subject>only a subject</subject>", good.replace("refund", "invoice")]
+    cell = SCHEMA.cell(["billing", "high"])
+    stats: dict = {}
+    rows = generate_corpus(ScriptedEngine(tok, texts), {cell: "prompt"}, {cell: 2},
+                           SamplingConfig(batch_size=2, max_new_tokens=8), show_progress=False, schema=SCHEMA, stats=stats)
+    assert [r["text"] for r in rows] == [good, good.replace("refund", "invoice")]
+    assert stats == {"drawn": 4, "rejected": 2}
+    out = [json.loads(line) for line in serialize(rows, "jsonl", SCHEMA).splitlines()]
+    assert out[0] == {"subject": "refund", "body": "please refund my card", "queue": "billing", "priority": "high"}
+    assert serialize(rows, "csv", SCHEMA).splitlines()[0] == "subject,body,queue,priority"
+
+
+def _run(tiny_job, tmp_path, source: Path, *schema: str, out: str) -> Path:
+    import subprocess
+    import sys
+
+    keep = [o for o in tiny_job if not o.startswith(("data.", "output_dir="))]
+    run_dir = tmp_path / out
+    args = [f"data.source={source}", *schema, *keep, "evaluation.zero_shot_examples=0", f"output_dir={run_dir}"]
+    res = subprocess.run([sys.executable, "-m", "dpsynth", "run", "--quiet", *[a for o in args for a in ("--set", o)]],
+                         capture_output=True, text=True, timeout=900)
+    assert res.returncode == 0, res.stderr[-3000:]
+    return run_dir
+
+
+def test_attribute_columns_train_a_dp_joint_and_write_the_users_columns(tiny_job, tmp_path):
+    """`dpsynth run` on tickets conditioned on queue x priority: the DP label mix is over the 6 cells, the corpus
+    keeps the user's column names, and the evaluation scores each attribute on its own."""
+    from dpsynth.release import owner_path
+
+    run_dir = _run(tiny_job, tmp_path, write(tmp_path, tickets()), "data.text_columns=[body]",
+                   "data.attribute_columns=[queue,priority]", out="tickets")
+    cells = json.loads((run_dir / "labels.json").read_text())
+    assert len(cells) == 6 and set(json.loads((run_dir / "label_distribution.json").read_text())) == set(cells)
+    rows = [json.loads(line) for line in (run_dir / "synthetic.jsonl").read_text().splitlines()]
+    assert len(rows) == 12 and all(set(r) == {"body", "queue", "priority"} for r in rows)
+    assert {r["queue"] for r in rows} <= {"billing", "login", "shipping"} and {r["priority"] for r in rows} <= {"high", "low"}
+    cert = json.loads((run_dir / "synthetic.jsonl.certificate.json").read_text())
+    assert cert["corpus"]["records"]["columns"] == ["body", "queue", "priority"]
+    ev = json.loads(owner_path(run_dir, "evaluation.json").read_text())
+    assert set(ev["attributes"]) == {"queue", "priority"}
+    for a in ev["attributes"].values():
+        assert {"real", "synthetic", "majority_class", "fidelity"} <= set(a)
+    assert ev["records"]["parse_rate"] == 1.0  # one text field: every non-empty generation is a record
+
+
+def test_unlabelled_data_trains_on_the_dataset_prompt_alone(tiny_job, tmp_path):
+    """data.attribute_columns: []: no label histogram is charged or released, the corpus has only the text column,
+    and the verdict is fidelity (MAUVE), not a classifier's."""
+    from dpsynth.release import owner_path
+
+    run_dir = _run(tiny_job, tmp_path, write(tmp_path, tickets()), "data.text_columns=[body]",
+                   "data.attribute_columns=[]", out="notes")
+    assert json.loads((run_dir / "labels.json").read_text()) == [""]
+    assert not (run_dir / "label_distribution.json").exists()
+    cert = json.loads((run_dir / "certificate.json").read_text())
+    assert cert.get("label_histogram") is None
+    rows = [json.loads(line) for line in (run_dir / "synthetic.jsonl").read_text().splitlines()]
+    assert len(rows) == 12 and all(set(r) == {"body"} for r in rows)
+    ev = json.loads(owner_path(run_dir, "evaluation.json").read_text())
+    assert "synthetic" not in ev and ev["verdict"]["level"] in ("unlabelled", "out_of_genre")
+    assert "mauve" in ev["fidelity"]
