@@ -180,3 +180,26 @@ def kill_and_await_restart(actor) -> None:
             pass
         assert time.time() < deadline, "the actor did not restart"
         time.sleep(0.5)
+
+
+# ---------------------------------------------------------------- leaving the interpreter
+
+_EXIT_STATUS = pytest.StashKey[int]()
+
+
+def pytest_sessionfinish(session, exitstatus):
+    session.config.stash[_EXIT_STATUS] = int(exitstatus)
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_unconfigure(config):
+    """Leave with pytest's own status once every result is reported. CI saw the suite's process die of SIGSEGV
+    after its summary was printed: native threads of the engines the suite loads (vLLM's CPU engine, torch, Ray's
+    core worker) crashing in interpreter finalization, with every test already done. That crash is not a result;
+    skipping finalization keeps it from turning a passing run into a failed one (and a failing one stays failing)."""
+    status = config.stash.get(_EXIT_STATUS, None)
+    if status is None or os.environ.get("DPSYNTH_TEST_FINALIZE"):
+        return
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(status)
