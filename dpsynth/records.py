@@ -102,6 +102,26 @@ class RecordSchema:
             combos = [(*k, v) for k in combos for v in domains[c]]
         return tuple(sorted(self.cell(k) for k in combos))
 
+    def restrict(self, proportions: Mapping[str, float], wanted: Mapping[str, str], key: str = "attributes") -> dict[str, float]:
+        """`proportions` over cells, kept only where every attribute in `wanted` has the wanted value (a corpus of
+        billing tickets only: {"queue": "billing"}). Unknown columns and values are refused naming them."""
+        from dpsynth.errors import UserError
+
+        domains: dict[str, set[str]] = {c: set() for c in self.attribute_columns}
+        for cell in proportions:
+            for c, v in self.attributes(cell).items():
+                domains[c].add(v)
+        for c, v in wanted.items():
+            if c not in domains:
+                raise UserError(f"{key}: '{c}' is not an attribute column ({', '.join(self.attribute_columns) or 'none'})")
+            if v not in domains[c]:
+                raise UserError(f"{key}.{c}: '{v}' is not one of its values ({', '.join(sorted(domains[c]))})")
+        kept = {cell: w for cell, w in proportions.items()
+                if all(self.attributes(cell)[c] == v for c, v in wanted.items())}
+        if sum(kept.values()) <= 0:
+            raise UserError(f"{key}: no weight is left on the cells with {wanted}; give label_mix weights for them")
+        return kept
+
     # output records --------------------------------------------------------------------------------------------
 
     @property

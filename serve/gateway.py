@@ -170,7 +170,10 @@ class Gateway:
                   "max_tokens": self._max_tokens(req.max_tokens or a.max_new_tokens)}
         mix = req.label_mix or ("dp" if a.dp_proportions else "uniform")
         try:
-            counts = label_counts(a.labels, a.proportions(mix), req.num_examples)
+            proportions = a.proportions(mix)
+            if req.attributes:
+                proportions = a.schema.restrict(proportions, req.attributes)
+            counts = label_counts(a.labels, proportions, req.num_examples)
         except UserError as e:
             raise ApiError(400, str(e).replace("sampling.label_proportions", "label_mix")) from None
         headers = {"X-DP-Epsilon": repr(a.certificate.epsilon), "X-DP-Delta": repr(a.certificate.delta),

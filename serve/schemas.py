@@ -21,6 +21,8 @@ class CorpusRequest(BaseModel):
     """Tokens per example; default: the adapter's own sampling length."""
     seed: int = 0
     format: Literal["jsonl", "csv"] = "jsonl"
+    attributes: dict[str, str] | None = None
+    """Only texts with these attribute values ({"queue": "billing"}): label_mix restricted to the matching cells."""
 
     @field_validator("label_mix")
     @classmethod

@@ -224,3 +224,19 @@ def test_unlabelled_data_trains_on_the_dataset_prompt_alone(tiny_job, tmp_path):
     ev = json.loads(owner_path(run_dir, "evaluation.json").read_text())
     assert "synthetic" not in ev and ev["verdict"]["level"] in ("unlabelled", "out_of_genre")
     assert "mauve" in ev["fidelity"]
+
+
+def test_a_corpus_can_be_restricted_to_attribute_values():
+    from dpsynth.errors import UserError
+
+    cells = SCHEMA.cells({"queue": ["billing", "login"], "priority": ["high", "low"]})
+    mix = {c: 1.0 for c in cells}
+    kept = SCHEMA.restrict(mix, {"queue": "billing"})
+    assert sorted(json.loads(c)["priority"] for c in kept) == ["high", "low"]
+    assert all(json.loads(c)["queue"] == "billing" for c in kept)
+    with pytest.raises(UserError, match="attributes: 'team' is not an attribute column"):
+        SCHEMA.restrict(mix, {"team": "x"})
+    with pytest.raises(UserError, match=r"attributes.queue: 'refunds' is not one of its values \(billing, login\)"):
+        SCHEMA.restrict(mix, {"queue": "refunds"})
+    with pytest.raises(UserError, match="no weight is left"):
+        SCHEMA.restrict({**mix, **{c: 0.0 for c in kept}}, {"queue": "billing"})
