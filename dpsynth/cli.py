@@ -93,6 +93,12 @@ def _summary(run_dir: Path, evaluation: dict | None = None) -> None:
             if "synthetic" in a:
                 table.add_row(f"attribute '{col}'", f"synthetic {a['synthetic']['accuracy']:.3f}, real {a['real']['accuracy']:.3f}, "
                               f"majority {a['majority_class']['accuracy']:.3f}, fidelity {a['fidelity']:.3f}")
+        lm = evaluation.get("lm_utility")
+        if lm:
+            table.add_row("LM utility (test perplexity)", f"trained on synthetic {lm['synthetic']['perplexity']:.1f}, on real "
+                          f"{lm['real']['perplexity']:.1f}, base alone {lm['zero_shot']['perplexity']:.1f}  (next-token "
+                          f"accuracy {lm['synthetic']['next_token_accuracy']:.3f} / {lm['real']['next_token_accuracy']:.3f} / "
+                          f"{lm['zero_shot']['next_token_accuracy']:.3f})")
         records = evaluation.get("records")
         if records and records.get("parse_rate") is not None:
             table.add_row("records parsed", f"{records['parse_rate']:.0%} of {records['drawn']} generations parsed into "

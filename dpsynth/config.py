@@ -443,6 +443,13 @@ class EvaluationConfig(_Section):
 
     classifier: ClassifierName = "tfidf_logreg"
     """Headline classifier: its real/synthetic scores are the summary table's."""
+    lm_utility: Literal["auto", "on", "off"] = "auto"
+    """The language-model utility test (dpsynth.evaluate.lm_utility: a fresh LoRA fine-tuned on the synthetic vs the
+    real texts, perplexity and next-token accuracy on the real test split); `auto`: on for unlabelled data."""
+    lm_utility_steps: PositiveInt = 30
+    lm_utility_batch_size: PositiveInt = 8
+    lm_utility_learning_rate: PositiveFloat = 1e-3
+    lm_utility_test_examples: PositiveInt = 200
     classifiers: tuple[ClassifierName, ...] = ("tfidf_logreg", "minilm_logreg")
     """Downstream classifiers in the utility table (`transformer` fine-tunes MiniLM: minutes)."""
     seed: int = 0

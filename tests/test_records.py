@@ -224,6 +224,18 @@ def test_unlabelled_data_trains_on_the_dataset_prompt_alone(tiny_job, tmp_path):
     ev = json.loads(owner_path(run_dir, "evaluation.json").read_text())
     assert "synthetic" not in ev and ev["verdict"]["level"] in ("unlabelled", "out_of_genre")
     assert "mauve" in ev["fidelity"]
+    lm = ev["lm_utility"]  # a fresh LoRA trained on each corpus, measured on the real test texts, beside the base
+    for name in ("zero_shot", "real", "synthetic"):
+        assert lm[name]["perplexity"] > 1 and 0 <= lm[name]["next_token_accuracy"] <= 1 and lm[name]["tokens"] > 0
+    assert lm["real"]["perplexity"] < lm["zero_shot"]["perplexity"]  # the real texts teach the random base something
+    import subprocess
+    import sys
+
+    res = subprocess.run([sys.executable, "-m", "dpsynth", "report", str(run_dir), "--quiet"], capture_output=True,
+                         text=True, timeout=900)
+    assert res.returncode == 0, res.stderr[-3000:]
+    html = owner_path(run_dir, "report.html").read_text()
+    assert "Language-model utility" in html and "Unlabelled data: no classifier utility" in html
 
 
 def test_a_corpus_can_be_restricted_to_attribute_values():

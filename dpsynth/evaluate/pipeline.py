@@ -138,14 +138,40 @@ def records_section(schema: RecordSchema, corpus: Path, synthetic: list[Example]
     return out
 
 
-def unlabelled_verdict(mauve: dict | None) -> dict:
-    """Unlabelled data has no classifier utility: the verdict is MAUVE beside the real data's own."""
-    if not mauve:
-        return {"level": "unlabelled", "text": "unlabelled data: no label to test; MAUVE was not computed"}
-    syn, real = mauve["synthetic_vs_test"]["mauve"], mauve["real_train_vs_test"]["mauve"]
-    zs = mauve.get("zero_shot_vs_test", {}).get("mauve")
-    return {"level": "unlabelled", "text": f"unlabelled data: MAUVE {syn:.3f} vs the test split (real train {real:.3f}"
-                                           + (f", zero-shot floor {zs:.3f}" if zs is not None else "") + ")"}
+def lm_utility_section(cfg, splits, synthetic: list[Example], real: list[Example], test: list[Example],
+                       ev: EvaluationConfig) -> dict:
+    """dpsynth.evaluate.lm_utility under the run's own prompt of each text's cell (one for unlabelled data), at the
+    run's max_length, on up to lm_utility_test_examples real test texts (a seeded subset)."""
+    from dpsynth.evaluate.lm_utility import lm_utility
+    from dpsynth.models import load_tokenizer
+    from dpsynth.prompts import label_prompts
+
+    tok = load_tokenizer(cfg.model)
+    prompts = label_prompts(cfg, tok, splits.name, splits.labels)
+
+    def pairs(examples):
+        return [(prompts[e.label], e.text) for e in examples if e.label in prompts]
+
+    max_length = cfg.model.max_length if isinstance(cfg.model.max_length, int) else 128
+    return lm_utility(cfg.model, cfg.lora, tok, pairs(synthetic), pairs(subset(real, ev.max_real_examples, ev.seed)),
+                      pairs(subset(test, ev.lm_utility_test_examples, ev.seed)),
+                      steps=ev.lm_utility_steps, batch_size=ev.lm_utility_batch_size, lr=ev.lm_utility_learning_rate,
+                      max_length=max_length, seed=ev.seed)
+
+
+def unlabelled_verdict(mauve: dict | None, lm: dict | None = None) -> dict:
+    """Unlabelled data has no classifier utility: the verdict is MAUVE beside the real data's own, and the LM
+    utility test's perplexities beside the zero-shot base's."""
+    parts = []
+    if mauve:
+        syn, real = mauve["synthetic_vs_test"]["mauve"], mauve["real_train_vs_test"]["mauve"]
+        zs = mauve.get("zero_shot_vs_test", {}).get("mauve")
+        parts.append(f"MAUVE {syn:.3f} vs the test split (real train {real:.3f}"
+                     + (f", zero-shot floor {zs:.3f}" if zs is not None else "") + ")")
+    if lm:
+        parts.append(f"an LM fine-tuned on it has test perplexity {lm['synthetic']['perplexity']:.1f} (on the real "
+                     f"train split {lm['real']['perplexity']:.1f}, the base alone {lm['zero_shot']['perplexity']:.1f})")
+    return {"level": "unlabelled", "text": "unlabelled data: " + ("; ".join(parts) or "no label to test")}
 
 
 def out_of_genre_section(synthetic: list[Example], test: list[Example], validation: list[Example], seed: int) -> dict:
@@ -241,12 +267,14 @@ def evaluate(run_dir: Path, ev: EvaluationConfig | None = None, *, show_progress
     if not schema.shorthand:
         result["records"] = records_section(schema, corpus, synthetic, test)
     genre = timed("out_of_genre", out_of_genre_section, synthetic, test, val, ev.seed)
+    if ev.lm_utility == "on" or (ev.lm_utility == "auto" and schema.unlabelled):
+        result["lm_utility"] = timed("lm_utility", lm_utility_section, cfg, splits, synthetic, real, test, ev)
     if schema.unlabelled:  # nothing to classify: fidelity (MAUVE, lengths, genre) and the audit say it all
         result["fidelity"] = timed("fidelity", fidelity_section, synthetic, real, test, zero_shot, embedder, ev, ctx,
                                    labelled=False)
         result["fidelity"]["out_of_genre"] = genre
-        result["verdict"] = genre_verdict(unlabelled_verdict(result["fidelity"].get("mauve")), genre,
-                                          ev.out_of_genre_threshold)
+        result["verdict"] = genre_verdict(unlabelled_verdict(result["fidelity"].get("mauve"), result.get("lm_utility")),
+                                          genre, ev.out_of_genre_threshold)
         log.info("verdict: %s", result["verdict"]["text"])
         return finish(result, run_dir, cfg, splits, synthetic, embedder, ev, audit, timings, t0)
     dp = None

@@ -148,6 +148,14 @@ def render_html(res: dict, cert, run_dir: Path, comparison: dict | None = None) 
     if verdict:
         parts.append(f"<p class='{'warn' if verdict['level'] in ('no_signal', 'below_dp_direct', 'out_of_genre') else 'note'}'><b>Verdict: "
                      f"{_e(verdict['text'])}</b></p>")
+    lm = res.get("lm_utility")
+    if lm:
+        parts.append("<h3>Language-model utility</h3><p class='note'>A fresh LoRA on the public base, fine-tuned without "
+                     f"DP for {lm['steps']} steps on each corpus, measured on {lm['test_texts']} real test texts.</p>")
+        parts.append(_table(["LM", "test perplexity", "next-token accuracy"], [
+            [name, lm[key]["perplexity"], lm[key]["next_token_accuracy"]]
+            for name, key in (("trained on the DP synthetic corpus", "synthetic"), ("trained on the real data (ceiling)", "real"),
+                              ("the base model alone (zero-shot floor)", "zero_shot"))]))
     if "synthetic" not in res:  # unlabelled data (data.attribute_columns: []): nothing to classify
         parts.append("<p class='note'>Unlabelled data: no classifier utility; see MAUVE and lengths under Fidelity.</p>")
     else:
@@ -226,11 +234,13 @@ def render_html(res: dict, cert, run_dir: Path, comparison: dict | None = None) 
             ["95th percentile", lengths["synthetic_words_p95"], lengths["real_words_p95"]],
             ["Kolmogorov-Smirnov distance (p-value)", Markup(f"{lengths['ks']:.3f} ({lengths['ks_p_value']:.2g})"), ""]]))
     parts.append(plots["lengths"])
-    lf, vo, du = fid["label_fidelity"], fid["vocabulary_overlap"], fid["duplicates"]
-    parts.append(_table(["", ""], [
+    lf, vo, du = fid.get("label_fidelity"), fid["vocabulary_overlap"], fid["duplicates"]
+    label_rows = [] if lf is None else [  # none for unlabelled data
         ["label fidelity: real-trained classifier agrees with synthetic label", lf["agreement"]],
         ["  (that classifier's accuracy on real test)", lf["classifier_real_test_accuracy"]],
-        *[[f"  agreement on label {k}", v] for k, v in lf["per_label"].items()],
+        *[[f"  agreement on label {k}", v] for k, v in lf["per_label"].items()]]
+    parts.append(_table(["", ""], [
+        *label_rows,
         ["synthetic vocabulary seen in real train (types / tokens)", f"{vo['type_overlap']:.3f} / {vo['token_overlap']:.3f}"],
         ["synthetic duplicate rate", du["duplicate_rate"]]]))
 
