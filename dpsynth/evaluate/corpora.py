@@ -13,7 +13,7 @@ from dpsynth.data import Example
 from dpsynth.errors import UserError
 from dpsynth.io import atomic_write_json, atomic_write_text
 from dpsynth.records import RecordSchema
-from dpsynth.sample.corpus import SHORTHAND
+from dpsynth.sample.corpus import CORPUS_FORMATS, SHORTHAND
 
 log = logging.getLogger(__name__)
 
@@ -24,7 +24,12 @@ def read_corpus(path: Path, schema: RecordSchema | None = None) -> list[Example]
     import pandas as pd
 
     path = Path(path)
-    df = pd.read_json(path, lines=True, dtype=False) if path.suffix == ".jsonl" else pd.read_csv(path, keep_default_na=False, dtype=str)
+    if path.suffix == ".parquet":
+        df = pd.read_parquet(path)
+    elif path.suffix == ".jsonl":
+        df = pd.read_json(path, lines=True, dtype=False)
+    else:
+        df = pd.read_csv(path, keep_default_na=False, dtype=str)
     if len(df) == 0:
         return []
     schema = schema or SHORTHAND
@@ -33,7 +38,7 @@ def read_corpus(path: Path, schema: RecordSchema | None = None) -> list[Example]
 
 def find_corpus(run_dir: Path) -> Path:
     run_dir = Path(run_dir)
-    for fmt in ("jsonl", "csv"):
+    for fmt in CORPUS_FORMATS:
         if (run_dir / f"synthetic.{fmt}.certificate.json").is_file():
             return run_dir / f"synthetic.{fmt}"
     raise UserError(f"{run_dir}: no certified synthetic corpus (run `dpsynth sample {run_dir}` first)")

@@ -21,7 +21,7 @@ from dpsynth.privacy.certificate import CorpusBlock, now, read_certificate
 from dpsynth.records import RecordSchema
 from dpsynth.release import Release, post_processing
 
-from .corpus import generate_corpus, label_counts, load_run_config, resolve_proportions, serialize
+from .corpus import generate_corpus, label_counts, load_run_config, resolve_proportions, serialize, serialize_bytes
 from .engines import TransformersEngine, choose_engine
 
 __all__ = ["TransformersEngine", "generate_corpus", "label_counts", "load_run_config", "resolve_proportions", "sample",
@@ -124,10 +124,10 @@ def sample(run_dir: Path, params: SamplingConfig | None = None, *, show_progress
                    "rejection_rate": stats.get("rejected", 0) / drawn if drawn else 0.0}
         log.info("records: %d of %d generations did not parse into %s and were redrawn", records["rejected"], drawn,
                  ", ".join(schema.text_columns))
-    body = serialize(rows, params.format, schema)
-    corpus = release.share_text(f"synthetic.{params.format}", body, made_from)
+    body = serialize_bytes(rows, params.format, schema)
+    corpus = release.share_bytes(f"synthetic.{params.format}", body, made_from)
     release.share_certificate(f"synthetic.{params.format}.certificate.json", cert.with_corpus(CorpusBlock(
-        file=corpus.name, sha256=hashlib.sha256(body.encode()).hexdigest(), examples=len(rows), label_counts=counts,
+        file=corpus.name, sha256=hashlib.sha256(body).hexdigest(), examples=len(rows), label_counts=counts,
         engine=engine, sampling=params.model_dump(mode="json"), sharpening=sharpening, created=now(),
         candidates_file=CANDIDATES if sharpening is not None else None, records=records)))
     release.commit(with_certificate=False)  # the manifest now lists the corpus; the run's certificate is unchanged

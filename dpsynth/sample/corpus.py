@@ -195,6 +195,22 @@ async def stream_jobs(generate: Callable[[str, int], Awaitable[tuple[str, int]]]
 
 
 SHORTHAND = RecordSchema(("text",), ("label",), shorthand=True)
+CORPUS_FORMATS = ("jsonl", "csv", "parquet")
+
+
+def serialize_bytes(rows: list[dict], fmt: str, schema: RecordSchema | None = None) -> bytes:
+    """The corpus file's bytes: JSONL or CSV text (`serialize`), or Parquet with one string column per output column."""
+    if fmt != "parquet":
+        return serialize(rows, fmt, schema).encode()
+    import pandas as pd
+
+    schema = schema or SHORTHAND
+    records = [schema.record(r["text"], r["label"]) for r in rows]
+    if any(r is None for r in records):
+        raise ValueError(f"a corpus row does not parse into the fields {', '.join(schema.text_columns)}")
+    buf = io.BytesIO()
+    pd.DataFrame(records, columns=list(schema.output_columns), dtype="string").to_parquet(buf, index=False)
+    return buf.getvalue()
 
 
 def serialize_row(row: dict, fmt: str, header: bool = False, schema: RecordSchema | None = None) -> str:
