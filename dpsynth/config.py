@@ -322,6 +322,12 @@ class SamplingConfig(_Section):
     """Label sharpening (free: post-processing of the adapter): generate num_examples / keep_rate candidates and
     keep those the adapter itself reads most clearly as their own label. 1.0 = no sharpening."""
     label_budget_share: float = Field(0.05, gt=0.0, lt=1.0)
+    attribute_mix: Literal["auto", "joint", "marginals"] = "auto"
+    """With several attribute columns, what the DP label mix counts: `joint` (one Gaussian count per cell: keeps
+    the attributes' correlations), `marginals` (one per value of each attribute, at sqrt(attributes) more noise
+    each, the corpus drawn from their product: independent attributes), `auto`: joint up to joint_max_cells."""
+    joint_max_cells: PositiveInt = 64
+    """`auto` counts the joint up to this many cells, the marginals beyond (a joint's noise then swamps its cells)."""
     """Share of privacy.epsilon the DP label histogram alone spends (its Gaussian noise is calibrated to it, so it
     scales with the data); the rest goes to the generator."""
     format: Literal["jsonl", "csv", "parquet"] = "jsonl"

@@ -39,6 +39,27 @@ def label_mix_released(cfg: JobConfig) -> bool:
     return cfg.sampling.label_proportions == "dp" and not RecordSchema.of(cfg.data).unlabelled
 
 
+def label_mix_kind(cfg: JobConfig, labels) -> str | None:
+    """What the DP label mix counts for several attributes: `joint` or `marginals` (sampling.attribute_mix); None
+    for one attribute or none (a plain label histogram)."""
+    from dpsynth.records import RecordSchema
+
+    if len(RecordSchema.of(cfg.data).attribute_columns) < 2:
+        return None
+    mix = cfg.sampling.attribute_mix
+    if mix == "auto":
+        mix = "joint" if len(labels) <= cfg.sampling.joint_max_cells else "marginals"
+    return mix
+
+
+def label_histogram_block(ctx) -> HistogramBlock | None:
+    """The certificate's label histogram block: as planned, with what it counted."""
+    block = ctx.plan.releases.labels
+    if block is None:
+        return None
+    return block.model_copy(update={"over": label_mix_kind(ctx.cfg, ctx.splits.labels)})
+
+
 def plan_releases(cfg: JobConfig, delta: float, accountant: str, samples: bool = True) -> DataReleases:
     """Each histogram's noise, calibrated to its share of privacy.epsilon under the run's accountant (`samples`:
     whether the run's output is sampled with sampling.max_new_tokens, which `auto` then sizes too)."""
@@ -70,8 +91,12 @@ def release(cfg: JobConfig, releases: DataReleases, run, splits: Splits, tokeniz
 
     labels = None
     if releases.labels is not None:
+        from dpsynth.records import RecordSchema
+
+        marginals = label_mix_kind(cfg, splits.labels) == "marginals"
         labels = release_once(run, releases.labels, [[ex.label for ex in u] for u in units], splits.labels, storage,
-                              LABELS_STATE, ordinal=ordinal(releases.labels))
+                              LABELS_STATE, ordinal=ordinal(releases.labels),
+                              attributes=RecordSchema.of(cfg.data).attributes if marginals else None)
     distribution = None
     if releases.lengths is not None:
         distribution = release_once(run, releases.lengths,

@@ -15,7 +15,7 @@ import torch
 
 from dpsynth.config import JobConfig
 from dpsynth.data import Splits
-from dpsynth.data_releases import plan_releases
+from dpsynth.data_releases import label_histogram_block, plan_releases
 from dpsynth.errors import UserError
 from dpsynth.interrupt import Interrupted
 from dpsynth.privacy import Event
@@ -138,7 +138,7 @@ class InContextJob:
                 planned_epsilon=ctx.plan.plan.epsilon,
                 pure_dp_epsilon=pure_epsilon(charged) if ic.mechanism == "laplace" and not self.prior else None,
                 settings=ic.model_dump(mode="json")),
-            base_model=self.base, config_hash=ctx.config_hash, label_histogram=ctx.plan.releases.labels,
+            base_model=self.base, config_hash=ctx.config_hash, label_histogram=label_histogram_block(ctx),
             length_histogram=ctx.plan.releases.lengths, lengths={"max_length": ctx.cfg.model.max_length})
 
     def released_config(self, ctx, result: dict) -> JobConfig:

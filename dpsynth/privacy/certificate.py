@@ -53,6 +53,9 @@ class HistogramBlock(_Block):
     noise_multiplier: float
     budget_share: float | None = None
     """Share of the run's epsilon this histogram alone spends (it was calibrated to it)."""
+    over: str | None = None
+    """What it counts, for the attribute mix of several attributes (dpsynth.records): `joint` (every cell) or
+    `marginals` (each attribute's values, noise scaled by sqrt(attributes) for the same charge)."""
 
 
 LabelHistogramBlock = HistogramBlock

@@ -58,6 +58,40 @@ def release(unit_labels: Sequence[Sequence[str]], classes: Sequence[str], noise_
     return dict(zip(classes, (noisy / noisy.sum()).tolist()))
 
 
+def noisy_marginals(unit_cells: Sequence[Sequence[str]], cells: Sequence[str], attributes, noise_multiplier: float,
+                    rng: np.random.Generator | None = None) -> dict[str, tuple[list[str], np.ndarray]]:
+    """Each attribute's (values, noisy summed per-unit distribution), noise std noise_multiplier * sqrt(attributes)."""
+    rng = rng or np.random.default_rng()
+    columns = list(attributes(cells[0]))
+    scale = noise_multiplier * np.sqrt(len(columns))
+    out = {}
+    for c in columns:
+        values = sorted({attributes(cell)[c] for cell in cells})
+        index = {v: i for i, v in enumerate(values)}
+        totals = np.zeros(len(values))
+        for unit in unit_cells:
+            for x in unit:
+                totals[index[attributes(x)[c]]] += 1 / len(unit)
+        out[c] = (values, totals + rng.normal(0.0, scale, len(values)))
+    return out
+
+
+def release_marginals(unit_cells: Sequence[Sequence[str]], cells: Sequence[str], attributes, noise_multiplier: float,
+                      rng: np.random.Generator | None = None) -> dict[str, float]:
+    """Cell proportions as the product of each attribute's DP marginal. A unit's k marginal distributions stacked
+    have L2 norm at most sqrt(k), so Gaussian noise of std noise_multiplier * sqrt(k) on every marginal count is one
+    Gaussian mechanism of multiplier `noise_multiplier` (the same charge as one histogram). `attributes(cell)` ->
+    {column: value}."""
+    noisy = noisy_marginals(unit_cells, cells, attributes, noise_multiplier, rng)
+    marginals = {}
+    for c, (values, counts) in noisy.items():
+        counts = counts.clip(min=0.0)
+        marginals[c] = dict(zip(values, (counts / counts.sum() if counts.sum() > 0 else np.ones(len(values)) / len(values))))
+    weights = {cell: float(np.prod([marginals[c][v] for c, v in attributes(cell).items()])) for cell in cells}
+    total = sum(weights.values())
+    return {cell: w / total for cell, w in weights.items()} if total > 0 else {cell: 1 / len(cells) for cell in cells}
+
+
 def plan_histogram(share: float, total_epsilon: float, delta: float, accountant: str):
     """A histogram's certificate block: noise calibrated to `share` of the run's epsilon."""
     from .certificate import HistogramBlock
@@ -66,7 +100,7 @@ def plan_histogram(share: float, total_epsilon: float, delta: float, accountant:
 
 
 def release_once(run, block, unit_categories: Sequence[Sequence[str]], categories: Sequence[str], storage,
-                 state: str, floor: float = 0.0, *, ordinal: int) -> dict[str, float]:
+                 state: str, floor: float = 0.0, *, ordinal: int, attributes=None) -> dict[str, float]:
     """Charge the histogram to `run` and release it, once per run: a resumed run gets what it released before (kept
     in its private `storage` under `state`).
 
@@ -85,7 +119,10 @@ def release_once(run, block, unit_categories: Sequence[Sequence[str]], categorie
     event = histogram_event(block.noise_multiplier)
     if charged_histograms(run, block.noise_multiplier) < ordinal:
         run.charge(event)  # BudgetExceeded past the admitted plan
-    proportions = release(unit_categories, categories, block.noise_multiplier, floor=floor)
+    if attributes is not None:  # the marginals of the categories' attributes (release_marginals), same charge
+        proportions = release_marginals(unit_categories, categories, attributes, block.noise_multiplier)
+    else:
+        proportions = release(unit_categories, categories, block.noise_multiplier, floor=floor)
     if storage is not None:
         storage.write_text(state, json.dumps(proportions))
     return proportions

@@ -18,6 +18,7 @@ from pathlib import Path
 
 from dpsynth.config import JobConfig
 from dpsynth.data import Splits
+from dpsynth.data_releases import label_histogram_block
 from dpsynth.errors import UserError
 from dpsynth.interrupt import Interrupted
 from dpsynth.models import adapter_digest
@@ -166,7 +167,7 @@ def release_adapter(release, ckpt: Path, mechanism_name: str) -> None:
 
 def adapter_certificate(ctx, ckpt: Path) -> dict:
     """What the certificate of a trained adapter states besides its mechanism (training and the search alike)."""
-    return dict(base_model=ctx.base, config_hash=ctx.config_hash, label_histogram=ctx.plan.releases.labels,
+    return dict(base_model=ctx.base, config_hash=ctx.config_hash, label_histogram=label_histogram_block(ctx),
                 length_histogram=ctx.plan.releases.lengths,
                 lengths={"max_length": ctx.cfg.model.max_length, "max_new_tokens": ctx.cfg.sampling.max_new_tokens},
                 artefacts={"adapter": adapter_digest(ckpt / "adapter")})
