@@ -43,7 +43,8 @@ class _Section(BaseModel):
 
 class DataConfig(_Section):
     source: str = "rotten_tomatoes"
-    """`rotten_tomatoes` or `tweets` (bundled), or a path to a .csv / .jsonl / .parquet file."""
+    """`rotten_tomatoes` or `tweets` (bundled), or a path to a .csv / .jsonl / .parquet file, or a .txt of unlabelled
+    texts, one per line (its column is `text`; set data.attribute_columns: [])."""
     text_column: str = "text"
     label_column: str = "label"
     name: str | None = None
@@ -449,9 +450,10 @@ class EvaluationConfig(_Section):
 
     classifier: ClassifierName = "tfidf_logreg"
     """Headline classifier: its real/synthetic scores are the summary table's."""
-    lm_utility: Literal["auto", "on", "off"] = "auto"
+    lm_utility: Literal["auto"] | bool = "auto"
     """The language-model utility test (dpsynth.evaluate.lm_utility: a fresh LoRA fine-tuned on the synthetic vs the
-    real texts, perplexity and next-token accuracy on the real test split); `auto`: on for unlabelled data."""
+    real texts, perplexity and next-token accuracy on the real test split): true, false, or `auto` (on for
+    unlabelled data)."""
     lm_utility_steps: PositiveInt = 30
     lm_utility_batch_size: PositiveInt = 8
     lm_utility_learning_rate: PositiveFloat = 1e-3

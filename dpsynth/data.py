@@ -107,9 +107,12 @@ def _read_table(path: Path) -> pd.DataFrame:
             return pd.read_json(path, lines=True)
         if path.suffix.lower() == ".csv" or suffixes.startswith(".csv"):
             return pd.read_csv(path)
+        if path.suffix.lower() == ".txt":  # unlabelled texts, one per line: the column `text`
+            lines = [line.strip() for line in path.read_text(encoding="utf-8").splitlines()]
+            return pd.DataFrame({"text": [line for line in lines if line]})
     except Exception as e:  # pandas raises many types for malformed files
         raise DataError(f"data.source: cannot read {path}: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
-    raise DataError(f"data.source: {path} must be .csv, .jsonl or .parquet")
+    raise DataError(f"data.source: {path} must be .csv, .jsonl, .parquet or .txt (one text per line)")
 
 
 def _from_frame(df: pd.DataFrame, schema: RecordSchema, where: str, unit_col: str | None = None,

@@ -142,9 +142,16 @@ def run_private_job(cfg: JobConfig, job: PrivateJob, *, show_progress: bool = Tr
         return run_dir
     splits = prepare(cfg.data, secret)
     dataset = dataset_block(splits)
-    if not cfg.data.labels:
+    from dpsynth.records import RecordSchema
+
+    schema = RecordSchema.of(cfg.data)
+    undeclared = [c for c in schema.attribute_columns if c not in (cfg.data.attribute_values or {})]
+    if schema.shorthand and not cfg.data.labels:
         log.warning("data.labels is not set: the %d labels found in the data are released as the public label set "
                     "(set data.labels to declare it yourself)", len(splits.labels))
+    elif not schema.shorthand and undeclared:
+        log.warning("data.attribute_values does not declare %s: the values found in the data are released as public "
+                    "(labels.json; set it to declare them yourself)", ", ".join(undeclared))
     base = base_info(cfg.model)
     tokenizer = load_tokenizer(cfg.model)  # a bad model fails here, in one line, before any worker starts
     job.check(cfg, splits, tokenizer)

@@ -58,7 +58,9 @@ def adapter_specs(cfg: ServeConfig) -> tuple[list[tuple[str, str]], ServeConfig]
         adapter = load_certified(Path(path), name or None, cfg.ledger)
         specs.append((adapter.name, str(adapter.run_dir)))
         max_length = adapter.model.max_length if isinstance(adapter.model.max_length, int) else 64
-        longest, new_tokens = max(longest, max_length + adapter.max_new_tokens), max(new_tokens, adapter.max_new_tokens)
+        # a record of k text fields is written field by field, each up to max_new_tokens (dpsynth.sample.fields)
+        fields = len(adapter.schema.text_columns)
+        longest, new_tokens = max(longest, max_length + fields * adapter.max_new_tokens), max(new_tokens, adapter.max_new_tokens)
     names = [n for n, _ in specs]
     if len(set(names)) != len(names):
         raise UserError(f"adapters: names must be unique, got {names} (use name=path)")

@@ -30,11 +30,16 @@ class Sampler:
 
     async def corpus(self, adapter: str, jobs: list[tuple[str, int]], params: dict, seed: int):
         """Stream one row per (label, index) job: {text, label, index, tokens}."""
-        gp, prompts = GenParams(**params), self.prompt_ids[adapter]
+        from dpsynth.sample.fields import generate_fields
 
-        async def generate(label: str, example_seed: int) -> tuple[str, int]:
-            g = await self.engine.generate(adapter, prompts[label], gp, example_seed)
+        gp, prompts, schema = GenParams(**params), self.prompt_ids[adapter], self.schemas[adapter]
+
+        async def one(prompt: list[int], seed: int) -> tuple[str, int]:
+            g = await self.engine.generate(adapter, prompt, gp, seed)
             return g.text, g.completion_tokens
+
+        async def generate(label: str, example_seed: int) -> tuple[str, int]:  # a record field by field (fields.py)
+            return await generate_fields(schema, self.engine.tokenizer, one, prompts[label], example_seed)
 
         async for row in stream_jobs(generate, [(lab, int(i)) for lab, i in jobs], seed, schema=self.schemas[adapter]):
             yield row

@@ -194,25 +194,33 @@ def test_attribute_columns_train_a_dp_joint_and_write_the_users_columns(tiny_job
     attribute on its own."""
     from dpsynth.release import owner_path
 
-    run_dir = _run(tiny_job, tmp_path, write(tmp_path, tickets()), "data.text_columns=[body]",
+    import pandas as pd
+
+    source = tmp_path / "tickets.csv"
+    pd.DataFrame(tickets()).to_csv(source, index=False)
+    run_dir = _run(tiny_job, tmp_path, source, "data.text_columns=[subject,body]",
                    "data.attribute_columns=[queue,priority]", "sampling.format=parquet", f"sampling.attribute_mix={mix}",
                    out="tickets")
-    import pandas as pd
 
     cells = json.loads((run_dir / "labels.json").read_text())
     assert len(cells) == 6 and set(json.loads((run_dir / "label_distribution.json").read_text())) == set(cells)
     rows = pd.read_parquet(run_dir / "synthetic.parquet").to_dict("records")
-    assert len(rows) == 12 and all(set(r) == {"body", "queue", "priority"} for r in rows)
+    assert len(rows) == 12 and all(set(r) == {"subject", "body", "queue", "priority"} for r in rows)
+    assert all(r["subject"] or r["body"] for r in rows) and not any("<" + c in r["subject"] + r["body"]
+                                                                    for r in rows for c in ("subject>", "body>", "/subject>", "/body>"))
     assert {r["queue"] for r in rows} <= {"billing", "login", "shipping"} and {r["priority"] for r in rows} <= {"high", "low"}
     cert = json.loads((run_dir / "synthetic.parquet.certificate.json").read_text())
     assert cert["corpus"]["sha256"] == __import__("hashlib").sha256((run_dir / "synthetic.parquet").read_bytes()).hexdigest()
-    assert cert["corpus"]["records"]["columns"] == ["body", "queue", "priority"]
+    records = cert["corpus"]["records"]
+    assert records["columns"] == ["subject", "body", "queue", "priority"] and records["drawn"] >= 24  # 12 kept of >= 24 candidates
+    assert records["rejected"] == records["drawn"] - 24  # keep_rate 0.5: 24 candidates; the rest were redrawn
     assert cert["label_histogram"]["over"] == {"auto": "joint", "marginals": "marginals"}[mix]  # 6 cells: auto is joint
     ev = json.loads(owner_path(run_dir, "evaluation.json").read_text())
     assert set(ev["attributes"]) == {"queue", "priority"}
     for a in ev["attributes"].values():
         assert {"real", "synthetic", "majority_class", "fidelity"} <= set(a)
-    assert ev["records"]["parse_rate"] == 1.0  # one text field: every non-empty generation is a record
+    assert ev["records"]["parse_rate"] == (records["drawn"] - records["rejected"]) / records["drawn"]
+    assert set(ev["records"]["fields"]) == {"subject", "body"}  # each field's length fidelity
 
 
 def test_unlabelled_data_trains_on_the_dataset_prompt_alone(tiny_job, tmp_path):
@@ -220,14 +228,15 @@ def test_unlabelled_data_trains_on_the_dataset_prompt_alone(tiny_job, tmp_path):
     and the verdict is fidelity (MAUVE), not a classifier's."""
     from dpsynth.release import owner_path
 
-    run_dir = _run(tiny_job, tmp_path, write(tmp_path, tickets()), "data.text_columns=[body]",
-                   "data.attribute_columns=[]", out="notes")
+    notes = tmp_path / "notes.txt"  # an unlabelled text file, one note per line
+    notes.write_text("".join(r["body"] + "\n" for r in tickets()))
+    run_dir = _run(tiny_job, tmp_path, notes, "data.attribute_columns=[]", out="notes")
     assert json.loads((run_dir / "labels.json").read_text()) == [""]
     assert not (run_dir / "label_distribution.json").exists()
     cert = json.loads((run_dir / "certificate.json").read_text())
     assert cert.get("label_histogram") is None
     rows = [json.loads(line) for line in (run_dir / "synthetic.jsonl").read_text().splitlines()]
-    assert len(rows) == 12 and all(set(r) == {"body"} for r in rows)
+    assert len(rows) == 12 and all(set(r) == {"text"} for r in rows)
     ev = json.loads(owner_path(run_dir, "evaluation.json").read_text())
     assert "synthetic" not in ev and ev["verdict"]["level"] in ("unlabelled", "out_of_genre")
     assert "mauve" in ev["fidelity"]
@@ -302,3 +311,20 @@ def test_auto_counts_the_joint_up_to_joint_max_cells_then_the_marginals():
     cfg = load_config(None, ["data.attribute_columns=[queue,priority]", "sampling.joint_max_cells=6"])
     assert label_mix_kind(cfg, ["c"] * 6) == "joint" and label_mix_kind(cfg, ["c"] * 7) == "marginals"
     assert label_mix_kind(load_config(None, []), ["a", "b"]) is None  # one label: a plain histogram
+
+
+def test_prompt_response_pairs_unlabelled_with_two_text_fields(tiny_job, tmp_path):
+    """Instruction data: a JSONL of prompt/response pairs, no label. Every synthetic row is a pair in those columns."""
+    from dpsynth.release import owner_path
+
+    rng = random.Random(1)
+    verbs, things = ["block", "renew", "activate", "replace", "freeze", "report"], ["card", "account", "pin", "loan", "app"]
+    rows = [{"prompt": " ".join(rng.choices(verbs + things, k=6)) + "?", "response": " ".join(rng.choices(verbs + things, k=9))}
+            for _ in range(240)]
+    run_dir = _run(tiny_job, tmp_path, write(tmp_path, rows, "pairs.jsonl"), "data.text_columns=[prompt,response]",
+                   "data.attribute_columns=[]", "evaluation.lm_utility=false", out="pairs")
+    out = [json.loads(line) for line in (run_dir / "synthetic.jsonl").read_text().splitlines()]
+    assert len(out) == 12 and all(set(r) == {"prompt", "response"} for r in out)
+    ev = json.loads(owner_path(run_dir, "evaluation.json").read_text())
+    assert ev["records"]["columns"] == ["prompt", "response"] and 0 < ev["records"]["parse_rate"] <= 1
+    assert "lm_utility" not in ev and ev["verdict"]["level"] in ("unlabelled", "out_of_genre")

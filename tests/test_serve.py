@@ -72,7 +72,7 @@ def runs(ray_local, tmp_path_factory, vllm_tiny_model_dir):
 
     tickets_data = write(root, tickets())
     tickets_cfg = [o for o in common if not o.startswith(("data.", "privacy.dataset_epsilon"))]
-    tickets_dir = train(load_config(None, tickets_cfg + [f"data.source={tickets_data}", "data.text_columns=[body]",
+    tickets_dir = train(load_config(None, tickets_cfg + [f"data.source={tickets_data}", "data.text_columns=[subject,body]",
                                                          "data.attribute_columns=[queue,priority]", "lora.r=2",
                                                          "privacy.dataset_epsilon=8", f"output_dir={root / 'tickets'}"]),
                         show_progress=False)
@@ -177,14 +177,17 @@ def test_a_record_schemas_corpus_keeps_its_columns_and_takes_an_attribute_filter
     with httpx.Client(base_url=f"{server}/long", timeout=300) as c:
         body = {"adapter": "tickets", "max_tokens": 6, "num_examples": 6, "label_mix": "uniform"}
         rows = rows_of(c.post("/v1/corpus", json={**body, "attributes": {"queue": "billing"}}))
-        assert len(rows) == 6 and all(set(r) == {"body", "queue", "priority"} for r in rows)
+        assert len(rows) == 6 and all(set(r) == {"subject", "body", "queue", "priority"} for r in rows)
         assert {r["queue"] for r in rows} == {"billing"} and {r["priority"] for r in rows} == {"high", "low"}
         csv_body = c.post("/v1/corpus", json={**body, "num_examples": 2, "format": "csv"})
-        assert csv_body.status_code == 200 and csv_body.text.splitlines()[0] == "body,queue,priority"
+        assert csv_body.status_code == 200 and csv_body.text.splitlines()[0] == "subject,body,queue,priority"
         bad = c.post("/v1/corpus", json={**body, "attributes": {"team": "x"}})
         assert bad.status_code == 400 and "attributes: 'team' is not an attribute column" in bad.text
         bad = c.post("/v1/corpus", json={**body, "attributes": {"queue": "refunds"}})
         assert bad.status_code == 400 and "attributes.queue: 'refunds'" in bad.text
+    # OpenAI completions are unchanged: any prompt, raw text back
+    out = openai_client(f"{server}/long").completions.create(model="tickets", prompt="<subject>", max_tokens=5, seed=1)
+    assert out.choices[0].text and out.usage.completion_tokens >= 1
 
 
 def test_openai_streaming_completion(server):

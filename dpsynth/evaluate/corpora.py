@@ -78,7 +78,10 @@ def zero_shot_corpus(path: Path, model_cfg, dataset: str, labels: list[str], n: 
                       description=description) for lab in labels}
     counts = split_counts(labels, n)
     log.info("zero-shot corpus: %d texts from the base model, no adapter", n)
-    rows = generate_corpus(TransformersEngine(model, tok), prompts,
+    from dpsynth.sample.fields import FieldByField
+
+    engine = TransformersEngine(model, tok) if schema is None else FieldByField(TransformersEngine(model, tok), schema)
+    rows = generate_corpus(engine, prompts,
                            {lab: candidates_needed(c, params.keep_rate) for lab, c in counts.items()}, params, show_progress,
                            schema=schema)
     if params.keep_rate < 1:

@@ -267,7 +267,7 @@ def evaluate(run_dir: Path, ev: EvaluationConfig | None = None, *, show_progress
     if not schema.shorthand:
         result["records"] = records_section(schema, corpus, synthetic, test)
     genre = timed("out_of_genre", out_of_genre_section, synthetic, test, val, ev.seed)
-    if ev.lm_utility == "on" or (ev.lm_utility == "auto" and schema.unlabelled):
+    if ev.lm_utility is True or (ev.lm_utility == "auto" and schema.unlabelled):
         result["lm_utility"] = timed("lm_utility", lm_utility_section, cfg, splits, synthetic, real, test, ev)
     if schema.unlabelled:  # nothing to classify: fidelity (MAUVE, lengths, genre) and the audit say it all
         result["fidelity"] = timed("fidelity", fidelity_section, synthetic, real, test, zero_shot, embedder, ev, ctx,

@@ -23,6 +23,7 @@ from dpsynth.release import Release, post_processing
 
 from .corpus import generate_corpus, label_counts, load_run_config, resolve_proportions, serialize, serialize_bytes
 from .engines import TransformersEngine, choose_engine
+from .fields import FieldByField
 
 __all__ = ["TransformersEngine", "generate_corpus", "label_counts", "load_run_config", "resolve_proportions", "sample",
            "serialize"]
@@ -106,7 +107,7 @@ def sample(run_dir: Path, params: SamplingConfig | None = None, *, show_progress
         model, tok = load_adapter(run_dir, cfg.model)
         partial = partial_path(run_dir, cfg, prompts, wanted, params)
         with graceful_stop() as stopped:  # Ctrl-C / SIGTERM: stop after the batch, keep what is finished
-            rows = generate_corpus(TransformersEngine(model, tok), prompts, wanted, params, show_progress,
+            rows = generate_corpus(FieldByField(TransformersEngine(model, tok), schema), prompts, wanted, params, show_progress,
                                    partial=partial, stop=stopped, schema=schema, stats=stats)
     sharpening = None
     if params.keep_rate < 1:

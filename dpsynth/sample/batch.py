@@ -30,7 +30,10 @@ class VLLMBatchSampler:
         from .engines import VLLMEngine
 
         tok = AutoTokenizer.from_pretrained(tokenizer_dir)
-        self.engine = VLLMEngine(model_dir, tok, lora=lora, dtype=dtype, max_model_len=max_model_len, max_num_seqs=max_num_seqs)
+        from .fields import FieldByField
+
+        engine = VLLMEngine(model_dir, tok, lora=lora, dtype=dtype, max_model_len=max_model_len, max_num_seqs=max_num_seqs)
+        self.engine = FieldByField(engine, schema) if schema is not None else engine
         self.prompt_ids = {lab: prompt_ids(tok, p) for lab, p in prompts.items()}
         self.params, self.seed, self.max_attempts, self.schema = params, seed, max_attempts, schema
 
@@ -77,10 +80,11 @@ def sample_ray_data(adapter: CertifiedAdapter, counts: dict[str, int], params: S
         ctx.enable_progress_bars = show_progress
         gpus = 1 if ray.cluster_resources().get("GPU") else 0
         jobs = jobs_for(counts)
+        fields = len(schema.text_columns) if schema is not None else 1  # written field by field (fields.py)
         ds = ray.data.from_items([{"label": lab, "index": i} for lab, i in jobs])
         kwargs = dict(model_dir=model_dir, tokenizer_dir=str(adapter.adapter_dir), lora=lora, prompts=adapter.prompts,
                       params=GenParams.of(params), seed=params.seed, dtype=adapter.model.dtype,
-                      max_model_len=adapter.model.max_length + params.max_new_tokens + 16, max_num_seqs=params.batch_size,
+                      max_model_len=adapter.model.max_length + params.max_new_tokens * fields + 16, max_num_seqs=params.batch_size,
                       schema=schema)
         log.info("Ray Data batch job: %d jobs, %d vLLM engine actor(s), %s", len(jobs), params.replicas,
                  "merged weights" if lora is None else "LoRA")
