@@ -98,7 +98,7 @@ def one_worker_reference(local_ray, tmp_path_factory, tiny_model_dir):
     data = tmp / "d.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in make_rows(120)))
     job = [f"data.source={data}", "data.text_column=review", "data.label_column=sentiment", f"model.base={tiny_model_dir}",
-           "model.max_length=32", "lora.r=2", "training.learning_rate=0.5", f"privacy.ledger={tmp / 'ledger.sqlite'}",
+           "model.max_length=72", "lora.r=2", "training.learning_rate=0.5", f"privacy.ledger={tmp / 'ledger.sqlite'}",
            f"output_dir={tmp / 'run'}"]
     cfg = _cfg(job)
     return job, tmp, _fit_fixed(cfg, tmp, "w1", sigma=SIGMA_0, steps=2)
