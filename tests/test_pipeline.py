@@ -69,6 +69,9 @@ def test_tiny_pipeline_end_to_end(tiny_job, tmp_path):
     assert len(rows) == 12 and {r["label"] for r in rows} <= set(splits.labels) and all(r["text"] for r in rows)
     corpus_cert = json.loads((run_dir / "synthetic.jsonl.certificate.json").read_text())
     assert corpus_cert["epsilon"] == cert["epsilon"] and corpus_cert["corpus"]["examples"] == 12
+    # the one-label shorthand is the shape it always was: `text`, `label` rows, no record schema, a plain histogram
+    assert all(set(r) == {"text", "label"} for r in rows) and corpus_cert["corpus"]["records"] is None
+    assert cert["label_histogram"]["over"] is None and json.loads((run_dir / "labels.json").read_text()) == list(splits.labels)
     ev = json.loads(owner_path(run_dir, "evaluation.json").read_text())
     assert 0 <= ev["synthetic"]["accuracy"] <= 1 and ev["real"]["accuracy"] > 0.9  # the toy task is easy on real data
     assert "epsilon spent" in res.stdout and "test accuracy, trained on synthetic" in res.stdout
