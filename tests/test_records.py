@@ -202,6 +202,9 @@ def test_attribute_columns_train_a_dp_joint_and_write_the_users_columns(tiny_job
                    "data.attribute_columns=[queue,priority]", "sampling.format=parquet", f"sampling.attribute_mix={mix}",
                    out="tickets")
 
+    cert = json.loads((run_dir / "certificate.json").read_text())
+    histograms = [e for e in cert["events"] if e.get("purpose") == "histogram"]
+    assert histograms and cert["label_histogram"]["noise_multiplier"] in [e["noise_multiplier"] for e in histograms]
     cells = json.loads((run_dir / "labels.json").read_text())
     assert len(cells) == 6 and set(json.loads((run_dir / "label_distribution.json").read_text())) == set(cells)
     rows = pd.read_parquet(run_dir / "synthetic.parquet").to_dict("records")
@@ -235,6 +238,7 @@ def test_unlabelled_data_trains_on_the_dataset_prompt_alone(tiny_job, tmp_path):
     assert not (run_dir / "label_distribution.json").exists()
     cert = json.loads((run_dir / "certificate.json").read_text())
     assert cert.get("label_histogram") is None
+    assert not [e for e in cert["events"] if e.get("purpose") == "histogram"]  # lengths are fixed here: none charged
     rows = [json.loads(line) for line in (run_dir / "synthetic.jsonl").read_text().splitlines()]
     assert len(rows) == 12 and all(set(r) == {"text"} for r in rows)
     ev = json.loads(owner_path(run_dir, "evaluation.json").read_text())

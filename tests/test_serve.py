@@ -76,10 +76,17 @@ def runs(ray_local, tmp_path_factory, vllm_tiny_model_dir):
                                                          "data.attribute_columns=[queue,priority]", "lora.r=2",
                                                          "privacy.dataset_epsilon=8", f"output_dir={root / 'tickets'}"]),
                         show_progress=False)
+    # unlabelled prompt/response pairs: two text fields, no attribute
+    pairs_data = write(root, [{"prompt": r["subject"], "response": r["body"]} for r in tickets()], "pairs.jsonl")
+    pairs_dir = train(load_config(None, tickets_cfg + [f"data.source={pairs_data}", "data.text_columns=[prompt,response]",
+                                                       "data.attribute_columns=[]", "lora.r=2", "privacy.dataset_epsilon=8",
+                                                       f"output_dir={root / 'pairs'}"]), show_progress=False)
     data.unlink()  # the server must work without the private data anywhere in reach
     long_data.unlink()
     tickets_data.unlink()
-    return {"dirs": dirs, "long": long_dir, "tickets": tickets_dir, "ledger": root / "ledger.sqlite", "data": data}
+    pairs_data.unlink()
+    return {"dirs": dirs, "long": long_dir, "tickets": tickets_dir, "pairs": pairs_dir, "ledger": root / "ledger.sqlite",
+            "data": data}
 
 
 @pytest.fixture(scope="module")
@@ -96,7 +103,7 @@ def server(ray_local, runs):
     secure = {"adapters": [f"gamma={runs['dirs']['alpha']}"], "ledger": str(runs["ledger"]), "engine": "transformers",
               "auth": "on", "token": TOKEN, "max_model_len": 128, "cpus_per_replica": 0.5,
               "limits": {"max_concurrent_requests": 2, "max_tokens": 32}}
-    long = {"adapters": [f"long={runs['long']}", f"tickets={runs['tickets']}"], "ledger": str(runs["ledger"]), "engine": "transformers",
+    long = {"adapters": [f"long={runs['long']}", f"tickets={runs['tickets']}", f"pairs={runs['pairs']}"], "ledger": str(runs["ledger"]), "engine": "transformers",
             "cpus_per_replica": 0.5}  # max_model_len and limits.max_tokens auto: from the run's lengths
     serve.run(build_app(secure), name="secure", route_prefix="/secure")
     serve.run(build_app(long), name="long", route_prefix="/long")
@@ -185,6 +192,8 @@ def test_a_record_schemas_corpus_keeps_its_columns_and_takes_an_attribute_filter
         assert bad.status_code == 400 and "attributes: 'team' is not an attribute column" in bad.text
         bad = c.post("/v1/corpus", json={**body, "attributes": {"queue": "refunds"}})
         assert bad.status_code == 400 and "attributes.queue: 'refunds'" in bad.text
+        pairs = rows_of(c.post("/v1/corpus", json={"adapter": "pairs", "max_tokens": 6, "num_examples": 3}))
+        assert len(pairs) == 3 and all(set(r) == {"prompt", "response"} for r in pairs)  # unlabelled: no label column
     # OpenAI completions are unchanged: any prompt, raw text back
     out = openai_client(f"{server}/long").completions.create(model="tickets", prompt="<subject>", max_tokens=5, seed=1)
     assert out.choices[0].text and out.usage.completion_tokens >= 1
