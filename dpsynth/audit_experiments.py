@@ -76,8 +76,12 @@ def point_utility(ev: EvaluationConfig, ctx, embedder, splits: Splits, synthetic
 
     test, real = list(splits.test), list(splits.train)
     truth, texts = [e.label for e in test], [e.text for e in test]
-    out = {"classifier": ev.classifier, "real": metrics(truth, predict(ev.classifier, real, texts, ctx)),
-           "synthetic": metrics(truth, predict(ev.classifier, synthetic, texts, ctx))}
+    if len(set(truth)) < 2:  # unlabelled data: nothing to classify at this point, only MAUVE
+        none = {"accuracy": None, "macro_f1": None}
+        out = {"classifier": None, "real": none, "synthetic": dict(none)}
+    else:
+        out = {"classifier": ev.classifier, "real": metrics(truth, predict(ev.classifier, real, texts, ctx)),
+               "synthetic": metrics(truth, predict(ev.classifier, synthetic, texts, ctx))}
     if ev.mauve:
         out["mauve"] = fidelity.mauve_score(embedder([e.text for e in synthetic]), embedder(texts), ev.seed)["mauve"]
     return out

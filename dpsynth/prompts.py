@@ -72,6 +72,18 @@ def label_prompts(cfg: JobConfig, tokenizer, dataset: str, labels: Iterable[str]
     return {lab: label_prompt(cfg, tokenizer, dataset, lab) for lab in labels}
 
 
+def plain_prefixes(cfg: JobConfig, tokenizer, dataset: str, labels: Iterable[str]) -> dict[str, str]:
+    """Each cell's plain prefix (`model.prefix_template`, whatever model.prompt says): the training-free in-context
+    generator's few-shot prefix, which a chat template's turns would break up. In the one-label shorthand this is
+    the paper's `format_prefix(template, dataset, label)`; a record's attributes and unlabelled data render as
+    they do everywhere else."""
+    from dpsynth.records import RecordSchema
+
+    schema, plain = RecordSchema.of(cfg.data), cfg.model.model_copy(update={"prompt": "plain"})
+    return {lab: render(plain, tokenizer, dataset=dataset, conditions=schema.conditions(lab),
+                        description=cfg.data.description) for lab in labels}
+
+
 def check_prompts_fit(cfg: JobConfig, tokenizer, dataset: str, labels: Iterable[str]) -> None:
     """Refuse a fixed model.max_length the longest prompt leaves no room in (`auto` sizes itself to the prompt).
     Checked before anything is charged: prompts are public, so the refusal tells nothing of the data."""

@@ -332,3 +332,33 @@ def test_prompt_response_pairs_unlabelled_with_two_text_fields(tiny_job, tmp_pat
     ev = json.loads(owner_path(run_dir, "evaluation.json").read_text())
     assert ev["records"]["columns"] == ["prompt", "response"] and 0 < ev["records"]["parse_rate"] <= 1
     assert "lm_utility" not in ev and ev["verdict"]["level"] in ("unlabelled", "out_of_genre")
+
+
+def test_the_in_context_prefix_of_a_record_names_its_attributes(tiny_model_dir):
+    """The training-free generator's plain few-shot prefix: the paper's in the shorthand, every attribute for a
+    record, the unconditioned template for unlabelled data."""
+    from transformers import AutoTokenizer
+
+    from dpsynth.data import format_prefix
+    from dpsynth.prompts import plain_prefixes
+
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    short = load_config(None, [])
+    assert plain_prefixes(short, tok, "rt", ["fresh"]) == {"fresh": format_prefix(short.model.prefix_template, "rt", "fresh")}
+    rec = load_config(None, ["data.attribute_columns=[queue,priority]"])
+    cell = SCHEMA.cell(["billing", "high"])
+    assert plain_prefixes(rec, tok, "tickets", [cell]) == {cell: "tickets text, label queue: billing, priority: high: "}
+    assert plain_prefixes(load_config(None, ["data.attribute_columns=[]"]), tok, "notes", [""]) == {"": "notes text: "}
+
+
+def test_an_unlabelled_audit_point_scores_no_classifier():
+    """`dpsynth report --full`'s canary runs score each point's utility: unlabelled data has no class to score."""
+    from dpsynth.audit_experiments import point_utility
+    from dpsynth.config import EvaluationConfig
+    from dpsynth.data import Example, Splits
+    from dpsynth.evaluate.classifiers import Context
+
+    texts = [Example(f"note number {i} about things", "", f"u{i}") for i in range(20)]
+    splits = Splits("notes", tuple(texts[:10]), (), tuple(texts[10:]), ("",), "f" * 32, 20)
+    out = point_utility(EvaluationConfig(mauve=False), Context(0, None, 1, 1), None, splits, texts[:5])
+    assert out["classifier"] is None and out["synthetic"]["accuracy"] is None and out["real"]["accuracy"] is None

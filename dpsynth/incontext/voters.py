@@ -21,8 +21,9 @@ log = logging.getLogger(__name__)
 class _Rows:
     """The prompts both voters score: each group's few-shot prompt, then the public (example-free) prompt."""
 
-    def __init__(self, tok, template: str, dataset: str, max_length: int):
+    def __init__(self, tok, template: str, dataset: str, max_length: int, prefixes: dict[str, str] | None = None):
         self.tok, self.template, self.dataset, self.max_length = tok, template, dataset, max_length
+        self.prefixes = prefixes  # each cell's prefix (prompts.plain_prefixes); None: format_prefix of the label
         self.newline = tok("\n", add_special_tokens=False).input_ids
         texts = tok.batch_decode([[i] for i in range(len(tok))])
         self.stop_ids = sorted({tok.eos_token_id, *[i for i, t in enumerate(texts) if "\n" in t]})
@@ -30,7 +31,8 @@ class _Rows:
 
     def prompts(self, label: str, groups: list[tuple[Example, ...]]) -> list[list[int]]:
         """Token ids of each group's prompt, then the public prompt (last row)."""
-        prefix = self.tok(format_prefix(self.template, self.dataset, label), add_special_tokens=False).input_ids
+        text = self.prefixes[label] if self.prefixes is not None else format_prefix(self.template, self.dataset, label)
+        prefix = self.tok(text, add_special_tokens=False).input_ids
         rows = []
         for group in groups:
             ids: list[int] = []
@@ -43,9 +45,11 @@ class _Rows:
         """Release the engine (a no-op on transformers)."""
 
 
-def max_prompt_tokens(tok, template: str, dataset: str, max_length: int, labels, per_group: int) -> int:
+def max_prompt_tokens(tok, template: str, dataset: str, max_length: int, labels, per_group: int,
+                      prefixes: dict[str, str] | None = None) -> int:
     """Longest row any label's prompts can have (data-independent: texts are cut to max_length tokens)."""
-    prefix = max(len(tok(format_prefix(template, dataset, lab), add_special_tokens=False).input_ids) for lab in labels)
+    texts = [prefixes[lab] if prefixes is not None else format_prefix(template, dataset, lab) for lab in labels]
+    prefix = max(len(tok(t, add_special_tokens=False).input_ids) for t in texts)
     return per_group * (prefix + max_length + len(tok("\n", add_special_tokens=False).input_ids)) + prefix
 
 
@@ -58,8 +62,9 @@ class GroupVoter(_Rows):
 
     engine = "transformers"
 
-    def __init__(self, model, tok, template: str, dataset: str, max_length: int, cache: bool = True):
-        super().__init__(tok, template, dataset, max_length)
+    def __init__(self, model, tok, template: str, dataset: str, max_length: int, cache: bool = True,
+                 prefixes: dict[str, str] | None = None):
+        super().__init__(tok, template, dataset, max_length, prefixes)
         self.model, self.cache = model.eval(), cache
 
     @torch.inference_mode()
@@ -111,10 +116,11 @@ class VLLMVoter(_Rows):
     engine = "vllm"
 
     def __init__(self, model_dir: str, tok, template: str, dataset: str, max_length: int, *, max_model_len: int,
-                 max_num_seqs: int, dtype: str = "float32", block_size: int = 32, enforce_eager: bool = False):
+                 max_num_seqs: int, dtype: str = "float32", block_size: int = 32, enforce_eager: bool = False,
+                 prefixes: dict[str, str] | None = None):
         from dpsynth.sample.engines import require_vllm, vllm_engine_kwargs
 
-        super().__init__(tok, template, dataset, max_length)
+        super().__init__(tok, template, dataset, max_length, prefixes)
         vllm = require_vllm()
         kw = vllm_engine_kwargs(model_dir, dtype=dtype, lora_ranks=None, max_model_len=max_model_len,
                                 max_num_seqs=max_num_seqs, enforce_eager=enforce_eager)
@@ -160,13 +166,17 @@ def make_voter(cfg: JobConfig, splits: Splits) -> tuple[GroupVoter | VLLMVoter, 
 
     from dpsynth.sample.engines import choose_engine
 
+    from dpsynth.prompts import plain_prefixes
+
     ic, mc = cfg.incontext, cfg.model
     if choose_engine(ic.engine, "incontext.engine") == "vllm":
         tok, where = load_tokenizer(mc), resolve_base(mc.base)
-        longest = max_prompt_tokens(tok, mc.prefix_template, splits.name, mc.max_length, splits.labels, ic.examples_per_group)
+        prefixes = plain_prefixes(cfg, tok, splits.name, splits.labels)
+        longest = max_prompt_tokens(tok, mc.prefix_template, splits.name, mc.max_length, splits.labels, ic.examples_per_group,
+                                    prefixes)
         try:
             voter = VLLMVoter(where, tok, mc.prefix_template, splits.name, mc.max_length, dtype=mc.dtype,
-                              max_model_len=longest + ic.max_new_tokens + 8, max_num_seqs=ic.groups + 1)
+                              max_model_len=longest + ic.max_new_tokens + 8, max_num_seqs=ic.groups + 1, prefixes=prefixes)
             return voter, {"name": mc.base, "sha256": weights_digest(where)}
         except Exception as e:  # vLLM raises bare RuntimeErrors from its engine process
             why = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
@@ -175,6 +185,7 @@ def make_voter(cfg: JobConfig, splits: Splits) -> tuple[GroupVoter | VLLMVoter, 
                                 "or use incontext.engine=transformers") from None
             log.warning("vLLM engine did not start (%s); falling back to transformers", why)
     model, tok, base = load_base(mc)
-    return GroupVoter(model, tok, mc.prefix_template, splits.name, mc.max_length), base
+    return GroupVoter(model, tok, mc.prefix_template, splits.name, mc.max_length,
+                      prefixes=plain_prefixes(cfg, tok, splits.name, splits.labels)), base
 
 
