@@ -131,9 +131,12 @@ class RecordSchema:
         return (*self.text_columns, *self.attribute_columns)
 
     def record(self, text: str, cell: str) -> dict[str, str] | None:
-        """A corpus row in the user's columns (`text`, `label` in the shorthand); None when the text does not parse."""
+        """A corpus row in the user's columns (`text`, `label` in the shorthand); None when the text does not parse.
+        One text field takes any text, even an empty one (the in-context generator cannot redraw for free)."""
         if self.shorthand:
             return {"text": text, "label": cell}
+        if len(self.text_columns) == 1:
+            return {self.text_columns[0]: text, **self.attributes(cell)}
         fields = self.parse(text)
         if fields is None:
             return None

@@ -362,3 +362,30 @@ def test_an_unlabelled_audit_point_scores_no_classifier():
     splits = Splits("notes", tuple(texts[:10]), (), tuple(texts[10:]), ("",), "f" * 32, 20)
     out = point_utility(EvaluationConfig(mauve=False), Context(0, None, 1, 1), None, splits, texts[:5])
     assert out["classifier"] is None and out["synthetic"]["accuracy"] is None and out["real"]["accuracy"] is None
+
+
+def test_the_training_free_generator_writes_records_in_the_users_columns(tmp_path, tiny_model_dir):
+    """`dpsynth generate` on tickets conditioned on queue x priority: rows in the user's columns, one per cell
+    asked for; several text fields are refused before anything is spent."""
+    import subprocess
+    import sys
+
+    source = write(tmp_path, tickets())
+    sets = [f"data.source={source}", "data.text_columns=[body]", "data.attribute_columns=[queue,priority]",
+            f"model.base={tiny_model_dir}", f"privacy.ledger={tmp_path / 'ledger.sqlite'}", "privacy.epsilon=4",
+            "privacy.accountant=pld", "incontext.mechanism=laplace", "incontext.num_examples=6",
+            "incontext.max_new_tokens=4", "incontext.groups=2", "incontext.examples_per_group=1",
+            "sampling.label_proportions=uniform", "incontext.engine=transformers", "model.max_length=32"]
+
+    def generate(*extra):
+        return subprocess.run([sys.executable, "-m", "dpsynth", "generate", "-q", "-o", str(tmp_path / "ic"),
+                               *[a for s in [*sets, *extra] for a in ("--set", s)]], capture_output=True, text=True,
+                              timeout=600)
+
+    refused = generate("data.text_columns=[subject,body]")
+    assert refused.returncode == 2 and "data.text_columns: the training-free generator" in refused.stderr
+    assert not (tmp_path / "ic" / "certificate.json").exists()
+    proc = generate()
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = [json.loads(line) for line in (tmp_path / "ic" / "synthetic.jsonl").read_text().splitlines()]
+    assert len(rows) == 6 and all(set(r) == {"body", "queue", "priority"} for r in rows)

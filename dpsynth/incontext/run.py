@@ -21,6 +21,7 @@ from dpsynth.interrupt import Interrupted
 from dpsynth.privacy import Event
 from dpsynth.privacy.certificate import CorpusBlock, InContextBlock, now
 from dpsynth.privacy.run import Plan, PrivateRun
+from dpsynth.records import RecordSchema
 from dpsynth.sample.corpus import label_counts, resolve_proportions, serialize
 
 from .mechanism import (SENSITIVITY_L1, SENSITIVITY_L2, assign_groups, calibrate_noise, generate_rows, noise_scale,
@@ -66,6 +67,9 @@ class InContextJob:
         return incontext_hash(cfg)
 
     def check(self, cfg: JobConfig, splits: Splits, tokenizer) -> None:
+        if len(RecordSchema.of(cfg.data).text_columns) > 1:
+            raise UserError("data.text_columns: the training-free generator writes one text per example, token by "
+                            "token under DP, and cannot write several fields; use `dpsynth train` (or one text column)")
         if cfg.incontext.mechanism == "laplace" and cfg.privacy.accountant == "prv":
             raise UserError("privacy.accountant: 'prv' cannot account Laplace; use pld (or rdp) with "
                             "incontext.mechanism=laplace")
@@ -147,7 +151,7 @@ class InContextJob:
     def write(self, release, ctx, result: dict) -> dict:
         from dpsynth.release import mechanism
 
-        body = serialize(result["rows"], "jsonl")
+        body = serialize(result["rows"], "jsonl", RecordSchema.of(ctx.cfg.data))
         release.share_text("synthetic.jsonl", body, mechanism("in_context"))
         release.share_certificate("synthetic.jsonl.certificate.json", release.cert.with_corpus(CorpusBlock(
             file="synthetic.jsonl", sha256=hashlib.sha256(body.encode()).hexdigest(), examples=len(result["rows"]),
