@@ -73,7 +73,9 @@ def _summary(run_dir: Path, evaluation: dict | None = None) -> None:
     table.add_row("certificate", str(run_dir / "certificate.json"))
     if (run_dir / "adapter").exists():
         table.add_row("adapter", str(run_dir / "adapter"))
-    for fmt in ("jsonl", "csv", "parquet"):
+    from dpsynth.sample.corpus import CORPUS_FORMATS
+
+    for fmt in CORPUS_FORMATS:
         if (run_dir / f"synthetic.{fmt}").exists():
             table.add_row("synthetic corpus", str(run_dir / f"synthetic.{fmt}"))
     if evaluation:

@@ -33,6 +33,16 @@ def calibrate_histogram(share: float, total_epsilon: float, delta: float, accoun
                      bounds=(0.05, 1e5))
 
 
+def unit_totals(unit_labels: Sequence[Sequence[str]], classes: Sequence[str]) -> np.ndarray:
+    """The summed per-unit distributions over `classes` (each unit adds a probability vector: sensitivity 1)."""
+    totals = np.zeros(len(classes))
+    index = {c: i for i, c in enumerate(classes)}
+    for labels in unit_labels:
+        for label, k in Counter(labels).items():
+            totals[index[label]] += k / len(labels)
+    return totals
+
+
 def release(unit_labels: Sequence[Sequence[str]], classes: Sequence[str], noise_multiplier: float,
             rng: np.random.Generator | None = None, floor: float = 0.0) -> dict[str, float]:
     """Category proportions from Gaussian-noised per-unit distributions, clipped at 0 and normalised.
@@ -42,13 +52,7 @@ def release(unit_labels: Sequence[Sequence[str]], classes: Sequence[str], noise_
     alone is kept. Fresh OS entropy unless `rng` is given (tests): DP noise must not be reproducible from a seed.
     """
     rng = rng or np.random.default_rng()
-    totals = np.zeros(len(classes))
-    index = {c: i for i, c in enumerate(classes)}
-    for labels in unit_labels:
-        counts = Counter(labels)
-        for label, k in counts.items():
-            totals[index[label]] += k / len(labels)
-    noisy = totals + rng.normal(0.0, noise_multiplier, len(classes))
+    noisy = unit_totals(unit_labels, classes) + rng.normal(0.0, noise_multiplier, len(classes))
     if floor:
         kept = np.where(noisy >= floor * noise_multiplier, noisy, 0.0)
         noisy = kept if kept.sum() > 0 else np.where(np.arange(len(noisy)) == noisy.argmax(), 1.0, 0.0)
@@ -67,11 +71,7 @@ def noisy_marginals(unit_cells: Sequence[Sequence[str]], cells: Sequence[str], a
     out = {}
     for c in columns:
         values = sorted({attributes(cell)[c] for cell in cells})
-        index = {v: i for i, v in enumerate(values)}
-        totals = np.zeros(len(values))
-        for unit in unit_cells:
-            for x in unit:
-                totals[index[attributes(x)[c]]] += 1 / len(unit)
+        totals = unit_totals([[attributes(x)[c] for x in unit] for unit in unit_cells], values)
         out[c] = (values, totals + rng.normal(0.0, scale, len(values)))
     return out
 
