@@ -88,10 +88,10 @@ def test_missing_file_column_and_empty(tmp_path):
     empty.write_text("text,label\n  ,pos\n")
     with pytest.raises(DataError, match="no usable"):
         prepare(DataConfig(source=str(empty)), TEST_SECRET)
-    txt = tmp_path / "d.txt"
-    txt.write_text("hello")
-    with pytest.raises(DataError, match=r"\.csv, \.jsonl or \.parquet"):
-        prepare(DataConfig(source=str(txt)), TEST_SECRET)
+    doc = tmp_path / "d.docx"
+    doc.write_text("hello")
+    with pytest.raises(DataError, match=r"must be \.csv, \.jsonl, \.parquet or \.txt"):
+        prepare(DataConfig(source=str(doc)), TEST_SECRET)
 
 
 def test_prefix_names_dataset_and_label():
