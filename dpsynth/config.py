@@ -44,7 +44,7 @@ class _Section(BaseModel):
 class DataConfig(_Section):
     source: str = "rotten_tomatoes"
     """`rotten_tomatoes` or `tweets` (bundled), or a path to a .csv / .jsonl / .parquet file, or a .txt of unlabelled
-    texts, one per line (its column is `text`; set data.attribute_columns: [])."""
+    texts, one per line (its column is `text`; unlabelled unless data.attribute_columns is set)."""
     text_column: str = "text"
     label_column: str = "label"
     name: str | None = None
@@ -122,7 +122,16 @@ class DataConfig(_Section):
             raise ValueError("data.max_examples was replaced by data.subset_fraction (a rate: a count would set the rate "
                              "from the data's size, and a neighbouring dataset would move other units in or out)")
         return data
-    """Use a seeded random subset of about this many examples: whole units, after dedupe, before splitting."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _txt_is_unlabelled(cls, data):
+        # A .txt source holds texts only (one per line): unless columns are named, it is unlabelled data.
+        if (isinstance(data, dict) and str(data.get("source", "")).lower().endswith(".txt")
+                and "attribute_columns" not in data and "label_column" not in data):
+            data = {**data, "attribute_columns": ()}
+        return data
+
     validation_fraction: float = Field(0.1, ge=0.0, lt=0.5)
     test_fraction: float = Field(0.1, gt=0.0, lt=0.5)
     seed: int = 0

@@ -109,6 +109,17 @@ def test_unlabelled_data_has_one_empty_cell(tmp_path):
     assert RecordSchema.of(cfg).record(splits.train[0].text, "") == {"body": splits.train[0].text}
 
 
+def test_a_txt_source_is_unlabelled_unless_columns_are_named(tmp_path):
+    notes = tmp_path / "notes.txt"
+    notes.write_text("first note\nsecond note\n")
+    assert load_config(None, [f"data.source={notes}"]).data.attribute_columns == ()
+    named = load_config(None, [f"data.source={notes}", "data.attribute_columns=[ward]"]).data
+    assert named.attribute_columns == ("ward",)
+    with pytest.raises(DataError, match="data.attribute_columns: column 'ward' not in"):
+        prepare(named, SECRET)
+    assert load_config(None, [f"data.source={tmp_path / 'notes.csv'}"]).data.attribute_columns is None
+
+
 @pytest.mark.parametrize("case, want", [
     ("missing", "data.attribute_columns: column 'team' not in"),
     ("too_many", "data.attribute_columns: column 'agent' has 7 distinct values, over data.max_attribute_values 5"),
@@ -227,13 +238,13 @@ def test_attribute_columns_train_a_dp_joint_and_write_the_users_columns(tiny_job
 
 
 def test_unlabelled_data_trains_on_the_dataset_prompt_alone(tiny_job, tmp_path):
-    """data.attribute_columns: []: no label histogram is charged or released, the corpus has only the text column,
+    """A .txt source is unlabelled (data.attribute_columns: [] by default): no label histogram is charged or released, the corpus has only the text column,
     and the verdict is fidelity (MAUVE), not a classifier's."""
     from dpsynth.release import owner_path
 
     notes = tmp_path / "notes.txt"  # an unlabelled text file, one note per line
     notes.write_text("".join(r["body"] + "\n" for r in tickets()))
-    run_dir = _run(tiny_job, tmp_path, notes, "data.attribute_columns=[]", out="notes")
+    run_dir = _run(tiny_job, tmp_path, notes, out="notes")
     assert json.loads((run_dir / "labels.json").read_text()) == [""]
     assert not (run_dir / "label_distribution.json").exists()
     cert = json.loads((run_dir / "certificate.json").read_text())
