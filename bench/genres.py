@@ -65,6 +65,7 @@ VARIANTS: dict[str, list[str]] = {
     "old": ["model.prompt=plain", "training.steps=null", "training.epochs=0.25"],  # Prefix-LM prefix, 0.25 epochs
     "new": [],  # the defaults: chat prompt where the tokenizer has a template, steps auto to training.time_budget
     "described": ["data.description={description}"],  # the defaults plus the public description of the texts
+    "described-t08": ["data.description={description}", "sampling.temperature=0.8"],  # ... sampled cooler
 }
 
 

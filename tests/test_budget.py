@@ -76,3 +76,70 @@ def test_auto_steps_are_planned_charged_and_recorded(tiny_job, tmp_path):
     assert owner_cfg["training"]["steps"] == steps
     log = owner_path(run_dir, "dpsynth.log").read_text()
     assert "run plan:" in log and log.index("run plan:") < log.index("training ")
+
+
+def test_a_tight_budget_cuts_the_evaluation_after_the_corpus_and_says_so():
+    from dpsynth.train.budget import MIN_ZERO_SHOT, RunPlan
+
+    cfg = load_config(None, ["training.time_budget=900", "sampling.num_examples=500", "evaluation.zero_shot_examples=200",
+                             "evaluation.attack_examples=128"])
+    # long texts on a slow CPU: sampling and the evaluation alone are over budget at the 40-step floor
+    speeds = Speeds(6.0, 200.0, 4000.0)
+    plan = plan_run(cfg, speeds, prompt_tokens=40, text_tokens=200, labels=5, new_tokens=192)
+    assert plan.steps == cfg.training.min_steps
+    assert (plan.num_examples, plan.zero_shot_examples) == (100, MIN_ZERO_SHOT)  # the corpus first, then the floor's
+    assert 32 <= plan.attack_examples < 128  # then the attacks, only as far as needed
+    assert plan.cut.startswith("sampling.num_examples cut from 500 to 100; evaluation.zero_shot_examples cut from 200 "
+                               f"to 50; evaluation.attack_examples cut from 128 to {plan.attack_examples}")
+    assert sum(plan.estimates_s.values()) <= 900 + 1  # fits, just
+    ran = plan.applied_to(cfg)
+    assert (ran.training.steps, ran.sampling.num_examples) == (plan.steps, 100)
+    assert (ran.evaluation.zero_shot_examples, ran.evaluation.attack_examples) == (50, plan.attack_examples)
+    assert RunPlan.from_json(json.loads(json.dumps(plan.to_json()))) == plan  # kept for a resume, as it was
+    roomy = plan_run(load_config(None, ["training.time_budget=5h"]), speeds, prompt_tokens=40, text_tokens=200, labels=5,
+                     new_tokens=192)
+    assert roomy.cut is None and roomy.applied_to(cfg).evaluation == cfg.evaluation  # nothing cut where it fits
+
+
+@pytest.mark.slow
+def test_a_resumed_auto_run_repeats_the_plan_of_its_first_attempt(tiny_job, tmp_path):
+    """SIGTERM mid-training; the same command resumes with the first attempt's plan (its steps and the sizes it
+    cut), not a new probe's: the admitted DP-SGD plan and the corpus are the ones planned."""
+    import signal
+    import time
+
+    from dpsynth.privacy import Ledger, SampledGaussian
+    from dpsynth.train.budget import RUN_PLAN
+
+    job = [o for o in tiny_job if not o.startswith(("training.steps", "model.max_length"))] + [
+        "training.steps=auto", "training.time_budget=600", "training.min_steps=40", "training.max_steps=40",
+        "training.batch_size=16", "scaling.checkpoint_every=4", "model.max_length=48"]
+    args = [sys.executable, "-m", "dpsynth", "train", "--quiet", *[a for o in job for a in ("--set", o)]]
+    cfg = load_config(None, job)
+    ledger_path, run_dir = Path(cfg.privacy.ledger), Path(cfg.output_dir)
+
+    def charged() -> int:
+        if not ledger_path.exists():
+            return 0
+        return sum(e.count for r in Ledger(ledger_path).runs() for e in r["charged"] if isinstance(e, SampledGaussian))
+
+    first = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 600
+    while charged() < 8:
+        assert first.poll() is None, first.communicate()[1][-2000:]
+        assert time.time() < deadline, "training did not start"
+        time.sleep(0.2)
+    first.send_signal(signal.SIGTERM)
+    _, err = first.communicate(timeout=600)
+    assert first.returncode == 128 + signal.SIGTERM, err[-2000:]
+    (saved,) = list(run_dir.rglob(RUN_PLAN))
+    plan = json.loads(saved.read_text())
+    assert plan["steps"] == 40
+    # as if the first attempt had cut the corpus: the resume must run that, whatever a new probe would say
+    saved.write_text(json.dumps({**plan, "num_examples": 7, "cut": "sampling.num_examples cut from 12 to 7"}))
+    again = subprocess.run(args, capture_output=True, text=True, timeout=900)
+    assert again.returncode == 0, again.stderr[-3000:]
+    owner_cfg = yaml.safe_load(owner_path(run_dir, "config.yaml").read_text())
+    assert owner_cfg["training"]["steps"] == 40 and owner_cfg["sampling"]["num_examples"] == 7
+    assert json.loads((run_dir / "certificate.json").read_text())["mechanism"]["steps"] == 40 == charged()
+    assert "resuming with the plan of the first attempt" in owner_path(run_dir, "dpsynth.log").read_text()

@@ -32,9 +32,14 @@ demo's audit took 187 s for 128 examples, about this many passes of its probe's 
 STEP_OVERHEAD = 1.2
 """A real step over the probe's forward/backward: Poisson batch size spread, clipping, noise, the optimizer."""
 MIN_CORPUS = 100
+MIN_ZERO_SHOT = 50
+MIN_ATTACK = 32
+"""Floors of what a tight budget may cut: the corpus, then the zero-shot floor's corpus and the attack examples."""
 OVER_BUDGET = 1.5
 """A plan this many times over training.time_budget, even at the floor of steps and the smallest corpus, is refused."""
 PROBE_BATCH = 8
+RUN_PLAN = "run_plan.json"
+"""Where a run keeps its plan, so that a resume repeats it (its steps and what it cut)."""
 """Examples the probe times (a step's cost grows linearly with its batch): long documents stay cheap to probe."""
 
 
@@ -52,6 +57,27 @@ class RunPlan:
     num_examples: int
     estimates_s: dict[str, float]
     cut: str | None = None
+    """What was cut to fit, in words (each key, from and to)."""
+    zero_shot_examples: int | None = None
+    attack_examples: int | None = None
+    """The evaluation's sizes where they were cut (None: as configured)."""
+
+    def to_json(self) -> dict:
+        return {"steps": self.steps, "num_examples": self.num_examples, "estimates_s": self.estimates_s,
+                "cut": self.cut, "zero_shot_examples": self.zero_shot_examples, "attack_examples": self.attack_examples}
+
+    @classmethod
+    def from_json(cls, d: dict) -> RunPlan:
+        return cls(**d)
+
+    def applied_to(self, cfg: JobConfig) -> JobConfig:
+        """The config this plan runs: its steps, and the corpus and evaluation sizes it cut to."""
+        ev = {k: v for k, v in (("zero_shot_examples", self.zero_shot_examples),
+                                ("attack_examples", self.attack_examples)) if v is not None}
+        return cfg.model_copy(update={
+            "training": cfg.training.model_copy(update={"steps": self.steps}),
+            "sampling": cfg.sampling.model_copy(update={"num_examples": self.num_examples}),
+            "evaluation": cfg.evaluation.model_copy(update=ev)})
 
     def summary(self, budget_s: float) -> str:
         parts = ", ".join(f"{k} {v / 60:.1f} min" for k, v in self.estimates_s.items())
@@ -135,30 +161,41 @@ def plan_run(cfg: JobConfig, speeds: Speeds, *, prompt_tokens: int, text_tokens:
     s, ev = cfg.sampling, cfg.evaluation
     per_candidate = min(float(new_tokens), text_tokens)
 
-    def later(num_examples: int) -> dict[str, float]:
+    def later(num_examples: int, zero_shot_examples: int, attack_examples: int) -> dict[str, float]:
         candidates = math.ceil(num_examples / s.keep_rate)
-        zero_shot = math.ceil(ev.zero_shot_examples / s.keep_rate) if ev.zero_shot_examples else 0
+        zero_shot = math.ceil(zero_shot_examples / s.keep_rate) if zero_shot_examples else 0
         sharpen = (candidates + zero_shot) * labels * (prompt_tokens + per_candidate) / speeds.score_tokens_per_s \
             if s.keep_rate < 1 else 0.0
-        attacks = ATTACK_PASSES * ev.attack_examples * (prompt_tokens + text_tokens) / speeds.score_tokens_per_s
+        attacks = ATTACK_PASSES * attack_examples * (prompt_tokens + text_tokens) / speeds.score_tokens_per_s
         return {"sampling": candidates * per_candidate / speeds.generate_tokens_per_s + sharpen * candidates /
                 max(1, candidates + zero_shot),
                 "evaluation": EVAL_FIXED_S + zero_shot * per_candidate / speeds.generate_tokens_per_s + attacks +
                 sharpen * zero_shot / max(1, candidates + zero_shot)}
 
-    num_examples, cut = s.num_examples, None
-    rest = later(num_examples)
+    sizes = {"num_examples": s.num_examples, "zero_shot_examples": ev.zero_shot_examples,
+             "attack_examples": ev.attack_examples}
+    rest = later(**sizes)
     left = budget - FIXED_OVERHEAD_S - sum(rest.values())
     steps = max(cfg.training.min_steps, int(left // speeds.step_s)) if left > 0 else cfg.training.min_steps
     steps = min(steps, cfg.training.max_steps)
-    over = FIXED_OVERHEAD_S + steps * speeds.step_s + sum(rest.values()) - budget
-    if over > 0 and num_examples > MIN_CORPUS:  # the floor of steps does not fit: the corpus gives way first
-        per_example = (sum(rest.values()) - sum(later(0).values())) / num_examples
-        smaller = max(MIN_CORPUS, int(num_examples - over / max(per_example, 1e-9)))
-        cut = f"sampling.num_examples cut from {num_examples} to {smaller} to fit training.time_budget"
-        num_examples, rest = smaller, later(smaller)
+    cuts = []
+    # The floor of steps does not fit: the corpus gives way first, then the evaluation's own corpus and attacks.
+    for key, floor, section in (("num_examples", MIN_CORPUS, "sampling"), ("zero_shot_examples", MIN_ZERO_SHOT, "evaluation"),
+                                ("attack_examples", MIN_ATTACK, "evaluation")):
+        over = FIXED_OVERHEAD_S + steps * speeds.step_s + sum(rest.values()) - budget
+        if over <= 0 or sizes[key] <= floor:
+            continue
+        per_unit = (sum(rest.values()) - sum(later(**{**sizes, key: 0}).values())) / sizes[key]
+        smaller = max(floor, int(sizes[key] - over / max(per_unit, 1e-9)))
+        cuts.append(f"{section}.{key} cut from {sizes[key]} to {smaller}")
+        sizes[key] = smaller
+        rest = later(**sizes)
+    cut = "; ".join(cuts) + " to fit training.time_budget" if cuts else None
+    num_examples = sizes["num_examples"]
     estimates = {"training": steps * speeds.step_s, **rest, "start-up": FIXED_OVERHEAD_S}
-    plan = RunPlan(steps, num_examples, estimates, cut)
+    plan = RunPlan(steps, num_examples, estimates, cut,
+                   zero_shot_examples=sizes["zero_shot_examples"] if sizes["zero_shot_examples"] != ev.zero_shot_examples else None,
+                   attack_examples=sizes["attack_examples"] if sizes["attack_examples"] != ev.attack_examples else None)
     if sum(estimates.values()) > OVER_BUDGET * budget:
         from dpsynth.errors import UserError
 

@@ -211,16 +211,21 @@ class TrainJob:
     def extend(self, ctx) -> tuple:
         """steps: auto: probe (public dummy tokens), plan the run to training.time_budget, calibrate sigma to it."""
         from dpsynth.prompts import label_prompts
-        from dpsynth.train.budget import PROBE_BATCH, STEP_OVERHEAD, mean_text_tokens, plan_run, probe_on_ray
+        from dpsynth.train.budget import PROBE_BATCH, RUN_PLAN, STEP_OVERHEAD, RunPlan, mean_text_tokens, plan_run, probe_on_ray
 
         if self.tp is not None:
             return ()
         cfg, n = ctx.cfg, len(ctx.splits.train_units())
         charged_plan = [e for e in ctx.run.planned() if isinstance(e, SampledGaussian)]
-        if charged_plan:  # a resumed run: the steps its first attempt planned (and was admitted for)
-            steps, cut = charged_plan[0].count, None
-            log.info("resuming with the %d steps planned by the first attempt", steps)
-            num_examples = cfg.sampling.num_examples
+        saved = ctx.storage.read_text(RUN_PLAN)
+        saved = RunPlan.from_json(json.loads(saved)) if saved is not None else None
+        if charged_plan and saved is not None and saved.steps == charged_plan[0].count:  # a resumed run: the plan its first attempt made (and was admitted for)
+            run_plan = saved
+            log.info("resuming with the plan of the first attempt: %d steps, %d texts", run_plan.steps,
+                     run_plan.num_examples)
+        elif charged_plan:  # admitted by a version that kept no plan: its steps, the configured sizes
+            run_plan = RunPlan(charged_plan[0].count, cfg.sampling.num_examples, {})
+            log.info("resuming with the %d steps planned by the first attempt", run_plan.steps)
         else:
             prompts = label_prompts(cfg, ctx.tokenizer, ctx.splits.name, ctx.splits.labels)
             prompt = max(prompts.values(), key=len)
@@ -241,12 +246,13 @@ class TrainJob:
                 raise UserError(f"{e}; the DP length histogram that measured this stays charged "
                                 f"(ledger run {ctx.run.run_id}, closed)") from None
             log.info(run_plan.summary(cfg.training.time_budget))
-            steps, cut, num_examples = run_plan.steps, run_plan.cut, run_plan.num_examples
-            if cut:
-                log.warning(cut)
-        ctx.cfg = cfg.model_copy(update={
-            "training": cfg.training.model_copy(update={"steps": steps}),
-            "sampling": cfg.sampling.model_copy(update={"num_examples": num_examples})})
+            if run_plan.cut:
+                log.warning(run_plan.cut)
+            # kept before the DP-SGD plan is admitted, so that a resume runs exactly this plan (public: it is made
+            # from the DP length histogram and a probe of dummy tokens)
+            ctx.storage.write_text(RUN_PLAN, json.dumps(run_plan.to_json()))
+        steps = run_plan.steps
+        ctx.cfg = run_plan.applied_to(cfg)
         self.tp = plan_training(ctx.cfg, n, ctx.delta, steps=steps, releases=ctx.plan.releases)
         if charged_plan and self.tp.plan.events[-1] != charged_plan[0]:
             raise RuntimeError(f"run {ctx.run.run_id}: its admitted DP-SGD plan {charged_plan[0]} is not what this "
