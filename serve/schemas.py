@@ -15,7 +15,7 @@ class CorpusRequest(BaseModel):
     num_examples: int = Field(ge=1)
     label_mix: Literal["dp", "uniform"] | dict[str, float] | None = None
     """`dp` (the adapter's DP label histogram; the default when it has one), `uniform`, or {label: weight}."""
-    temperature: float = Field(1.0, gt=0.0, le=10.0)
+    temperature: float = Field(0.8, gt=0.0, le=10.0)  # sampling.temperature's default
     top_p: float = Field(0.95, gt=0.0, le=1.0)
     max_tokens: int | None = Field(None, ge=1)
     """Tokens per example; default: the adapter's own sampling length."""

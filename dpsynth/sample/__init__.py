@@ -93,19 +93,21 @@ def sample(run_dir: Path, params: SamplingConfig | None = None, *, show_progress
     log.info("sampling %d examples with the %s engine: %s%s", params.num_examples, engine, counts,
              f" (label sharpening: {sum(wanted.values())} candidates, keep rate {params.keep_rate:g})"
              if params.keep_rate < 1 else "")
-    model = tok = partial = None
+    model = tok = None
+    partial = partial_path(run_dir, cfg, prompts, wanted, params)  # its key names the engine too
     if engine == "vllm":
+        import dataclasses
+
         from .adapters import read_adapter
         from .batch import sample_ray_data
 
-        import dataclasses
-
         adapter = dataclasses.replace(read_adapter(run_dir), model=cfg.model)  # with --base where it was given
-        rows = sample_ray_data(adapter, wanted, params, show_progress=show_progress, schema=schema, stats=stats)
+        with graceful_stop() as stopped:  # Ctrl-C / SIGTERM: stop there, keep what is finished
+            rows = sample_ray_data(adapter, wanted, params, show_progress=show_progress, schema=schema, stats=stats,
+                                   partial=partial, stop=stopped)
     else:
         torch.manual_seed(params.seed)
         model, tok = load_adapter(run_dir, cfg.model)
-        partial = partial_path(run_dir, cfg, prompts, wanted, params)
         with graceful_stop() as stopped:  # Ctrl-C / SIGTERM: stop after the batch, keep what is finished
             rows = generate_corpus(FieldByField(TransformersEngine(model, tok), schema), prompts, wanted, params, show_progress,
                                    partial=partial, stop=stopped, schema=schema, stats=stats)
@@ -132,8 +134,7 @@ def sample(run_dir: Path, params: SamplingConfig | None = None, *, show_progress
         engine=engine, sampling=params.model_dump(mode="json"), sharpening=sharpening, created=now(),
         candidates_file=CANDIDATES if sharpening is not None else None, records=records)))
     release.commit(with_certificate=False)  # the manifest now lists the corpus; the run's certificate is unchanged
-    if partial is not None:
-        partial.unlink(missing_ok=True)  # the scratch of finished batches: the corpus is released, it is done
+    partial.unlink(missing_ok=True)  # the scratch of finished batches: the corpus is released, it is done
     return corpus
 
 

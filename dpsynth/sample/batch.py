@@ -1,7 +1,15 @@
-"""Bulk sampling as a Ray Data batch job: vLLM engine actors in `map_batches`, across the cluster.
+"""Bulk sampling on Ray's own LLM batch API: `ray.data.llm` (`vLLMEngineProcessorConfig` + `build_processor`).
 
-Each (label, index) job carries its own seed, so the corpus does not depend on how Ray
-splits the jobs into batches or over how many engine actors.
+Ray Data runs vLLM engine actors across the cluster; we hand it rows of (label, index, token-id prompt, sampling
+params with the job's own seed), so the corpus depends on neither how Ray splits the rows into batches nor over
+how many engine actors. Rows stream back as they finish and are kept in the owner-side scratch file (`partial`):
+an interrupted job continues where it stopped. A generation that is empty, or does not parse into the record's
+fields, is redrawn in a next pass with the next attempt's seed; a record of several text fields is written field by
+field, one pass per field (dpsynth.sample.fields). All of it is post-processing of the certified adapter.
+
+On a machine without GPUs the engine actors are placed on CPU bundles (Ray's default asks for a GPU and would
+never schedule); the prompts are sent as token ids with Ray's chat-template, tokenize and detokenize stages off,
+so the engine sees exactly the prefix training saw.
 """
 
 from __future__ import annotations
@@ -9,51 +17,42 @@ from __future__ import annotations
 import logging
 import os
 import time
+from collections.abc import Callable
+from pathlib import Path
 
 from dpsynth.config import SamplingConfig
+from dpsynth.interrupt import Interrupted
+from dpsynth.progress import progress_bar
 
 from .adapters import CertifiedAdapter, merged_model_dir
-from .corpus import accepts, example_seed, jobs_for
-from .engines import GenParams, prompt_ids
+from .corpus import PartialCorpus, accepts, example_seed, jobs_for
+from .engines import prompt_ids, stop_token_ids, vllm_engine_kwargs
+from .fields import cut, field_seed, opener
 
 log = logging.getLogger(__name__)
 
-
-class VLLMBatchSampler:
-    """A Ray Data actor holding one offline vLLM engine; turns batches of jobs into rows."""
-
-    def __init__(self, model_dir: str, tokenizer_dir: str, lora: tuple[str, str, int] | None, prompts: dict[str, str],
-                 params: GenParams, seed: int, dtype: str, max_model_len: int, max_num_seqs: int, max_attempts: int = 20,
-                 schema=None):
-        from transformers import AutoTokenizer
-
-        from .engines import VLLMEngine
-
-        tok = AutoTokenizer.from_pretrained(tokenizer_dir)
-        from .fields import FieldByField
-
-        engine = VLLMEngine(model_dir, tok, lora=lora, dtype=dtype, max_model_len=max_model_len, max_num_seqs=max_num_seqs)
-        self.engine = FieldByField(engine, schema) if schema is not None else engine
-        self.prompt_ids = {lab: prompt_ids(tok, p) for lab, p in prompts.items()}
-        self.params, self.seed, self.max_attempts, self.schema = params, seed, max_attempts, schema
-
-    def __call__(self, batch: dict) -> dict:
-        labels, index = [str(x) for x in batch["label"]], [int(x) for x in batch["index"]]
-        texts, tokens, drawn = [""] * len(labels), [0] * len(labels), [0] * len(labels)
-        todo = list(range(len(labels)))
-        for attempt in range(self.max_attempts):
-            gens = self.engine.generate_ids([self.prompt_ids[labels[i]] for i in todo], self.params,
-                                            [example_seed(self.seed, labels[i], index[i], attempt) for i in todo])
-            for i, g in zip(todo, gens):
-                texts[i], tokens[i], drawn[i] = g.text.strip(), tokens[i] + g.completion_tokens, drawn[i] + 1
-            todo = [i for i in todo if not accepts(self.schema, texts[i])]
-            if not todo:
-                return {"label": labels, "index": index, "text": texts, "tokens": tokens, "drawn": drawn}
-        raise RuntimeError(f"{len(todo)} jobs gave {self.max_attempts} unusable generations in a row (empty, or not "
-                           "parsing into the record's fields); the adapter may be broken")
+ENGINE_ENV = {"VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "2"), "VLLM_NO_USAGE_STATS": "1",
+              "VLLM_CPU_OMP_THREADS_BIND": os.environ.get("VLLM_CPU_OMP_THREADS_BIND", "nobind")}
+"""The engine actors' environment: vllm-cpu sizes its KV cache from VLLM_CPU_KVCACHE_SPACE (GiB) and refuses to
+guess; several engines on one node must not pin the same cores."""
 
 
-def _init_ray():
+def processor_config(adapter: CertifiedAdapter, params: SamplingConfig, *, model_source: str, lora: bool, gpus: int,
+                     max_model_len: int):
+    """The `vLLMEngineProcessorConfig` of one sampling job."""
+    from ray.data.llm import vLLMEngineProcessorConfig
+
+    kwargs = vllm_engine_kwargs(model_source, dtype=adapter.model.dtype, lora_ranks=[adapter.rank] if lora else None,
+                                max_model_len=max_model_len, max_num_seqs=params.batch_size, enforce_eager=False)
+    kwargs.pop("model")  # Ray's model_source
+    return vLLMEngineProcessorConfig(
+        model_source=model_source, engine_kwargs=kwargs, batch_size=params.batch_size, concurrency=params.replicas,
+        placement_group_config={"bundle_per_worker": {"GPU": 1} if gpus else {"CPU": 1}},
+        chat_template_stage=False, tokenize_stage=False, detokenize_stage=False, log_engine_metrics=False,
+        runtime_env={"env_vars": ENGINE_ENV})
+
+
+def _init_ray() -> bool:
     import ray
 
     if ray.is_initialized():
@@ -64,43 +63,91 @@ def _init_ray():
 
 
 def sample_ray_data(adapter: CertifiedAdapter, counts: dict[str, int], params: SamplingConfig, *,
-                    show_progress: bool = True, schema=None, stats: dict | None = None) -> list[dict]:
-    """Exactly counts[label] rows per label, ordered by label then index."""
+                    show_progress: bool = True, schema=None, stats: dict | None = None, partial: Path | None = None,
+                    stop: Callable[[], int | None] | None = None, max_attempts: int = 20) -> list[dict]:
+    """Exactly counts[label] rows per label, ordered by label then index (see the module docstring)."""
     import ray
+    from ray.data.llm import build_processor
 
     from dpsynth.models import cache_dir, resolve_base
 
-    if params.merge_lora:
-        model_dir, lora = str(merged_model_dir(adapter, cache_dir())), None
-    else:
-        model_dir, lora = resolve_base(adapter.model.base), (adapter.name, str(adapter.adapter_dir), adapter.rank)
+    from .online import _tokenizer
+
+    lora = not params.merge_lora
+    model_source = str(resolve_base(adapter.model.base)) if lora else str(merged_model_dir(adapter, cache_dir()))
+    tok = _tokenizer(adapter)
+    heads = {lab: prompt_ids(tok, p) for lab, p in adapter.prompts.items()}
+    fields = len(schema.text_columns) if schema is not None else 1
+    sampling = {"temperature": params.temperature, "top_p": params.top_p, "max_tokens": params.max_new_tokens,
+                "stop_token_ids": stop_token_ids(tok)}
+    scratch = PartialCorpus(partial) if partial is not None else None
+    done = {(r["label"], r["index"]): r for r in (scratch.rows if scratch else []) if "index" in r}
+    jobs = jobs_for(counts)
+    todo, resumed = [j for j in jobs if j not in done], len(done)
+    if done:
+        log.info("sampling resumes: %d of %d examples were kept in %s", len(done), len(jobs), partial)
     started = _init_ray()
+    drawn = 0
     try:
-        ctx = ray.data.DataContext.get_current()
-        ctx.enable_progress_bars = show_progress
+        ray.data.DataContext.get_current().enable_progress_bars = show_progress
         gpus = 1 if ray.cluster_resources().get("GPU") else 0
-        jobs = jobs_for(counts)
-        fields = len(schema.text_columns) if schema is not None else 1  # written field by field (fields.py)
-        ds = ray.data.from_items([{"label": lab, "index": i} for lab, i in jobs])
-        kwargs = dict(model_dir=model_dir, tokenizer_dir=str(adapter.adapter_dir), lora=lora, prompts=adapter.prompts,
-                      params=GenParams.of(params), seed=params.seed, dtype=adapter.model.dtype,
-                      max_model_len=adapter.model.max_length + params.max_new_tokens * fields + 16, max_num_seqs=params.batch_size,
-                      schema=schema)
-        log.info("Ray Data batch job: %d jobs, %d vLLM engine actor(s), %s", len(jobs), params.replicas,
-                 "merged weights" if lora is None else "LoRA")
-        out = ds.map_batches(VLLMBatchSampler, fn_constructor_kwargs=kwargs, batch_size=params.batch_size,
-                             concurrency=params.replicas, num_cpus=1, num_gpus=gpus)
-        t0 = time.monotonic()
-        rows = out.take_all()
+        config = processor_config(adapter, params, model_source=model_source, lora=lora, gpus=gpus,
+                                  max_model_len=adapter.model.max_length + params.max_new_tokens * fields + 16)
+        processor = build_processor(config)
+        log.info("Ray Data LLM batch job: %d jobs, %d vLLM engine actor(s) on %s, %s", len(todo), params.replicas,
+                 "GPU" if gpus else "CPU", "LoRA" if lora else "merged weights")
+        t0, tokens = time.monotonic(), 0
+        with progress_bar("sampling", total=len(jobs), enabled=show_progress, unit="tokens", completed=len(done),
+                          log_every=30.0) as advance:
+            for attempt in range(max_attempts):
+                if not todo:
+                    break
+                written: dict[tuple[str, int], str] = {j: "" for j in todo}
+                for k in range(fields):
+                    last = k == fields - 1
+                    if fields > 1:
+                        written = {j: w + opener(schema, k) for j, w in written.items()}
+                    rows = []
+                    for lab, i in todo:
+                        seed = example_seed(params.seed, lab, i, attempt)
+                        head = heads[lab] + (tok(written[(lab, i)], add_special_tokens=False).input_ids if fields > 1 else [])
+                        rows.append({"label": lab, "index": i, "tokenized_prompt": head,
+                                     "sampling_params": {**sampling, "seed": field_seed(seed, k) if fields > 1 else seed},
+                                     **({"model": str(adapter.adapter_dir)} if lora else {})})
+                    kept: list[dict] = []
+                    for out in processor(ray.data.from_items(rows)).iter_rows():
+                        job, text, used = (str(out["label"]), int(out["index"])), out["generated_text"] or "", int(out["num_generated_tokens"])
+                        written[job] = written[job] + (cut(schema, k, text) if fields > 1 else text)
+                        tokens += used
+                        if not last:
+                            continue
+                        drawn += 1
+                        if accepts(schema, written[job]):
+                            row = {"text": written[job].strip(), "label": job[0], "index": job[1]}
+                            done[job] = row
+                            kept.append(row)
+                            advance(job[0], 1, used)
+                        if scratch and len(kept) >= 32:
+                            scratch.append(kept)
+                            kept = []
+                        if stop is not None and (signum := stop()):
+                            if scratch and kept:
+                                scratch.append(kept)
+                            raise Interrupted(signum, f"sampling stopped after {len(done)} of {len(jobs)} examples"
+                                              + (f"; they are kept ({partial}): run the same command again to continue"
+                                                 if scratch else ""))
+                    if scratch and kept:
+                        scratch.append(kept)
+                todo = [j for j in todo if j not in done]
+            if todo:
+                raise RuntimeError(f"{len(todo)} jobs gave {max_attempts} unusable generations in a row (empty, or not "
+                                   "parsing into the record's fields); the adapter may be broken")
         took = time.monotonic() - t0
-        log.info("Ray Data batch job: %d rows, %d tokens in %.0f s (%.0f tokens/s, engine start-up included)", len(rows),
-                 sum(int(r["tokens"]) for r in rows), took, sum(int(r["tokens"]) for r in rows) / max(took, 1e-9))
+        log.info("Ray Data LLM batch job: %d rows, %d tokens in %.0f s (%.0f tokens/s, engine start-up included)",
+                 len(jobs), tokens, took, tokens / max(took, 1e-9))
     finally:
         if started:
             ray.shutdown()
-    if stats is not None:
-        stats["drawn"] = sum(int(r["drawn"]) for r in rows)
-        stats["rejected"] = stats["drawn"] - len(rows)
-    order = {lab: k for k, lab in enumerate(counts)}
-    rows.sort(key=lambda r: (order[r["label"]], r["index"]))
-    return [{"text": r["text"], "label": r["label"]} for r in rows]
+    if stats is not None:  # this call's draws, and how many of them were redrawn
+        stats["drawn"], stats["rejected"] = drawn, drawn - (len(done) - resumed)
+    return [{"text": done[j]["text"], "label": j[0]} for j in jobs]

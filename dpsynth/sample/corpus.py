@@ -81,6 +81,11 @@ def example_seed(seed: int, label: str, index: int, attempt: int = 0) -> int:
     return int.from_bytes(digest[:4], "little") & 0x7FFFFFFF
 
 
+def _kept(row: dict) -> dict:
+    """What a scratch row keeps: the text and label, and the job's index where the job has one (Ray Data)."""
+    return {"text": row["text"], "label": row["label"], **({"index": int(row["index"])} if "index" in row else {})}
+
+
 class PartialCorpus:
     """Owner-side scratch file of the candidates finished so far (JSONL), appended per batch with flush + fsync, so
     an interrupted sampling loses at most the batch it was in; the same sampling again continues from it."""
@@ -94,13 +99,13 @@ class PartialCorpus:
                     row = json.loads(line)
                 except json.JSONDecodeError:
                     break  # a batch cut short by a hard kill: drop it and everything after
-                self.rows.append({"text": row["text"], "label": row["label"]})
+                self.rows.append(_kept(row))
             atomic_write_text(self.path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in self.rows))
 
     def append(self, rows: list[dict]) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
         with open(self.path, "a", encoding="utf-8") as f:
-            f.write("".join(json.dumps({"text": r["text"], "label": r["label"]}, ensure_ascii=False) + "\n" for r in rows))
+            f.write("".join(json.dumps(_kept(r), ensure_ascii=False) + "\n" for r in rows))
             f.flush()
             os.fsync(f.fileno())
 
