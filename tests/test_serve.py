@@ -383,6 +383,52 @@ def test_sample_with_vllm_runs_as_a_ray_data_job(runs):
     assert cert["corpus"]["engine"] == "vllm" and cert["corpus"]["examples"] == 30
 
 
+@pytest.mark.slow
+def test_the_ray_data_llm_job_resumes_after_a_stop_and_makes_the_uninterrupted_corpus(runs, tmp_path):
+    """ray.data.llm rows stream into the owner-side scratch as they finish: stopped, the same job continues after
+    them (each job its own seed), and the corpus is the one an uninterrupted job makes."""
+    from dpsynth.interrupt import Interrupted
+    from dpsynth.sample.adapters import read_adapter
+    from dpsynth.sample.batch import sample_ray_data
+
+    adapter = read_adapter(runs["dirs"]["alpha"])
+    params = SamplingConfig(engine="vllm", num_examples=24, max_new_tokens=6, batch_size=4, seed=3)
+    counts = {"neg": 10, "pos": 14}
+    stats: dict = {}
+    whole = sample_ray_data(adapter, counts, params, show_progress=False, stats=stats)
+    assert [r["label"] for r in whole] == ["neg"] * 10 + ["pos"] * 14 and all(r["text"] for r in whole)
+    assert stats["drawn"] - stats["rejected"] == 24
+    partial, calls = tmp_path / "owner" / "sampling" / "k.partial.jsonl", [0]
+
+    def stop():
+        calls[0] += 1
+        return signal.SIGINT if calls[0] >= 9 else None
+
+    with pytest.raises(Interrupted) as stopped:
+        sample_ray_data(adapter, counts, params, show_progress=False, partial=partial, stop=stop)
+    assert "run the same command again" in str(stopped.value)
+    kept = [json.loads(line) for line in partial.read_text().splitlines()]
+    assert 0 < len(kept) < 24 and all({"text", "label", "index"} <= set(r) for r in kept)
+    again: dict = {}
+    assert sample_ray_data(adapter, counts, params, show_progress=False, partial=partial, stats=again) == whole
+    assert again["drawn"] - again["rejected"] == 24 - len(kept)  # only what was missing was drawn
+
+
+@pytest.mark.slow
+def test_the_ray_data_llm_job_writes_records_field_by_field(runs):
+    from dpsynth.sample import load_run_config, sample
+
+    run_dir = runs["tickets"]
+    params = load_run_config(run_dir).sampling.model_copy(update={"engine": "vllm", "num_examples": 8,
+                                                                  "max_new_tokens": 6, "keep_rate": 1.0})
+    path = sample(run_dir, params, show_progress=False)
+    rows = [json.loads(line) for line in path.read_text().splitlines()]
+    assert len(rows) == 8 and all(set(r) == {"subject", "body", "queue", "priority"} for r in rows)
+    assert all(r["subject"] or r["body"] for r in rows)
+    corpus = json.loads((run_dir / "synthetic.jsonl.certificate.json").read_text())["corpus"]
+    assert corpus["engine"] == "vllm" and corpus["records"]["drawn"] >= 8
+
+
 def test_vllm_missing_is_a_one_line_error_and_transformers_still_samples(runs):
     run_dir = runs["dirs"]["alpha"]
     code = (

@@ -118,14 +118,13 @@ class VLLMVoter(_Rows):
     def __init__(self, model_dir: str, tok, template: str, dataset: str, max_length: int, *, max_model_len: int,
                  max_num_seqs: int, dtype: str = "float32", block_size: int = 32, enforce_eager: bool = False,
                  prefixes: dict[str, str] | None = None):
-        from dpsynth.sample.engines import require_vllm, vllm_engine_kwargs
+        from dpsynth.sample.engines import VLLMEngine
 
         super().__init__(tok, template, dataset, max_length, prefixes)
-        vllm = require_vllm()
-        kw = vllm_engine_kwargs(model_dir, dtype=dtype, lora_ranks=None, max_model_len=max_model_len,
-                                max_num_seqs=max_num_seqs, enforce_eager=enforce_eager)
-        self.llm = vllm.LLM(**kw, max_logprobs=-1, logprobs_mode="raw_logits", enable_prefix_caching=True,
-                            block_size=block_size)
+        self.engine = VLLMEngine(model_dir, tok, dtype=dtype, max_model_len=max_model_len, max_num_seqs=max_num_seqs,
+                                 enforce_eager=enforce_eager, extra=dict(max_logprobs=-1, logprobs_mode="raw_logits",
+                                                                         enable_prefix_caching=True, block_size=block_size))
+        self.llm, vllm = self.engine.llm, self.engine.vllm
         self.vocab = self.llm.llm_engine.model_config.get_vocab_size()
         self._params = vllm.SamplingParams(max_tokens=1, temperature=0.0, logprobs=-1, flat_logprobs=True,
                                            detokenize=False)
@@ -156,7 +155,7 @@ class VLLMVoter(_Rows):
         return logits
 
     def close(self) -> None:
-        self.llm.llm_engine.engine_core.shutdown()  # its engine process and KV cache, now rather than at exit
+        self.engine.close()  # its engine process and KV cache, now rather than at exit
 
 
 def make_voter(cfg: JobConfig, splits: Splits) -> tuple[GroupVoter | VLLMVoter, dict]:

@@ -236,17 +236,20 @@ class TransformersEngine:
 
 
 class VLLMEngine:
-    """Offline vLLM (`vllm.LLM`) over one adapter: LoRA on the base, or the adapter merged into it."""
+    """Offline vLLM (`vllm.LLM`) over one adapter: LoRA on the base, or the adapter merged into it. The one offline
+    vLLM wrapper: the in-context voter holds one too; bulk sampling runs on ray.data.llm (sample/batch.py)."""
 
     name = "vllm"
 
     def __init__(self, model_dir: str, tokenizer, *, lora: tuple[str, str, int] | None = None, dtype: str = "float32",
-                 max_model_len: int = 512, max_num_seqs: int = 256, enforce_eager: bool = False):
+                 max_model_len: int = 512, max_num_seqs: int = 256, enforce_eager: bool = False,
+                 extra: dict | None = None):
+        """`extra`: more engine arguments (the in-context voter's raw-logits mode and prefix caching)."""
         vllm = require_vllm()
         self.vllm, self.tok, self.stop_ids = vllm, tokenizer, stop_token_ids(tokenizer)
         self.llm = vllm.LLM(**vllm_engine_kwargs(model_dir, dtype=dtype, lora_ranks=[lora[2]] if lora else None,
                                                  max_model_len=max_model_len, max_num_seqs=max_num_seqs,
-                                                 enforce_eager=enforce_eager))
+                                                 enforce_eager=enforce_eager), **(extra or {}))
         self.lora = None
         if lora:
             from vllm.lora.request import LoRARequest

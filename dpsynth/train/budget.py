@@ -26,9 +26,10 @@ FIXED_OVERHEAD_S = 45.0
 """Ray start, model loads, checkpoints and the certificate: measured on the demo, rounded up."""
 EVAL_FIXED_S = 120.0
 """Classifiers, MAUVE and the DP-SGD baseline of the default evaluation (demo, 2-core VM: 126 s), rounded down."""
-ATTACK_PASSES = 40
-"""Forward passes per attack example (loss attack with and without the adapter, per-unit scoring, canaries): the
-demo's audit took 187 s for 128 examples, about this many passes of its probe's scoring speed."""
+ATTACK_PASSES = 6
+"""Forward passes per attack example in `dpsynth run`'s audit: the loss attack scores the records of attack_examples
+member and as many non-member units, each with and without the adapter (4), and the corpus attacks embed them (~2).
+Measured on SMS (2-core VM): 14.6 s for 128 + 128 units. (`dpsynth audit`'s canaries are not part of a run.)"""
 STEP_OVERHEAD = 1.2
 """A real step over the probe's forward/backward: Poisson batch size spread, clipping, noise, the optimizer."""
 MIN_CORPUS = 100

@@ -245,7 +245,9 @@ class TrainJob:
                 ctx.run.abandon()
                 raise UserError(f"{e}; the DP length histogram that measured this stays charged "
                                 f"(ledger run {ctx.run.run_id}, closed)") from None
-            log.info(run_plan.summary(cfg.training.time_budget))
+            log.info("%s (probe: a DP step %.1f s, generation %.0f tokens/s, scoring %.0f tokens/s)",
+                     run_plan.summary(cfg.training.time_budget), speeds.step_s, speeds.generate_tokens_per_s,
+                     speeds.score_tokens_per_s)
             if run_plan.cut:
                 log.warning(run_plan.cut)
             # kept before the DP-SGD plan is admitted, so that a resume runs exactly this plan (public: it is made
