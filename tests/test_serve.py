@@ -415,12 +415,12 @@ def test_the_ray_data_llm_job_resumes_after_a_stop_and_makes_the_uninterrupted_c
 
 
 @pytest.mark.slow
-def test_the_ray_data_llm_job_writes_records_field_by_field(runs):
+def test_the_ray_data_llm_job_writes_records_field_by_field_with_the_lora_on_the_base(runs):
     from dpsynth.sample import load_run_config, sample
 
     run_dir = runs["tickets"]
-    params = load_run_config(run_dir).sampling.model_copy(update={"engine": "vllm", "num_examples": 8,
-                                                                  "max_new_tokens": 6, "keep_rate": 1.0})
+    params = load_run_config(run_dir).sampling.model_copy(update={"engine": "vllm", "num_examples": 8, "max_new_tokens": 6,
+                                                                  "keep_rate": 1.0, "merge_lora": False})  # LoRA rows
     path = sample(run_dir, params, show_progress=False)
     rows = [json.loads(line) for line in path.read_text().splitlines()]
     assert len(rows) == 8 and all(set(r) == {"subject", "body", "queue", "priority"} for r in rows)
