@@ -286,3 +286,28 @@ def test_zero_shot_corpus_from_the_base_model_is_uniform_and_cached(tiny_model_d
     floor = zero_shot_corpus(tmp_path / "zs2.jsonl", base, "toy", ["neg", "pos"], 6, None, SamplingConfig(
         max_new_tokens=6, batch_size=6, keep_rate=0.5))
     assert len(floor) == 6 and json.loads((tmp_path / "zs2.meta.json").read_text())["prompt"] == base.model_dump(mode="json")
+
+
+def test_an_interrupted_zero_shot_corpus_continues_from_its_finished_batches(tiny_model_dir, tmp_path):
+    import signal
+
+    from dpsynth.config import ModelConfig, SamplingConfig
+    from dpsynth.evaluate.corpora import zero_shot_corpus
+    from dpsynth.interrupt import Interrupted
+
+    params = SamplingConfig(max_new_tokens=6, batch_size=2, keep_rate=1.0)
+    base = ModelConfig(base=tiny_model_dir, max_length=64)
+    args = (base, "toy", ["neg", "pos"], 8, "A {label} text from {dataset}:\n", params)
+    whole = zero_shot_corpus(tmp_path / "whole.jsonl", *args)
+    calls = [0]
+
+    def stop():
+        calls[0] += 1
+        return signal.SIGTERM if calls[0] > 3 else None
+
+    with pytest.raises(Interrupted):
+        zero_shot_corpus(tmp_path / "zs.jsonl", *args, stop=stop)
+    (partial,) = tmp_path.glob("zs.*.partial.jsonl")
+    assert 0 < len(partial.read_text().splitlines()) < 8 and not (tmp_path / "zs.jsonl").exists()
+    assert zero_shot_corpus(tmp_path / "zs.jsonl", *args) == whole  # continued: the uninterrupted corpus
+    assert not list(tmp_path.glob("zs.*.partial.jsonl"))

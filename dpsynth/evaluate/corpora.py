@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 from pathlib import Path
@@ -51,12 +52,13 @@ def split_counts(labels: list[str], total: int) -> dict[str, int]:
 
 def zero_shot_corpus(path: Path, model_cfg, dataset: str, labels: list[str], n: int, prompt: str | None,
                      params: SamplingConfig, show_progress: bool = False, description: str | None = None,
-                     schema: RecordSchema | None = None) -> list[Example]:
+                     schema: RecordSchema | None = None, stop=None) -> list[Example]:
     """`n` texts (uniform over labels) from the public base model with no adapter (Kurakin et al. 2023's floor),
     through the same generation and label sharpening as the DP corpus, the base model doing the scoring. `prompt`:
     a template with {dataset} and {label}; None = the run's own Prefix-LM prefix. No private data is read, only
     the dataset name and label names (public, as for the generator). Cached at `path` with the settings that
-    made it."""
+    made it; while it is made, finished batches are kept beside it (keyed by those settings), so an interrupted
+    evaluation continues it (`stop`: as generate_corpus's)."""
     from dpsynth.data import format_prefix
     from dpsynth.models import load_base
     from dpsynth.sample import TransformersEngine, generate_corpus
@@ -81,11 +83,14 @@ def zero_shot_corpus(path: Path, model_cfg, dataset: str, labels: list[str], n: 
     from dpsynth.sample.fields import FieldByField
 
     engine = TransformersEngine(model, tok) if schema is None else FieldByField(TransformersEngine(model, tok), schema)
+    key = hashlib.sha256(json.dumps(meta, sort_keys=True).encode()).hexdigest()[:16]
+    partial = path.with_name(f"{path.stem}.{key}.partial.jsonl")
     rows = generate_corpus(engine, prompts,
                            {lab: candidates_needed(c, params.keep_rate) for lab, c in counts.items()}, params, show_progress,
-                           schema=schema)
+                           schema=schema, partial=partial, stop=stop)
     if params.keep_rate < 1:
         rows, _ = sharpen(model, tok, rows, counts, prompts, {lab: 1.0 for lab in labels}, model_cfg.max_length)
     atomic_write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
     atomic_write_json(meta_path, meta)
+    partial.unlink(missing_ok=True)
     return [Example(r["text"], r["label"]) for r in rows]
