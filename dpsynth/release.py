@@ -34,7 +34,9 @@ FORMAT = 1
 
 PUBLIC = {
     "labels.json": "the label set, declared public by the data owner (the classes a corpus is conditioned on)",
-    "config.yaml": "the job config without local paths: chosen by the owner, not computed from the data",
+    "config.yaml": ("the job config without local paths: the owner's choices, plus what a run planned from released "
+                    "facts only (lengths and, with steps: auto, steps and corpus and evaluation sizes: from the DP "
+                    "length histogram and a probe of dummy tokens)"),
 }
 """The only files a job may declare public, and why they are."""
 

@@ -52,6 +52,15 @@ def test_a_run_far_over_its_budget_is_refused_naming_the_key():
         plan_run(cfg, Speeds(190.0, 20.0, 500.0), prompt_tokens=40, text_tokens=600, labels=9, new_tokens=1536)
 
 
+def test_the_plan_reads_the_machine_speed_on_a_coarse_grid():
+    from dpsynth.train.budget import coarse
+
+    a, b = coarse(Speeds(5.20, 92.0, 2346.0)), coarse(Speeds(5.35, 94.0, 2400.0))
+    assert a == b  # a few percent of timing noise within a grid cell moves no planned step
+    assert coarse(Speeds(5.4, 92.0, 2346.0)).step_s == pytest.approx(5.4, rel=0.05)
+    assert coarse(Speeds(10.8, 92.0, 2346.0)).step_s == pytest.approx(2 * a.step_s)  # a real difference stays
+
+
 def test_expected_length_reads_the_dp_histogram():
     assert mean_text_tokens({"16": 0.5, "32": 0.5}, 100) == pytest.approx(0.5 * 12 + 0.5 * 28)
     assert mean_text_tokens({"1024": 1.0}, 200) == 200  # capped by what max_length leaves
@@ -96,6 +105,12 @@ def test_a_tight_budget_cuts_the_evaluation_after_the_corpus_and_says_so():
     assert (ran.training.steps, ran.sampling.num_examples) == (plan.steps, 100)
     assert (ran.evaluation.zero_shot_examples, ran.evaluation.attack_examples) == (50, plan.attack_examples)
     assert RunPlan.from_json(json.loads(json.dumps(plan.to_json()))) == plan  # kept for a resume, as it was
+    assert RunPlan.from_json({"steps": 40}) is None  # not a plan this version wrote: the resume keeps its steps only
+    # resumed with a bigger corpus asked for: the steps stay (they were admitted), that size is the command's now
+    asked = cfg.model_copy(update={"sampling": cfg.sampling.model_copy(update={"num_examples": 2000})})
+    resumed = plan.applied_to(asked)
+    assert (resumed.training.steps, resumed.sampling.num_examples) == (plan.steps, 2000)
+    assert resumed.evaluation.zero_shot_examples == 50  # what it still asks for keeps the cut
     roomy = plan_run(load_config(None, ["training.time_budget=5h"]), speeds, prompt_tokens=40, text_tokens=200, labels=5,
                      new_tokens=192)
     assert roomy.cut is None and roomy.applied_to(cfg).evaluation == cfg.evaluation  # nothing cut where it fits

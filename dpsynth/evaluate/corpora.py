@@ -92,5 +92,6 @@ def zero_shot_corpus(path: Path, model_cfg, dataset: str, labels: list[str], n: 
         rows, _ = sharpen(model, tok, rows, counts, prompts, {lab: 1.0 for lab in labels}, model_cfg.max_length)
     atomic_write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
     atomic_write_json(meta_path, meta)
-    partial.unlink(missing_ok=True)
+    for stale in path.parent.glob(f"{path.stem}.*.partial.jsonl"):  # this one, and any left by other settings
+        stale.unlink(missing_ok=True)
     return [Example(r["text"], r["label"]) for r in rows]

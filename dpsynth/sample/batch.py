@@ -86,6 +86,10 @@ def sample_ray_data(adapter: CertifiedAdapter, counts: dict[str, int], params: S
     todo, resumed = [j for j in jobs if j not in done], len(done)
     if done:
         log.info("sampling resumes: %d of %d examples were kept in %s", len(done), len(jobs), partial)
+    def interrupted(signum: int) -> Interrupted:
+        return Interrupted(signum, f"sampling stopped after {len(done)} of {len(jobs)} examples" + (
+            f"; they are kept ({partial}): run the same command again to continue" if scratch else ""))
+
     started = _init_ray()
     drawn = 0
     try:
@@ -119,6 +123,8 @@ def sample_ray_data(adapter: CertifiedAdapter, counts: dict[str, int], params: S
                         job, text, used = (str(out["label"]), int(out["index"])), out["generated_text"] or "", int(out["num_generated_tokens"])
                         written[job] = written[job] + (cut(schema, k, text) if fields > 1 else text)
                         tokens += used
+                        if stop is not None and not last and (signum := stop()):
+                            raise interrupted(signum)
                         if not last:
                             continue
                         drawn += 1
@@ -133,9 +139,7 @@ def sample_ray_data(adapter: CertifiedAdapter, counts: dict[str, int], params: S
                         if stop is not None and (signum := stop()):
                             if scratch and kept:
                                 scratch.append(kept)
-                            raise Interrupted(signum, f"sampling stopped after {len(done)} of {len(jobs)} examples"
-                                              + (f"; they are kept ({partial}): run the same command again to continue"
-                                                 if scratch else ""))
+                            raise interrupted(signum)
                     if scratch and kept:
                         scratch.append(kept)
                 todo = [j for j in todo if j not in done]

@@ -62,29 +62,55 @@ class RunPlan:
     zero_shot_examples: int | None = None
     attack_examples: int | None = None
     """The evaluation's sizes where they were cut (None: as configured)."""
+    planned_from: dict | None = None
+    """The configured sizes this plan cut from: a resume keeps a cut only where the command still asks for them."""
 
-    def to_json(self) -> dict:
-        return {"steps": self.steps, "num_examples": self.num_examples, "estimates_s": self.estimates_s,
-                "cut": self.cut, "zero_shot_examples": self.zero_shot_examples, "attack_examples": self.attack_examples}
-
-    @classmethod
-    def from_json(cls, d: dict) -> RunPlan:
-        return cls(**d)
-
-    def applied_to(self, cfg: JobConfig) -> JobConfig:
-        """The config this plan runs: its steps, and the corpus and evaluation sizes it cut to."""
-        ev = {k: v for k, v in (("zero_shot_examples", self.zero_shot_examples),
-                                ("attack_examples", self.attack_examples)) if v is not None}
-        return cfg.model_copy(update={
-            "training": cfg.training.model_copy(update={"steps": self.steps}),
-            "sampling": cfg.sampling.model_copy(update={"num_examples": self.num_examples}),
-            "evaluation": cfg.evaluation.model_copy(update=ev)})
+    SIZES = (("sampling", "num_examples"), ("evaluation", "zero_shot_examples"), ("evaluation", "attack_examples"))
 
     def summary(self, budget_s: float) -> str:
         parts = ", ".join(f"{k} {v / 60:.1f} min" for k, v in self.estimates_s.items())
         total = sum(self.estimates_s.values())
         return (f"run plan: {self.steps} DP steps; estimated {parts}; total {total / 60:.1f} min of "
                 f"training.time_budget {budget_s / 60:.1f} min" + (f"; {self.cut}" if self.cut else ""))
+
+    def to_json(self) -> dict:
+        return {"steps": self.steps, "num_examples": self.num_examples, "estimates_s": self.estimates_s,
+                "cut": self.cut, "zero_shot_examples": self.zero_shot_examples, "attack_examples": self.attack_examples,
+                "planned_from": self.planned_from}
+
+    @classmethod
+    def from_json(cls, d: dict) -> RunPlan | None:
+        """The kept plan, or None where it is not one this version wrote (then a resume keeps only its steps)."""
+        try:
+            return cls(**{k: d[k] for k in ("steps", "num_examples", "estimates_s", "cut", "zero_shot_examples",
+                                            "attack_examples", "planned_from")})
+        except (KeyError, TypeError):
+            return None
+
+    def applied_to(self, cfg: JobConfig) -> JobConfig:
+        """The config this plan runs: its steps, and the sizes it cut where cfg still has the ones it cut from."""
+        planned = {"num_examples": self.num_examples, "zero_shot_examples": self.zero_shot_examples,
+                   "attack_examples": self.attack_examples}
+        update: dict[str, dict] = {"training": {"steps": self.steps}, "sampling": {}, "evaluation": {}}
+        for section, key in self.SIZES:
+            now = getattr(getattr(cfg, section), key)
+            if planned[key] is not None and (self.planned_from is None or self.planned_from.get(key) == now):
+                update[section][key] = planned[key]
+            elif planned[key] is not None and planned[key] != self.planned_from.get(key):  # a cut it no longer asks for
+                log.warning("%s.%s: the command now asks for %s; the kept plan had cut %s to %s", section, key, now,
+                            self.planned_from.get(key), planned[key])
+        return cfg.model_copy(update={name: getattr(cfg, name).model_copy(update=values)
+                                      for name, values in update.items()})
+
+
+def coarse(speeds: Speeds) -> Speeds:
+    """The probe's speeds on a grid of 2^(1/8) (about 9 %): what the plan (hence the released step count) reads of
+    a wall-clock measurement is the machine's speed class; the few percent that the machine's state after reading
+    the private data (caches, clocks) might move it changes the plan only across a grid line."""
+    def q(x: float) -> float:
+        return 2.0 ** (round(math.log2(max(x, 1e-9)) * 8) / 8)
+
+    return Speeds(q(speeds.step_s), q(speeds.generate_tokens_per_s), q(speeds.score_tokens_per_s))
 
 
 def probe(cfg_json: dict, prompt: str, tokens: int, batch: int) -> Speeds:
@@ -196,7 +222,9 @@ def plan_run(cfg: JobConfig, speeds: Speeds, *, prompt_tokens: int, text_tokens:
     estimates = {"training": steps * speeds.step_s, **rest, "start-up": FIXED_OVERHEAD_S}
     plan = RunPlan(steps, num_examples, estimates, cut,
                    zero_shot_examples=sizes["zero_shot_examples"] if sizes["zero_shot_examples"] != ev.zero_shot_examples else None,
-                   attack_examples=sizes["attack_examples"] if sizes["attack_examples"] != ev.attack_examples else None)
+                   attack_examples=sizes["attack_examples"] if sizes["attack_examples"] != ev.attack_examples else None,
+                   planned_from={"num_examples": s.num_examples, "zero_shot_examples": ev.zero_shot_examples,
+                                 "attack_examples": ev.attack_examples})
     if sum(estimates.values()) > OVER_BUDGET * budget:
         from dpsynth.errors import UserError
 

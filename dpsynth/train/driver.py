@@ -211,14 +211,18 @@ class TrainJob:
     def extend(self, ctx) -> tuple:
         """steps: auto: probe (public dummy tokens), plan the run to training.time_budget, calibrate sigma to it."""
         from dpsynth.prompts import label_prompts
-        from dpsynth.train.budget import PROBE_BATCH, RUN_PLAN, STEP_OVERHEAD, RunPlan, mean_text_tokens, plan_run, probe_on_ray
+        from dpsynth.train.budget import (PROBE_BATCH, RUN_PLAN, STEP_OVERHEAD, RunPlan, coarse, mean_text_tokens, plan_run,
+                                          probe_on_ray)
 
         if self.tp is not None:
             return ()
         cfg, n = ctx.cfg, len(ctx.splits.train_units())
         charged_plan = [e for e in ctx.run.planned() if isinstance(e, SampledGaussian)]
         saved = ctx.storage.read_text(RUN_PLAN)
-        saved = RunPlan.from_json(json.loads(saved)) if saved is not None else None
+        try:
+            saved = RunPlan.from_json(json.loads(saved)) if saved is not None else None
+        except ValueError:  # cut short by a kill mid-write: as if none was kept
+            saved = None
         if charged_plan and saved is not None and saved.steps == charged_plan[0].count:  # a resumed run: the plan its first attempt made (and was admitted for)
             run_plan = saved
             log.info("resuming with the plan of the first attempt: %d steps, %d texts", run_plan.steps,
@@ -235,8 +239,8 @@ class TrainJob:
             probe_batch = min(cfg.training.batch_size, PROBE_BATCH)
             speeds = probe_on_ray(cfg, prompt, int(cfg.model.max_length), probe_batch)
             scale = cfg.training.batch_size / probe_batch / cfg.scaling.num_workers
-            speeds = type(speeds)(speeds.step_s * max(1.0, scale) * STEP_OVERHEAD, speeds.generate_tokens_per_s,
-                                  speeds.score_tokens_per_s)
+            speeds = coarse(type(speeds)(speeds.step_s * max(1.0, scale) * STEP_OVERHEAD, speeds.generate_tokens_per_s,
+                                         speeds.score_tokens_per_s))
             new_tokens = cfg.sampling.max_new_tokens if isinstance(cfg.sampling.max_new_tokens, int) else ctx.lengths.text_tokens
             try:
                 run_plan = plan_run(cfg, speeds, prompt_tokens=prompt_tokens, text_tokens=text,
