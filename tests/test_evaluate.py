@@ -198,6 +198,20 @@ def test_verdict_reads_the_synthetic_accuracy_against_its_baselines(synthetic, z
     assert f"{synthetic:.3f}" in v["text"]
 
 
+def test_a_signal_only_another_classifier_finds_is_said_beside_the_primary_verdict():
+    from dpsynth.evaluate.utility import across_classifiers, verdict
+
+    # the Rotten Tomatoes run of 2026-12-01: TF-IDF at the majority rate, MiniLM +0.067 above it on 1,272 texts
+    utility = {"tfidf_logreg": {"synthetic": {"accuracy": 0.604}, "zero_shot": {"accuracy": 0.508}},
+               "minilm_logreg": {"synthetic": {"accuracy": 0.668}, "zero_shot": {"accuracy": 0.426}}}
+    primary = verdict(0.604, 1272, 0.601, 0.508, 0.663)
+    v = across_classifiers(primary, utility, "tfidf_logreg", 1272, 0.601)
+    assert v["level"] == "no_signal" and v["by_classifier"] == {"tfidf_logreg": "no_signal", "minilm_logreg": "signal"}
+    assert v["text"].startswith(primary["text"]) and "but minilm_logreg: label signal: synthetic 0.668" in v["text"]
+    flat = {**utility, "minilm_logreg": {"synthetic": {"accuracy": 0.61}}}  # within noise: nothing added
+    assert across_classifiers(primary, flat, "tfidf_logreg", 1272, 0.601)["text"] == primary["text"]
+
+
 # ---------------------------------------------------------------- verbatim overlap: linear in the words
 
 

@@ -25,7 +25,7 @@ from dpsynth.evaluate.audit import privacy_audit
 from dpsynth.evaluate.classifiers import Context, metrics, predict
 from dpsynth.evaluate.corpora import find_corpus, read_corpus, zero_shot_corpus
 from dpsynth.evaluate.embed import Embedder
-from dpsynth.evaluate.utility import (SOURCES, genre_verdict, majority_class, subset, tuning_rank_correlation,
+from dpsynth.evaluate.utility import (SOURCES, across_classifiers, genre_verdict, majority_class, subset, tuning_rank_correlation,
                                       utility_table, verdict)
 from dpsynth.io import atomic_write_json
 from dpsynth.records import RecordSchema
@@ -296,8 +296,9 @@ def evaluate(run_dir: Path, ev: EvaluationConfig | None = None, *, show_progress
     if sharpening:
         result["sharpening"] = sharpening
     dp_direct = utility[ev.classifier].get("dp_real", {}).get("accuracy")
-    result["verdict"] = genre_verdict(verdict(result["synthetic"]["accuracy"], len(test), majority["accuracy"],
-                                              result["baselines"].get("zero_shot", {}).get("accuracy"), dp_direct),
+    primary = verdict(result["synthetic"]["accuracy"], len(test), majority["accuracy"],
+                      result["baselines"].get("zero_shot", {}).get("accuracy"), dp_direct)
+    result["verdict"] = genre_verdict(across_classifiers(primary, utility, ev.classifier, len(test), majority["accuracy"]),
                                       genre, ev.out_of_genre_threshold)
     log.info("verdict: %s", result["verdict"]["text"])
     if ev.tuning:

@@ -126,6 +126,23 @@ def verdict(synthetic: float, test_examples: int, majority: float, zero_shot: fl
                                              f"real data {dp_direct:.3f} at the same epsilon")}
 
 
+def across_classifiers(primary: dict, utility: dict, classifier: str, test_examples: int, majority: float) -> dict:
+    """The primary classifier's verdict, with every other classifier's level beside it (`by_classifier`), and its
+    line when that classifier finds a label signal the primary one does not: a corpus that carries the labels in
+    what an embedding sees, not in its words, still carries them (each is judged against the same majority rate
+    and noise bound; the zero-shot and DP-direct comparisons stay the primary's)."""
+    out = {**primary, "by_classifier": {classifier: primary["level"]}}
+    for name, table in utility.items():
+        if name == classifier or "synthetic" not in table:
+            continue
+        other = verdict(table["synthetic"]["accuracy"], test_examples, majority,
+                        (table.get("zero_shot") or {}).get("accuracy"))
+        out["by_classifier"][name] = other["level"]
+        if primary["level"] == "no_signal" and other["level"] != "no_signal":
+            out["text"] += f"; but {name}: {other['text']}"
+    return out
+
+
 def genre_verdict(accuracy_verdict: dict, out_of_genre: dict | None, threshold: float) -> dict:
     """The verdict, overridden by "out of genre" when more than `threshold` of the synthetic texts look like code or
     markup where the real texts do not (fidelity.out_of_genre), whatever the accuracy: such a corpus is not the
