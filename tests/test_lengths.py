@@ -68,6 +68,16 @@ def test_auto_lengths_are_capped_by_the_model_context():
     assert resolved.model.max_length == 512 and resolved.sampling.max_new_tokens == 506
 
 
+def test_auto_new_tokens_never_exceed_the_texts_a_fixed_max_length_trained_on():
+    # long documents cut to 128 tokens: the model never saw their ends, so sampling stops where training did
+    cfg = load_config(None, ["model.max_length=128", "sampling.max_new_tokens=auto"])
+    resolved, lengths = resolve(cfg, ["w " * 600], _Tok(), prefix_tokens=39, distribution={"2048": 1.0}, context=8192)
+    assert resolved.model.max_length == 128 and resolved.sampling.max_new_tokens == 128 - 39 == lengths.text_tokens
+    roomy = load_config(None, ["model.max_length=4096", "sampling.max_new_tokens=auto"])
+    resolved, _ = resolve(roomy, ["w " * 10], _Tok(), prefix_tokens=39, distribution={"32": 1.0}, context=8192)
+    assert resolved.sampling.max_new_tokens == 32  # the DP covering length where the cut is longer
+
+
 def test_auto_needs_a_released_histogram():
     with pytest.raises(ValueError, match="released length histogram"):
         resolve(load_config(None, ["model.max_length=auto"]), ["w"], _Tok(), 6, None, 512)
