@@ -121,10 +121,10 @@ class VLLMVoter(_Rows):
         from dpsynth.sample.engines import VLLMEngine
 
         super().__init__(tok, template, dataset, max_length, prefixes)
-        self.engine = VLLMEngine(model_dir, tok, dtype=dtype, max_model_len=max_model_len, max_num_seqs=max_num_seqs,
-                                 enforce_eager=enforce_eager, extra=dict(max_logprobs=-1, logprobs_mode="raw_logits",
-                                                                         enable_prefix_caching=True, block_size=block_size))
-        self.llm, vllm = self.engine.llm, self.engine.vllm
+        self.offline = VLLMEngine(model_dir, tok, dtype=dtype, max_model_len=max_model_len, max_num_seqs=max_num_seqs,
+                                  enforce_eager=enforce_eager, extra=dict(max_logprobs=-1, logprobs_mode="raw_logits",
+                                                                          enable_prefix_caching=True, block_size=block_size))
+        self.llm, vllm = self.offline.llm, self.offline.vllm
         self.vocab = self.llm.llm_engine.model_config.get_vocab_size()
         self._params = vllm.SamplingParams(max_tokens=1, temperature=0.0, logprobs=-1, flat_logprobs=True,
                                            detokenize=False)
@@ -155,7 +155,7 @@ class VLLMVoter(_Rows):
         return logits
 
     def close(self) -> None:
-        self.engine.close()  # its engine process and KV cache, now rather than at exit
+        self.offline.close()  # its engine process and KV cache, now rather than at exit
 
 
 def make_voter(cfg: JobConfig, splits: Splits) -> tuple[GroupVoter | VLLMVoter, dict]:
