@@ -16,7 +16,7 @@ import logging
 import math
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, fields
 
 from dpsynth.config import JobConfig
 
@@ -77,16 +77,13 @@ class RunPlan:
                 f"training.time_budget {budget_s / 60:.1f} min" + (f"; {self.cut}" if self.cut else ""))
 
     def to_json(self) -> dict:
-        return {"steps": self.steps, "num_examples": self.num_examples, "estimates_s": self.estimates_s,
-                "cut": self.cut, "zero_shot_examples": self.zero_shot_examples, "attack_examples": self.attack_examples,
-                "planned_from": self.planned_from}
+        return asdict(self)
 
     @classmethod
     def from_json(cls, d: dict) -> RunPlan | None:
         """The kept plan, or None where it is not one this version wrote (then a resume keeps only its steps)."""
         try:
-            return cls(**{k: d[k] for k in ("steps", "num_examples", "estimates_s", "cut", "zero_shot_examples",
-                                            "attack_examples", "planned_from")})
+            return cls(**{f.name: d[f.name] for f in fields(cls)})
         except (KeyError, TypeError):
             return None
 
