@@ -101,7 +101,8 @@ def phase_transformers(args) -> dict:
 
 
 def phase_serve(args) -> dict:
-    """The /v1/corpus endpoint on a local Ray Serve app (one vLLM replica, merged mode), timed by an HTTP client."""
+    """The /v1/corpus endpoint on a local Ray Serve LLM app (one LLMServer replica: vLLM on the merged run), timed by
+    an HTTP client."""
     import socket
 
     import httpx
@@ -121,7 +122,7 @@ def phase_serve(args) -> dict:
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": port})
         t0 = time.perf_counter()
-        serve.run(build_app({"adapters": [args.run], "engine": "vllm", "merged": True, "max_model_len": 512,
+        serve.run(build_app({"adapters": [args.run], "engine": "vllm", "max_model_len": 512,
                              "max_num_seqs": 256, "limits": {"max_examples_per_request": args.examples}}), name="dpsynth")
         startup = time.perf_counter() - t0
         body = {"adapter": adapter.name, "label_mix": "uniform", "temperature": args.temperature, "top_p": args.top_p,

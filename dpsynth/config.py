@@ -378,8 +378,10 @@ class ServeConfig(_Section):
     """Ledger holding the adapters' certificates (default: DPSYNTH_LEDGER, else ~/.dpsynth/ledger.sqlite; never the
     ledger a run directory names, which a forged directory could choose)."""
     engine: Literal["vllm", "transformers"] = "vllm"
+    """vllm: Ray Serve LLM's LLMServer, one per run, each merged into its base weights; transformers: the fallback."""
     merged: bool = False
-    """Serve one adapter merged into the base weights (bulk sampling) instead of LoRA on the base."""
+    """transformers engine: serve one adapter merged into the base weights instead of LoRA on the base (vllm always
+    serves merged runs: Ray Serve LLM loads LoRA adapters only from an object store)."""
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=0, lt=65536)
     auth: Literal["auto", "on", "off"] = "auto"
@@ -387,7 +389,7 @@ class ServeConfig(_Section):
     token: str | None = Field(default_factory=lambda: os.environ.get("DPSYNTH_SERVE_TOKEN") or None, repr=False)
     limits: ServeLimits = ServeLimits()
     min_replicas: PositiveInt = 1
-    """Sampler replicas: autoscaling keeps between min_replicas and max_replicas (Ray Serve autoscaling)."""
+    """Engine replicas per served run: autoscaling keeps between min_replicas and max_replicas (Ray Serve)."""
     max_replicas: PositiveInt = 1
     target_ongoing_requests: PositiveFloat = 32.0
     cpus_per_replica: float = Field(1.0, ge=0.0)
@@ -397,10 +399,11 @@ class ServeConfig(_Section):
     max_num_seqs: PositiveInt = 256
     """Continuous-batching width of each engine."""
     enforce_eager: bool = False
-    chunk_size: PositiveInt = 64
-    """Corpus jobs per sampler call: a corpus request is spread over replicas in chunks."""
     retry_timeout_s: PositiveFloat = 300.0
-    """How long a corpus request keeps retrying chunks whose replica died (a restart takes about a minute on CPU)."""
+    """How long a corpus request keeps asking again for jobs whose replica died (a restart takes about a minute on CPU)."""
+    llm_config: dict = {}
+    """vllm engine: Ray Serve LLM `LLMConfig` fields merged over dpsynth's own, key by key (`engine_kwargs`,
+    `deployment_config`, `placement_group_config`, `runtime_env`, ...), as a Ray user writes them."""
 
     @field_validator("adapters")
     @classmethod

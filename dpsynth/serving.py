@@ -43,10 +43,10 @@ def start(cfg: ServeConfig, build_app: Callable[[dict], object], *, name: str = 
     import ray
     from ray import serve
 
-    application = build_app(cfg.model_dump(mode="json"))
     if not ray.is_initialized():
         # "local" unless a cluster is named: never join some other Ray instance on this machine by accident.
         ray.init(address=os.environ.get("RAY_ADDRESS", "local"), include_dashboard=False)
+    application = build_app(cfg.model_dump(mode="json"))  # Ray Serve LLM's builders read the running Ray
     serve.start(http_options={"host": cfg.host, "port": cfg.port})  # Serve binds 0.0.0.0 unless told
     serve.run(application, name=name, route_prefix="/", blocking=False)
     return f"http://{cfg.host}:{cfg.port}"

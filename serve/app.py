@@ -1,7 +1,7 @@
 """App builder: `serve run serve/config.yaml`, `serve run serve.app:build_app adapters=...`, or `dpsynth serve`.
 
-build_app(args) validates the args (dpsynth.config.ServeConfig), refuses adapters whose
-certificate is not in the privacy ledger, and wires Gateway (HTTP) -> Sampler (engine).
+build_app(args) validates the args (dpsynth.config.ServeConfig), refuses adapters whose certificate is not in the
+privacy ledger, and wires Ray Serve LLM: our Ingress (OpenAiIngress + /v1/corpus) -> one LLM deployment per run.
 
 The ledger is the server's own (`ledger` in the args, else DPSYNTH_LEDGER, else ~/.dpsynth/ledger.sqlite), resolved
 once here and handed to every replica; never the ledger a run directory's config names.
@@ -17,9 +17,6 @@ from pydantic import ValidationError
 from dpsynth.config import ServeConfig, describe_validation_error
 from dpsynth.errors import UserError
 from dpsynth.sample.adapters import load_certified, server_ledger
-
-from .gateway import Gateway
-from .sampler import Sampler
 
 
 def is_loopback(host: str) -> bool:
@@ -71,15 +68,76 @@ def adapter_specs(cfg: ServeConfig) -> tuple[list[tuple[str, str]], ServeConfig]
                                          if cfg.max_model_len == "auto" else cfg.max_model_len})
 
 
+def llm_config(adapter, model_dir: str, cfg: ServeConfig):
+    """Ray Serve LLM's `LLMConfig` for one certified run, merged into its base weights: Serve loads LoRA adapters only
+    from an object store, so each local run is its own model. `cfg.llm_config` is merged over it, key by key."""
+    from ray.serve.llm import LLMConfig
+
+    from dpsynth.sample.batch import ENGINE_ENV
+    from dpsynth.sample.engines import vllm_engine_kwargs
+
+    if cfg.cpus_per_replica <= 0 and cfg.gpus_per_replica <= 0:
+        raise UserError("cpus_per_replica: the vllm engine needs some CPU or GPU per replica (cpus_per_replica > 0)")
+    engine = vllm_engine_kwargs(model_dir, dtype=adapter.model.dtype, lora_ranks=None, max_model_len=cfg.max_model_len,
+                                max_num_seqs=cfg.max_num_seqs, enforce_eager=cfg.enforce_eager)
+    del engine["model"]  # Ray sets it from model_source
+    # generation_config "vllm": no sampling defaults read from the model's files; every request says what it samples.
+    engine.update(disable_log_stats=False, generation_config="vllm")
+    bundle = {"CPU": cfg.cpus_per_replica, "GPU": cfg.gpus_per_replica}
+    base = {
+        "model_loading_config": {"model_id": adapter.name, "model_source": model_dir},
+        "placement_group_config": {"bundle_per_worker": bundle},  # without it the replica asks for a GPU
+        "engine_kwargs": engine,
+        "runtime_env": {"env_vars": dict(ENGINE_ENV)},
+        "log_engine_metrics": True,
+        "deployment_config": {
+            "autoscaling_config": {"min_replicas": cfg.min_replicas, "max_replicas": max(cfg.max_replicas, cfg.min_replicas),
+                                   "initial_replicas": cfg.min_replicas, "target_ongoing_requests": cfg.target_ongoing_requests},
+            "ray_actor_options": {"num_cpus": 0}, "health_check_period_s": 10, "graceful_shutdown_timeout_s": 5},
+    }
+    try:
+        return LLMConfig.model_validate(_deep_merge(base, cfg.llm_config))
+    except ValidationError as e:
+        raise UserError(describe_validation_error(e, "llm_config")) from None
+
+
+def _deep_merge(base: dict, over: dict) -> dict:
+    out = dict(base)
+    for k, v in over.items():
+        out[k] = _deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
 def build_app(args: dict):
+    """Ingress -> one LLM deployment per served run: Ray's LLMServer (vllm) or TransformersServer (transformers)."""
+    from ray import serve
+    from ray.llm._internal.serve.core.configs.openai_api_models import ModelCard  # not re-exported by ray.serve.llm
+
+    from dpsynth.models import cache_dir
+    from dpsynth.sample.adapters import merged_model_dir
+
+    from .ingress import Ingress
+    from .transformers_server import TransformersServer
+
     specs, cfg = adapter_specs(parse_config(args))
     on = auth_on(cfg)
-    options = {"merged": cfg.merged, "max_model_len": cfg.max_model_len, "max_num_seqs": cfg.max_num_seqs,
-               "enforce_eager": cfg.enforce_eager}
-    sampler = Sampler.options(
-        autoscaling_config={"min_replicas": cfg.min_replicas, "max_replicas": max(cfg.max_replicas, cfg.min_replicas),
-                            "initial_replicas": cfg.min_replicas, "target_ongoing_requests": cfg.target_ongoing_requests},
-        ray_actor_options={"num_cpus": cfg.cpus_per_replica, "num_gpus": cfg.gpus_per_replica},
-    ).bind(specs, str(cfg.ledger), cfg.engine, options)
-    gateway_cfg = {**cfg.model_dump(mode="json"), "_adapters": specs, "_auth_on": on}
-    return Gateway.options(max_ongoing_requests=cfg.limits.max_concurrent_requests + 32).bind(sampler, gateway_cfg)
+    adapters = {name: load_certified(Path(path), name, cfg.ledger) for name, path in specs}
+    if cfg.engine == "vllm":
+        from ray.serve.llm import build_llm_deployment
+
+        configs = {name: llm_config(a, str(merged_model_dir(a, cache_dir())), cfg) for name, a in adapters.items()}
+        deployments = {name: build_llm_deployment(c) for name, c in configs.items()}
+    else:
+        server = TransformersServer.options(
+            autoscaling_config={"min_replicas": cfg.min_replicas, "max_replicas": max(cfg.max_replicas, cfg.min_replicas),
+                                "initial_replicas": cfg.min_replicas, "target_ongoing_requests": cfg.target_ongoing_requests},
+            ray_actor_options={"num_cpus": cfg.cpus_per_replica, "num_gpus": cfg.gpus_per_replica},
+        ).bind(specs, str(cfg.ledger), cfg.merged, cfg.max_num_seqs)
+        deployments = dict.fromkeys(adapters, server)  # one engine holds every adapter (LoRA switched per batch)
+    cards = {name: ModelCard(id=name, object="model", owned_by="dpsynth", permission=[], metadata=a.public_info())
+             for name, a in adapters.items()}
+    ingress_cfg = {**cfg.model_dump(mode="json"), "_adapters": specs, "_auth_on": on}
+    # CPU generation can take longer than Ray's 600 s router timeout for one request.
+    env = {"RAY_SERVE_LLM_ROUTER_HTTP_TIMEOUT": str(int(cfg.retry_timeout_s + 3600))}
+    return serve.deployment(Ingress, name="Ingress", num_replicas=1, max_ongoing_requests=cfg.limits.max_concurrent_requests + 32,
+                            ray_actor_options={"num_cpus": 0, "runtime_env": {"env_vars": env}}).bind(deployments, cards, ingress_cfg)

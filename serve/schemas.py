@@ -1,4 +1,5 @@
-"""Request bodies of the HTTP API (pydantic): bad values become 400s that name the field."""
+"""dpsynth's own request body (pydantic): bad values become 400s that name the field. The OpenAI bodies are
+Ray Serve LLM's (vLLM's protocol models)."""
 
 from __future__ import annotations
 
@@ -30,34 +31,3 @@ class CorpusRequest(BaseModel):
         if isinstance(v, dict) and (not v or any(not math.isfinite(w) or w < 0 for w in v.values()) or sum(v.values()) <= 0):
             raise ValueError("label weights must be finite, non-negative and not all zero")
         return v
-
-
-class CompletionRequest(BaseModel):
-    """The OpenAI /v1/completions body; options we cannot honour are refused, never silently dropped."""
-
-    model_config = ConfigDict(extra="ignore", allow_inf_nan=False)
-
-    model: str
-    prompt: str | list[str] | list[int] | list[list[int]]
-    max_tokens: int | None = Field(16, ge=1)
-    temperature: float | None = Field(1.0, ge=0.0, le=10.0)
-    top_p: float | None = Field(1.0, gt=0.0, le=1.0)
-    n: int = Field(1, ge=1)
-    seed: int | None = None
-    stream: bool = False
-    stop: str | list[str] | None = None
-    echo: bool = False
-    logprobs: int | None = None
-    suffix: str | None = None
-    best_of: int | None = None
-    presence_penalty: float | None = 0.0
-    frequency_penalty: float | None = 0.0
-
-    def unsupported(self) -> str | None:
-        if self.stop:
-            return "stop sequences are not supported"
-        if self.echo or self.logprobs or self.suffix or (self.best_of or 1) > 1:
-            return "echo, logprobs, suffix and best_of are not supported"
-        if self.presence_penalty or self.frequency_penalty:
-            return "presence_penalty and frequency_penalty are not supported"
-        return None

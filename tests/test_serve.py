@@ -17,6 +17,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import httpx
 import numpy as np
@@ -37,7 +38,8 @@ def ray_local():
     if ray.is_initialized():
         ray.shutdown()  # a Ray left by an earlier module
     port = free_port()
-    ray.init(address="local", num_cpus=4, include_dashboard=False, _metrics_export_port=port,
+    # logical CPUs: two vLLM engines (one per run), two transformers servers and a Ray Data job side by side
+    ray.init(address="local", num_cpus=6, include_dashboard=False, _metrics_export_port=port,
              _system_config={"metrics_report_interval_ms": 1000})
     yield port
     ray.shutdown()
@@ -98,7 +100,7 @@ def server(ray_local, runs):
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     main = {"adapters": [str(runs["dirs"]["alpha"]), str(runs["dirs"]["beta"])], "ledger": str(runs["ledger"]),
-            "engine": "vllm", "enforce_eager": True, "max_model_len": 128, "chunk_size": 16,
+            "engine": "vllm", "enforce_eager": True, "max_model_len": 128,
             "limits": {"max_examples_per_request": 500, "max_tokens": 64}}
     secure = {"adapters": [f"gamma={runs['dirs']['alpha']}"], "ledger": str(runs["ledger"]), "engine": "transformers",
               "auth": "on", "token": TOKEN, "max_model_len": 128, "cpus_per_replica": 0.5,
@@ -162,6 +164,9 @@ def test_openai_completions_with_both_adapters(server):
     a1, a2 = (oc.completions.create(model="alpha", prompt="[reviews][pos]: ", max_tokens=8, seed=11).choices[0].text
               for _ in range(2))
     assert a1 == a2
+    # vLLM's own options pass through Ray's ingress: a stop string ends the text before it
+    stopped = oc.completions.create(model="alpha", prompt="[reviews][pos]: ", max_tokens=24, temperature=0, stop=["e"])
+    assert "e" not in stopped.choices[0].text and stopped.choices[0].finish_reason in ("stop", "length")
     # each adapter is applied: greedy outputs differ (the random tiny model's sampling is near-uniform, so use greedy)
     greedy = {m: oc.completions.create(model=m, prompt="[reviews][pos]: ", max_tokens=8, temperature=0).choices[0].text
               for m in ("alpha", "beta")}
@@ -197,6 +202,23 @@ def test_a_record_schemas_corpus_keeps_its_columns_and_takes_an_attribute_filter
     # OpenAI completions are unchanged: any prompt, raw text back
     out = openai_client(f"{server}/long").completions.create(model="tickets", prompt="<subject>", max_tokens=5, seed=1)
     assert out.choices[0].text and out.usage.completion_tokens >= 1
+
+
+def test_openai_chat_completions_through_the_client_on_both_engines(server):
+    """/v1/chat/completions is Ray Serve LLM's (vLLM's chat template) and the transformers engine's, after our limits."""
+    import openai
+
+    messages = [{"role": "user", "content": "Write one short movie review."}]
+    for base, model in ((server, "alpha"), (f"{server}/long", "long")):
+        out = openai_client(base).chat.completions.create(model=model, messages=messages, max_tokens=6, seed=2)
+        assert out.choices[0].message.role == "assistant" and out.choices[0].message.content
+        assert 1 <= out.usage.completion_tokens <= 6 and out.model == model
+    stream = list(openai_client(server).chat.completions.create(model="beta", messages=messages, max_tokens=6, stream=True))
+    assert "".join(c.choices[0].delta.content or "" for c in stream if c.choices).strip()
+    with pytest.raises(openai.BadRequestError, match="exceeds the limit 64"):
+        openai_client(server).chat.completions.create(model="alpha", messages=messages, max_tokens=1000)
+    with pytest.raises(openai.NotFoundError, match="not served"):
+        openai_client(server).chat.completions.create(model="nope", messages=messages, max_tokens=2)
 
 
 def test_openai_streaming_completion(server):
@@ -272,8 +294,8 @@ def test_bad_completions_raise_the_right_openai_errors(server, client):
     oc = openai_client(server)
     with pytest.raises(openai.NotFoundError, match="not served"):
         oc.completions.create(model="nope", prompt="x", max_tokens=2)
-    with pytest.raises(openai.BadRequestError, match="stop sequences"):
-        oc.completions.create(model="alpha", prompt="x", max_tokens=2, stop=["\n"])
+    with pytest.raises(openai.BadRequestError, match="stop sequences are not supported by the transformers engine"):
+        openai_client(f"{server}/long").completions.create(model="long", prompt="x", max_tokens=2, stop=["\n"])
     with pytest.raises(openai.BadRequestError, match="exceeds the limit 64"):
         oc.completions.create(model="alpha", prompt="x", max_tokens=1000)
     with pytest.raises(openai.BadRequestError, match="vocabulary"):
@@ -334,6 +356,33 @@ def test_binding_another_address_needs_a_token(runs):
     assert auth_on(parse_config({**args, "host": "127.0.0.1"})) is False
     with pytest.raises(UserError, match="limits.max_tokens"):
         parse_config({**args, "limits": {"max_tokens": -1}})
+
+
+def test_the_serve_config_yaml_is_a_valid_ray_serve_llm_application(runs):
+    """serve/config.yaml passes Ray Serve's own schema, and its args become one LLMConfig per run: the run merged
+    into its base weights on a CPU bundle, with the yaml's `llm_config` keys merged over dpsynth's."""
+    import yaml
+    from ray.serve.schema import ServeDeploySchema
+
+    from dpsynth.models import cache_dir
+    from dpsynth.sample.adapters import load_certified, merged_model_dir
+    from serve.app import llm_config, parse_config
+
+    doc = yaml.safe_load((Path(__file__).resolve().parents[1] / "serve" / "config.yaml").read_text())
+    ServeDeploySchema.model_validate(doc)
+    args = {**doc["applications"][0]["args"], "adapters": [f"demo={runs['dirs']['alpha']}"], "ledger": str(runs["ledger"])}
+    cfg = parse_config(args)
+    adapter = load_certified(runs["dirs"]["alpha"], "demo", cfg.ledger)
+    merged = str(merged_model_dir(adapter, cache_dir()))
+    llm = llm_config(adapter, merged, cfg.model_copy(update={"max_model_len": 128}))
+    assert llm.model_id == "demo" and llm.model_loading_config.model_source == merged
+    assert llm.engine_kwargs["kv_cache_memory_bytes"] == 2 << 30 and llm.engine_kwargs["max_num_seqs"] == 256
+    assert llm.engine_kwargs["max_model_len"] == 128 and "model" not in llm.engine_kwargs
+    assert llm.placement_group_config["bundle_per_worker"] == {"CPU": 1.0, "GPU": 0.0}
+    assert llm.deployment_config["graceful_shutdown_timeout_s"] == 30  # the yaml's key, merged over ours
+    assert llm.deployment_config["autoscaling_config"]["max_replicas"] == 4
+    with pytest.raises(UserError, match="llm_config"):
+        llm_config(adapter, merged, cfg.model_copy(update={"max_model_len": 128, "llm_config": {"placement_group_config": 3}}))
 
 
 # --- privacy ----------------------------------------------------------------------------------------------
@@ -497,21 +546,28 @@ def test_request_and_token_metrics_are_exported(server, ray_local):
     text = ""
     while time.monotonic() < deadline:
         text = httpx.get(f"http://127.0.0.1:{ray_local}/metrics", timeout=10).text
-        if "dpsynth_generated_tokens" in text and "dpsynth_requests" in text:
+        if "dpsynth_generated_tokens" in text and "dpsynth_requests" in text and "ray_vllm_" in text:
             break
         time.sleep(2)
     assert "dpsynth_requests" in text and "dpsynth_generated_tokens" in text and "dpsynth_corpus_examples" in text
     assert 'endpoint="/v1/corpus"' in text
+    assert "ray_vllm_" in text  # Ray Serve LLM's engine metrics, from every LLMServer replica
+
+
+def _engine_replica_pids(app: str, model: str) -> set[int]:
+    """Ray titles each replica's process `ray::ServeReplica:<app>:<deployment>`; Ray Serve LLM names the deployment
+    of model id m `LLMServer:m`."""
+    import psutil
+
+    title = f"ray::ServeReplica:{app}:LLMServer:{model}"
+    return {p.pid for p in psutil.process_iter(["cmdline"]) if (p.info["cmdline"] or [""])[0].startswith(title)}
 
 
 @pytest.mark.slow
-def test_sampler_replica_killed_mid_load_recovers(server):
-    """SIGKILL the vLLM replica while clients stream corpora: Serve replaces it, the gateway re-asks only what
-    is missing, and every corpus still comes back exact."""
-    from ray import serve
-
-    sampler = serve.get_deployment_handle("Sampler", app_name="dpsynth")
-    victim = sampler.healthy.remote().result(timeout_s=60)["replica_pid"]
+def test_engine_replica_killed_mid_load_recovers(server):
+    """SIGKILL alpha's vLLM LLMServer replica while clients stream corpora: Serve replaces it, the ingress asks
+    again only for the jobs that were on it (same seeds), and every corpus still comes back exact."""
+    (victim,) = _engine_replica_pids("dpsynth", "alpha")
 
     async def scenario():
         load = asyncio.ensure_future(_load(server, clients=6, per_client=1, examples=60))
@@ -521,8 +577,8 @@ def test_sampler_replica_killed_mid_load_recovers(server):
 
     results = asyncio.run(scenario())
     _assert_exact(results, 60)
-    health = httpx.get(f"{server}/healthz", timeout=60).json()
-    assert health["status"] == "ok" and health["replica_pid"] != victim  # a new replica took over
+    assert httpx.get(f"{server}/healthz", timeout=60).json()["status"] == "ok"
+    assert _engine_replica_pids("dpsynth", "alpha") - {victim}  # a new replica took over
 
 
 # --- the CLI ------------------------------------------------------------------------------------------------

@@ -1,9 +1,8 @@
 """Generation engines: HF transformers (runs everywhere) and vLLM (continuous batching, LoRA), behind one protocol.
 
-`Engine` (offline, batches of prompts) and `AsyncEngine` (online, one request at a time, for serving) are the
-whole surface, as in vLLM's LLM / SamplingParams and Ray Serve LLM's engine protocol: token-id prompts in,
-`Generation`s out, with `GenParams` and per-request seeds. Tokenising a prompt and left-padding a batch are
-shared helpers. vLLM is imported lazily, only when asked for, so the transformers sampler runs where it is not
+`Engine` (offline, batches of prompts) is the whole surface, as in vLLM's LLM / SamplingParams: token-id prompts
+in, `Generation`s out, with `GenParams` and per-request seeds (serving runs on Ray Serve LLM: serve/).
+Tokenising a prompt and left-padding a batch are shared helpers. vLLM is imported lazily, only when asked for, so the transformers sampler runs where it is not
 installed. Which engine runs is always an explicit choice, and logged.
 """
 
@@ -12,7 +11,7 @@ from __future__ import annotations
 import logging
 import os
 import re
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -54,22 +53,6 @@ class Engine(Protocol):
 
     def generate_ids(self, prompts: list[list[int]], params: GenParams,
                      seeds: Sequence[int | None] | None = None) -> list[Generation]: ...
-
-
-class AsyncEngine(Protocol):
-    """An online engine serving adapters by name: concurrent requests share its batches."""
-
-    name: str
-    tokenizer: object
-
-    async def generate(self, adapter: str, prompt_ids: list[int], params: GenParams, seed: int | None) -> Generation: ...
-
-    def stream(self, adapter: str, prompt_ids: list[int], params: GenParams,
-               seed: int | None) -> AsyncIterator[tuple[str, int, str | None]]: ...
-
-    async def check_health(self) -> None: ...
-
-    def shutdown(self) -> None: ...
 
 
 def prompt_ids(tokenizer, prompt: str) -> list[int]:
