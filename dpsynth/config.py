@@ -399,6 +399,8 @@ class ServeConfig(_Section):
     max_num_seqs: PositiveInt = 256
     """Continuous-batching width of each engine."""
     enforce_eager: bool = False
+    chunk_size: PositiveInt = 64
+    """Corpus jobs of one label per engine request (n completions): fewer requests, the same corpus."""
     retry_timeout_s: PositiveFloat = 300.0
     """How long a corpus request keeps asking again for jobs whose replica died (a restart takes about a minute on CPU)."""
     llm_config: dict = {}

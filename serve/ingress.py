@@ -6,14 +6,17 @@ filters, JSONL/CSV), `/v1/models` with each adapter's certificate, `/healthz`, b
 concurrent-request limit (429) and 4xx messages naming the field. Behind it, one LLM deployment per model id:
 Ray's `LLMServer` (vLLM), or `TransformersServer`, which speaks the same protocol.
 
-A corpus job is one seeded completion (one per field of a record); Serve spreads them over the replicas. A job
-whose replica dies is asked again with the same seed, so nothing is dropped, duplicated or changed.
+A corpus is a set of (label, index) jobs, each with its own seed. Jobs of one label go to the engine in chunks, one
+request for n completions (a record of several fields: one completion per field and job); Serve spreads the
+requests over the replicas. A request whose replica dies is asked again with the same seeds, so nothing is dropped,
+duplicated or changed.
 """
 
 from __future__ import annotations
 
 import asyncio
 import hmac
+import itertools
 import json
 import logging
 import time
@@ -31,7 +34,7 @@ from ray.serve.llm.openai_api_models import ChatCompletionRequest, CompletionReq
 from dpsynth.config import ServeConfig
 from dpsynth.errors import UserError
 from dpsynth.sample.adapters import load_certified
-from dpsynth.sample.corpus import jobs_for, label_counts, serialize_row, stream_jobs
+from dpsynth.sample.corpus import accepts, example_seed, jobs_for, label_counts, serialize_row, stream_jobs
 from dpsynth.sample.engines import prompt_ids, stop_token_ids
 from dpsynth.sample.fields import generate_fields
 
@@ -44,6 +47,7 @@ RETRYABLE = (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError,
              DeploymentUnavailableError, BackPressureError)
 ENDPOINTS = {name: DEFAULT_ENDPOINTS[name] for name in ("models", "model_data", "completions", "chat")}
 """Ray's OpenAI routes that make sense for a generative adapter (no embeddings, scores or audio)."""
+MAX_ATTEMPTS = 20  # draws of one job before its adapter is called broken (as stream_jobs)
 _ACTIVE: list = []  # this replica's ingress (one per replica process), for the middleware
 
 
@@ -197,16 +201,9 @@ class DpsynthIngress(OpenAiIngress):
         schema = self.adapters[adapter].schema
         if fmt == "csv":
             yield ",".join(schema.output_columns) + "\r\n"
-
-        async def one(prompt: list[int], job_seed: int) -> tuple[str, int]:
-            return await self._complete(adapter, prompt, body, job_seed)
-
-        async def generate(label: str, job_seed: int) -> tuple[str, int]:  # a record field by field (fields.py)
-            return await generate_fields(schema, self.tokenizer, one, self.prompt_ids[adapter][label], job_seed)
-
+        rows = self._records(adapter, jobs, body, seed) if len(schema.text_columns) > 1 else self._texts(adapter, jobs, body, seed)
         try:
-            async for row in stream_jobs(generate, [(lab, int(i)) for lab, i in jobs], seed, schema=schema):
-                self.tokens.inc(row["tokens"], tags={"adapter": adapter})
+            async for row in rows:
                 self.examples.inc(tags={"adapter": adapter})
                 yield serialize_row(row, fmt, schema=schema)
         except Exception as e:
@@ -214,9 +211,57 @@ class DpsynthIngress(OpenAiIngress):
             log.error("corpus request failed: %r", e)
             raise
 
-    async def _complete(self, adapter: str, prompt: list[int], body: dict, seed: int) -> tuple[str, int]:
-        """One seeded completion on the adapter's LLM deployment, asked again (same seed) if its replica dies."""
-        request = CompletionRequest(model=adapter, prompt=prompt, seed=seed, n=1, stop_token_ids=self.stop_ids,
+    async def _texts(self, adapter: str, jobs: list, body: dict, seed: int):
+        """One text per job. A chunk of one label's consecutive jobs is one engine request for n completions, which vLLM
+        seeds base + j: job (label, i) is seeded example_seed(seed, label, 0) + i, whatever the chunking or replica.
+        An empty text is redrawn on its own with the job's next attempt seed, as stream_jobs does."""
+        schema, size = self.adapters[adapter].schema, self.cfg.chunk_size
+        chunks = []
+        for label, group in itertools.groupby(jobs, key=lambda job: job[0]):
+            indices = [int(i) for _, i in group]
+            chunks += [(label, indices[k:k + size]) for k in range(0, len(indices), size)]
+
+        async def redraw(label: str, index: int) -> dict:
+            for attempt in range(1, MAX_ATTEMPTS):
+                (text,) = await self._complete(adapter, self.prompt_ids[adapter][label], body,
+                                               example_seed(seed, label, index, attempt))
+                if accepts(schema, text):
+                    return {"text": text.strip(), "label": label, "index": index}
+            raise RuntimeError(f"label '{label}': {MAX_ATTEMPTS} empty generations in a row; the adapter may be broken")
+
+        async def chunk(label: str, indices: list[int]) -> list[dict]:
+            texts = await self._complete(adapter, self.prompt_ids[adapter][label], body,
+                                         example_seed(seed, label, 0) + indices[0], n=len(indices))
+            kept = {i: {"text": t.strip(), "label": label, "index": i} for i, t in zip(indices, texts) if accepts(schema, t)}
+            again = await asyncio.gather(*(redraw(label, i) for i in indices if i not in kept))
+            return [*kept.values(), *again]
+
+        tasks = [asyncio.ensure_future(chunk(label, indices)) for label, indices in chunks]
+        try:
+            for done in asyncio.as_completed(tasks):
+                for row in await done:
+                    yield row
+        finally:
+            for t in tasks:
+                t.cancel()  # a client that went away stops its generations (the engine aborts them)
+
+    async def _records(self, adapter: str, jobs: list, body: dict, seed: int):
+        """Records of several text fields: each job written field by field (fields.py), one completion per field."""
+        schema = self.adapters[adapter].schema
+
+        async def one(prompt: list[int], job_seed: int) -> tuple[str, int]:
+            (text,) = await self._complete(adapter, prompt, body, job_seed)
+            return text, 0  # tokens are counted per engine request, in _complete
+
+        async def generate(label: str, job_seed: int) -> tuple[str, int]:
+            return await generate_fields(schema, self.tokenizer, one, self.prompt_ids[adapter][label], job_seed)
+
+        async for row in stream_jobs(generate, [(lab, int(i)) for lab, i in jobs], seed, schema=schema):
+            yield row
+
+    async def _complete(self, adapter: str, prompt: list[int], body: dict, seed: int, n: int = 1) -> list[str]:
+        """n seeded completions (seeds seed .. seed + n - 1) in one engine request, asked again if its replica dies."""
+        request = CompletionRequest(model=adapter, prompt=prompt, seed=seed, n=n, stop_token_ids=self.stop_ids,
                                     skip_special_tokens=True, **body)
         deadline, delay = time.monotonic() + self.cfg.retry_timeout_s, 0.5
         while True:
@@ -224,13 +269,14 @@ class DpsynthIngress(OpenAiIngress):
                 async for out in self._get_configured_serve_handle(adapter).completions.remote(request, None):
                     if isinstance(out, ErrorResponse):
                         raise RuntimeError(f"engine refused a corpus job: {out.error.message}")
-                    return out.choices[0].text, out.usage.completion_tokens
+                    self.tokens.inc(out.usage.completion_tokens, tags={"adapter": adapter})
+                    return [c.text for c in sorted(out.choices, key=lambda c: c.index)]
                 raise RuntimeError("engine returned no completion")
             except RETRYABLE as e:
                 if time.monotonic() > deadline:
                     raise
                 self.retries.inc()
-                log.warning("corpus job: %s; asking again in %.1fs", type(e).__name__, delay)
+                log.warning("corpus request: %s; asking again in %.1fs", type(e).__name__, delay)
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 5.0)
 

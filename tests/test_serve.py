@@ -100,7 +100,7 @@ def server(ray_local, runs):
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     main = {"adapters": [str(runs["dirs"]["alpha"]), str(runs["dirs"]["beta"])], "ledger": str(runs["ledger"]),
-            "engine": "vllm", "enforce_eager": True, "max_model_len": 128,
+            "engine": "vllm", "enforce_eager": True, "max_model_len": 128, "chunk_size": 16,
             "limits": {"max_examples_per_request": 500, "max_tokens": 64}}
     secure = {"adapters": [f"gamma={runs['dirs']['alpha']}"], "ledger": str(runs["ledger"]), "engine": "transformers",
               "auth": "on", "token": TOKEN, "max_model_len": 128, "cpus_per_replica": 0.5,
@@ -254,6 +254,15 @@ def test_corpus_csv_and_seed_reproducibility(client):
     b = list(csv.DictReader(io.StringIO(corpus(client, num_examples=12, label_mix="uniform", seed=3, format="csv").text)))
     key = lambda r: (r["label"], r["text"])  # noqa: E731 -- rows stream in completion order
     assert sorted(table, key=key) == sorted(b, key=key)
+
+
+def test_a_bigger_corpus_with_the_same_seed_extends_the_smaller_one(client):
+    """Job (label, i) is seeded from (seed, label) + i, and jobs go to the engine in chunks of 16 (one request for n
+    completions): a 40-text corpus holds the 20 texts of a 20-text one, chunked [0-15][16-19] there."""
+    body = {"label_mix": {"pos": 1}, "seed": 9, "max_tokens": 8}
+    short = {r["text"] for r in rows_of(corpus(client, num_examples=20, **body))}
+    long = {r["text"] for r in rows_of(corpus(client, num_examples=40, **body))}
+    assert len(short) == 20 and short <= long
 
 
 def test_corpus_streams_rows_as_they_are_generated(server):
