@@ -145,7 +145,7 @@ class DpsynthIngress(OpenAiIngress):
                                          [0.01, 0.1, 0.5, 1, 2, 5, 10, 30, 60, 120, 300], ("endpoint",))
         self.tokens = metrics.Counter("dpsynth_generated_tokens", "Tokens generated for corpora", ("adapter",))
         self.examples = metrics.Counter("dpsynth_corpus_examples", "Corpus examples streamed", ("adapter",))
-        self.retries = metrics.Counter("dpsynth_job_retries", "Corpus jobs asked again after a replica failure")
+        self.retries = metrics.Counter("dpsynth_job_retries", "Corpus engine requests asked again after a replica failure")
         _register(self)
 
     def count(self, path: str, status: int, seconds: float | None = None) -> None:

@@ -12,6 +12,7 @@ import csv
 import io
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -573,7 +574,7 @@ def _engine_replica_pids(app: str, model: str) -> set[int]:
 
 
 @pytest.mark.slow
-def test_engine_replica_killed_mid_load_recovers(server):
+def test_engine_replica_killed_mid_load_recovers(server, ray_local):
     """SIGKILL alpha's vLLM LLMServer replica while clients stream corpora: Serve replaces it, the ingress asks
     again only for the jobs that were on it (same seeds), and every corpus still comes back exact."""
     (victim,) = _engine_replica_pids("dpsynth", "alpha")
@@ -588,6 +589,13 @@ def test_engine_replica_killed_mid_load_recovers(server):
     _assert_exact(results, 60)
     assert httpx.get(f"{server}/healthz", timeout=60).json()["status"] == "ok"
     assert _engine_replica_pids("dpsynth", "alpha") - {victim}  # a new replica took over
+    deadline, retried = time.monotonic() + 60, 0.0
+    while time.monotonic() < deadline and not retried:
+        text = httpx.get(f"http://127.0.0.1:{ray_local}/metrics", timeout=10).text
+        retried = sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+                      if re.match(r"\w*dpsynth_job_retries(_total)?\{", line))
+        time.sleep(2)
+    assert retried > 0  # the kill landed mid-load: the requests on the dead replica were asked again
 
 
 # --- the CLI ------------------------------------------------------------------------------------------------
