@@ -589,10 +589,11 @@ def _read_yaml(p: Path) -> dict:
     return tree
 
 
-def _merge(base: dict, over: dict) -> dict:
+def merge_trees(base: dict, over: dict) -> dict:
+    """`over` laid on `base`, key by key: nested mappings merge, anything else replaces."""
     out = dict(base)
     for k, v in over.items():
-        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+        out[k] = merge_trees(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
     return out
 
 
@@ -607,9 +608,9 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
         known = presets()
         if preset not in known:
             raise ConfigError(f"config error: preset: unknown preset '{preset}' (choose {', '.join(known)})")
-        tree = _merge(tree, _read_yaml(known[preset]))
+        tree = merge_trees(tree, _read_yaml(known[preset]))
     if path is not None:
-        tree = _merge(tree, _read_yaml(Path(path)))
+        tree = merge_trees(tree, _read_yaml(Path(path)))
     for item in overrides:
         if "=" not in item:
             raise ConfigError(f"config error: override '{item}' must look like section.key=value")

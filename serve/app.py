@@ -14,7 +14,7 @@ from pathlib import Path
 
 from pydantic import ValidationError
 
-from dpsynth.config import ServeConfig, describe_validation_error
+from dpsynth.config import ServeConfig, describe_validation_error, merge_trees
 from dpsynth.errors import UserError
 from dpsynth.sample.adapters import load_certified, server_ledger
 
@@ -49,23 +49,35 @@ def auth_on(cfg: ServeConfig) -> bool:
 def adapter_specs(cfg: ServeConfig) -> tuple[list[tuple[str, str]], ServeConfig]:
     """(name, absolute run dir) per adapter, each certified in the ledger; and the config with `auto` lengths set
     from the runs (their max_length + max_new_tokens: long documents fit the engine's context)."""
-    specs, longest, new_tokens = [], 0, 0
+    adapters, cfg = certified_adapters(cfg)
+    return [(name, str(a.run_dir)) for name, a in adapters.items()], cfg
+
+
+def certified_adapters(cfg: ServeConfig) -> tuple[dict, ServeConfig]:
+    """adapter_specs' work: {name: CertifiedAdapter}, each checked against the ledger, and the config with lengths."""
+    loaded, longest, new_tokens = [], 0, 0
     for item in cfg.adapters:
         name, _, path = item.rpartition("=") if "=" in item else (None, "", item)
         adapter = load_certified(Path(path), name or None, cfg.ledger)
-        specs.append((adapter.name, str(adapter.run_dir)))
+        loaded.append(adapter)
         max_length = adapter.model.max_length if isinstance(adapter.model.max_length, int) else 64
         # a record of k text fields is written field by field, each up to max_new_tokens (dpsynth.sample.fields)
         fields = len(adapter.schema.text_columns)
         longest, new_tokens = max(longest, max_length + fields * adapter.max_new_tokens), max(new_tokens, adapter.max_new_tokens)
-    names = [n for n, _ in specs]
+    names = [a.name for a in loaded]
     if len(set(names)) != len(names):
         raise UserError(f"adapters: names must be unique, got {names} (use name=path)")
-    if cfg.merged and len(specs) != 1:
-        raise UserError(f"merged: the merged-weights mode serves exactly one adapter, not {len(specs)}")
+    if cfg.merged and len(loaded) != 1:
+        raise UserError(f"merged: the merged-weights mode serves exactly one adapter, not {len(loaded)}")
     limits = cfg.limits.model_copy(update={"max_tokens": max(256, new_tokens)}) if cfg.limits.max_tokens == "auto" else cfg.limits
-    return specs, cfg.model_copy(update={"limits": limits, "max_model_len": max(128, longest + 16)
+    return {a.name: a for a in loaded}, cfg.model_copy(update={"limits": limits, "max_model_len": max(128, longest + 16)
                                          if cfg.max_model_len == "auto" else cfg.max_model_len})
+
+
+def autoscaling(cfg: ServeConfig) -> dict:
+    """Ray Serve autoscaling of each engine deployment."""
+    return {"min_replicas": cfg.min_replicas, "max_replicas": max(cfg.max_replicas, cfg.min_replicas),
+            "initial_replicas": cfg.min_replicas, "target_ongoing_requests": cfg.target_ongoing_requests}
 
 
 def llm_config(adapter, model_dir: str, cfg: ServeConfig):
@@ -91,21 +103,13 @@ def llm_config(adapter, model_dir: str, cfg: ServeConfig):
         "runtime_env": {"env_vars": dict(ENGINE_ENV)},
         "log_engine_metrics": True,
         "deployment_config": {
-            "autoscaling_config": {"min_replicas": cfg.min_replicas, "max_replicas": max(cfg.max_replicas, cfg.min_replicas),
-                                   "initial_replicas": cfg.min_replicas, "target_ongoing_requests": cfg.target_ongoing_requests},
+            "autoscaling_config": autoscaling(cfg),
             "ray_actor_options": {"num_cpus": 0}, "health_check_period_s": 10, "graceful_shutdown_timeout_s": 5},
     }
     try:
-        return LLMConfig.model_validate(_deep_merge(base, cfg.llm_config))
+        return LLMConfig.model_validate(merge_trees(base, cfg.llm_config))
     except ValidationError as e:
         raise UserError(describe_validation_error(e, "llm_config")) from None
-
-
-def _deep_merge(base: dict, over: dict) -> dict:
-    out = dict(base)
-    for k, v in over.items():
-        out[k] = _deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
-    return out
 
 
 def build_app(args: dict):
@@ -119,9 +123,9 @@ def build_app(args: dict):
     from .ingress import Ingress
     from .transformers_server import TransformersServer
 
-    specs, cfg = adapter_specs(parse_config(args))
+    adapters, cfg = certified_adapters(parse_config(args))
     on = auth_on(cfg)
-    adapters = {name: load_certified(Path(path), name, cfg.ledger) for name, path in specs}
+    specs = [(name, str(a.run_dir)) for name, a in adapters.items()]
     if cfg.engine == "vllm":
         from ray.serve.llm import build_llm_deployment
 
@@ -129,8 +133,7 @@ def build_app(args: dict):
         deployments = {name: build_llm_deployment(c) for name, c in configs.items()}
     else:
         server = TransformersServer.options(
-            autoscaling_config={"min_replicas": cfg.min_replicas, "max_replicas": max(cfg.max_replicas, cfg.min_replicas),
-                                "initial_replicas": cfg.min_replicas, "target_ongoing_requests": cfg.target_ongoing_requests},
+            autoscaling_config=autoscaling(cfg),
             ray_actor_options={"num_cpus": cfg.cpus_per_replica, "num_gpus": cfg.gpus_per_replica},
         ).bind(specs, str(cfg.ledger), cfg.merged, cfg.max_num_seqs)
         deployments = dict.fromkeys(adapters, server)  # one engine holds every adapter (LoRA switched per batch)

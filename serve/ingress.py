@@ -47,7 +47,6 @@ RETRYABLE = (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError,
              DeploymentUnavailableError, BackPressureError)
 ENDPOINTS = {name: DEFAULT_ENDPOINTS[name] for name in ("models", "model_data", "completions", "chat")}
 """Ray's OpenAI routes that make sense for a generative adapter (no embeddings, scores or audio)."""
-MAX_ATTEMPTS = 20  # draws of one job before its adapter is called broken (as stream_jobs)
 _ACTIVE: list = []  # this replica's ingress (one per replica process), for the middleware
 
 
@@ -214,27 +213,22 @@ class DpsynthIngress(OpenAiIngress):
     async def _texts(self, adapter: str, jobs: list, body: dict, seed: int):
         """One text per job. A chunk of one label's consecutive jobs is one engine request for n completions, which vLLM
         seeds base + j: job (label, i) is seeded example_seed(seed, label, 0) + i, whatever the chunking or replica.
-        An empty text is redrawn on its own with the job's next attempt seed, as stream_jobs does."""
+        An empty text is redrawn by stream_jobs from attempt 1 on, one completion per job with its own attempt seeds."""
         schema, size = self.adapters[adapter].schema, self.cfg.chunk_size
         chunks = []
         for label, group in itertools.groupby(jobs, key=lambda job: job[0]):
             indices = [int(i) for _, i in group]
             chunks += [(label, indices[k:k + size]) for k in range(0, len(indices), size)]
 
-        async def redraw(label: str, index: int) -> dict:
-            for attempt in range(1, MAX_ATTEMPTS):
-                (text,) = await self._complete(adapter, self.prompt_ids[adapter][label], body,
-                                               example_seed(seed, label, index, attempt))
-                if accepts(schema, text):
-                    return {"text": text.strip(), "label": label, "index": index}
-            raise RuntimeError(f"label '{label}': {MAX_ATTEMPTS} empty generations in a row; the adapter may be broken")
+        async def draw(label: str, job_seed: int) -> tuple[str, int]:
+            return await self._one(adapter, self.prompt_ids[adapter][label], body, job_seed)
 
         async def chunk(label: str, indices: list[int]) -> list[dict]:
             texts = await self._complete(adapter, self.prompt_ids[adapter][label], body,
                                          example_seed(seed, label, 0) + indices[0], n=len(indices))
-            kept = {i: {"text": t.strip(), "label": label, "index": i} for i, t in zip(indices, texts) if accepts(schema, t)}
-            again = await asyncio.gather(*(redraw(label, i) for i in indices if i not in kept))
-            return [*kept.values(), *again]
+            kept = [{"text": t.strip(), "label": label, "index": i} for i, t in zip(indices, texts) if accepts(schema, t)]
+            empty = [(label, i) for i, t in zip(indices, texts) if not accepts(schema, t)]
+            return kept + [row async for row in stream_jobs(draw, empty, seed, first_attempt=1, schema=schema)]
 
         tasks = [asyncio.ensure_future(chunk(label, indices)) for label, indices in chunks]
         try:
@@ -250,14 +244,17 @@ class DpsynthIngress(OpenAiIngress):
         schema = self.adapters[adapter].schema
 
         async def one(prompt: list[int], job_seed: int) -> tuple[str, int]:
-            (text,) = await self._complete(adapter, prompt, body, job_seed)
-            return text, 0  # tokens are counted per engine request, in _complete
+            return await self._one(adapter, prompt, body, job_seed)
 
         async def generate(label: str, job_seed: int) -> tuple[str, int]:
             return await generate_fields(schema, self.tokenizer, one, self.prompt_ids[adapter][label], job_seed)
 
         async for row in stream_jobs(generate, [(lab, int(i)) for lab, i in jobs], seed, schema=schema):
             yield row
+
+    async def _one(self, adapter: str, prompt: list[int], body: dict, seed: int) -> tuple[str, int]:
+        (text,) = await self._complete(adapter, prompt, body, seed)
+        return text, 0  # tokens are counted per engine request, in _complete
 
     async def _complete(self, adapter: str, prompt: list[int], body: dict, seed: int, n: int = 1) -> list[str]:
         """n seeded completions (seeds seed .. seed + n - 1) in one engine request, asked again if its replica dies."""

@@ -171,19 +171,20 @@ def generate_corpus(engine: Engine, prompts: dict[str, str], counts: dict[str, i
 
 
 async def stream_jobs(generate: Callable[[str, int], Awaitable[tuple[str, int]]], jobs: list[tuple[str, int]], seed: int,
-                      *, max_attempts: int = 20, max_in_flight: int = 256,
+                      *, max_attempts: int = 20, max_in_flight: int = 256, first_attempt: int = 0,
                       schema: RecordSchema | None = None) -> AsyncIterator[dict]:
     """Run every job concurrently (the engine batches them) and yield rows as they finish.
 
     `generate(label, seed) -> (text, completion_tokens)`. Empty texts are redrawn with the
-    next attempt's seed, so each job yields exactly one non-empty row.
+    next attempt's seed, so each job yields exactly one non-empty row. `first_attempt`: the
+    jobs' earlier attempts were drawn elsewhere (the server's chunked requests).
     """
     gate = asyncio.Semaphore(max_in_flight)
 
     async def run(label: str, index: int) -> dict:
         async with gate:
             tokens = 0
-            for attempt in range(max_attempts):
+            for attempt in range(first_attempt, max_attempts):
                 text, used = await generate(label, example_seed(seed, label, index, attempt))
                 tokens += used
                 if accepts(schema, text):
