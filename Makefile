@@ -35,7 +35,7 @@ demo: $(STAMP)
 	$(BIN)/dpsynth run --output runs/demo
 
 test: $(STAMP)
-	$(BIN)/python -m pytest -q tests
+	$(BIN)/python -m pytest -q --durations=25 tests
 
 clean:
 	rm -rf $(VENV) runs

@@ -303,16 +303,23 @@ def test_long_documents_keep_their_length_and_cuts_are_reported(tiny_job, tmp_pa
     vocab = "great awful story cast plot film scene actor music camera dialogue ending".split()
     rows = [{"review": " ".join(rng.choice(vocab, size=int(n))), "sentiment": "pos" if i % 2 else "neg"}
             for i, n in enumerate(rng.integers(140, 180, size=160))]
-    outlier = " ".join(["epilogue"] * 400)  # one text far past the 95th percentile
-    rows[0]["review"] = outlier
     path = tmp_path / "long.jsonl"
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     ov = overrides_dict(tiny_job)
     for key in ("model.max_length", "sampling.max_new_tokens"):
         ov.pop(key)
     ov.update({"data.source": str(path), "sampling.num_examples": "6", "privacy.epsilon": "8",
                "evaluation.zero_shot_examples": "0", "evaluation.attack_examples": "10"})
     job = [f"{k}={v}" for k, v in ov.items()]
+    # one text far past the 95th percentile, in train: the split is a keyed hash under the owner's key (made here,
+    # before the run), so the outlier is picked among a few variants to be one the key puts in train
+    key = ledger_secret(ov["privacy.ledger"])
+    for extra in range(50):
+        rows[0]["review"] = " ".join(["epilogue"] * (400 + extra))
+        path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+        if any(ex.text.startswith("epilogue") for ex in prepare(load_config(None, job).data, key).train):
+            break
+    else:
+        raise AssertionError("no outlier variant fell in train")
     res = cli("run", "--quiet", *sets(job))
     assert res.returncode == 0, res.stderr[-3000:]
     run_dir = Path(ov["output_dir"])
