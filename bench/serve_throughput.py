@@ -1,5 +1,6 @@
-"""Serving throughput, side by side in one run: the /v1/corpus endpoint vs the raw offline vLLM engine,
-and the vLLM engine vs the transformers engine at batch 64 and 256.
+"""Serving throughput, side by side in one run: the /v1/corpus endpoint vs the raw offline vLLM engine, the endpoint
+on the merged run vs the same run as a LoRA adapter loaded from an object store (`lora_store`, multi-LoRA; a local
+moto S3 server here), and the vLLM engine vs the transformers engine at batch 64 and 256.
 
 Every phase runs in a fresh subprocess (one engine in memory at a time) on the same certified
 adapter, merged into the base weights (the bulk-sampling mode), with the same sampling
@@ -100,11 +101,30 @@ def phase_transformers(args) -> dict:
     return out
 
 
-def phase_serve(args) -> dict:
-    """The /v1/corpus endpoint on a local Ray Serve LLM app (one LLMServer replica: vLLM on the merged run), timed by
-    an HTTP client."""
+def _free_port() -> int:
     import socket
 
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _moto_store() -> str:
+    """A local S3 server (moto) with one bucket, as a dpsynth store URI; credentials for this process and Ray's."""
+    import pyarrow.fs as pafs
+    from moto.server import ThreadedMotoServer
+
+    port = _free_port()
+    ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False).start()
+    os.environ.update({"AWS_ACCESS_KEY_ID": "bench", "AWS_SECRET_ACCESS_KEY": "bench", "AWS_EC2_METADATA_DISABLED": "true"})
+    pafs.S3FileSystem(endpoint_override=f"127.0.0.1:{port}", scheme="http", region="us-east-1",
+                      allow_bucket_creation=True).create_dir("bench")
+    return f"s3://bench/lora?endpoint_override=127.0.0.1:{port}&scheme=http&region=us-east-1"
+
+
+def phase_serve(args, lora: bool = False) -> dict:
+    """The /v1/corpus endpoint on a local Ray Serve LLM app (one LLMServer replica: vLLM on the merged run, or with
+    `lora` on the base with the run as a LoRA adapter from the store), timed by an HTTP client."""
     import httpx
     import ray
     from ray import serve
@@ -115,14 +135,13 @@ def phase_serve(args) -> dict:
     adapter = _adapter(args.run)
     _merged(args.run)  # cached before the clock starts, as for the offline phase
     tok = AutoTokenizer.from_pretrained(adapter.adapter_dir)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = _free_port()
+    store = {"lora_store": _moto_store()} if lora else {}
     ray.init(address="local", include_dashboard=False, log_to_driver=False)
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": port})
         t0 = time.perf_counter()
-        serve.run(build_app({"adapters": [args.run], "engine": "vllm", "max_model_len": 512,
+        serve.run(build_app({"adapters": [args.run], "engine": "vllm", "max_model_len": 512, **store,
                              "max_num_seqs": 256, "limits": {"max_examples_per_request": args.examples}}), name="dpsynth")
         startup = time.perf_counter() - t0
         body = {"adapter": adapter.name, "label_mix": "uniform", "temperature": args.temperature, "top_p": args.top_p,
@@ -142,7 +161,8 @@ def phase_serve(args) -> dict:
         ray.shutdown()
 
 
-PHASES = {"offline": phase_offline, "transformers": phase_transformers, "serve": phase_serve}
+PHASES = {"offline": phase_offline, "transformers": phase_transformers, "serve": phase_serve,
+          "serve_lora": lambda args: phase_serve(args, lora=True)}
 
 
 def main() -> None:
@@ -166,7 +186,7 @@ def main() -> None:
         return
     _merged(args.run)  # merge once, outside every timed phase
     results = {}
-    for phase in ("offline", "serve", "transformers"):
+    for phase in ("offline", "serve", "serve_lora", "transformers"):
         with tempfile.NamedTemporaryFile(suffix=".json") as out:
             cmd = [sys.executable, __file__, *sys.argv[1:], "--phase", phase, "--phase-out", out.name]
             proc = subprocess.run(cmd, capture_output=True, text=True)
@@ -181,6 +201,9 @@ def main() -> None:
     endpoint, raw = tps(results["serve"]["corpus"]), tps(results["offline"]["corpus"])
     rows = [{"what": f"corpus of {args.examples}", "vllm_offline_tok_s": round(raw, 1), "endpoint_tok_s": round(endpoint, 1),
              "endpoint_over_offline": round(endpoint / raw, 3)}]
+    lora = tps(results["serve_lora"]["corpus"])
+    rows.append({"what": f"corpus of {args.examples}, endpoint", "merged_tok_s": round(endpoint, 1),
+                 "lora_store_tok_s": round(lora, 1), "lora_over_merged": round(lora / endpoint, 3)})
     for b in args.batches:
         v, t = tps(results["offline"][f"batch_{b}"]), tps(results["transformers"][f"batch_{b}"])
         rows.append({"what": f"batch {b}", "vllm_tok_s": round(v, 1), "transformers_tok_s": round(t, 1),
@@ -190,12 +213,14 @@ def main() -> None:
     meta = {"date": date.today().isoformat(), "machine": f"{platform.node()} {platform.machine()}, {os.cpu_count()} cores",
             "device": "cuda" if torch.cuda.is_available() else "cpu", "run": args.run, "examples": args.examples,
             "max_tokens": args.max_tokens, "temperature": args.temperature, "top_p": args.top_p, "threads": args.threads,
-            "weights": "adapter merged into the base", "command": "python " + " ".join(sys.argv)}
+            "weights": "adapter merged into the base (serve_lora: LoRA on the base)", "command": "python " + " ".join(sys.argv)}
     print("| comparison | A tok/s | B tok/s | B/A |")
     print("|---|---|---|---|")
     print(f"| corpus: offline vLLM (A) vs /v1/corpus (B) | {rows[0]['vllm_offline_tok_s']} | {rows[0]['endpoint_tok_s']} | "
           f"{rows[0]['endpoint_over_offline']} |")
-    for r in rows[1:]:
+    print(f"| corpus: /v1/corpus merged (A) vs LoRA from lora_store (B) | {rows[1]['merged_tok_s']} | "
+          f"{rows[1]['lora_store_tok_s']} | {rows[1]['lora_over_merged']} |")
+    for r in rows[2:]:
         print(f"| {r['what']}: transformers (A) vs vLLM (B) | {r['transformers_tok_s']} | {r['vllm_tok_s']} | "
               f"{r['vllm_over_transformers']} |")
     print(json.dumps(meta))

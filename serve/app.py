@@ -1,7 +1,8 @@
 """App builder: `serve run serve/config.yaml`, `serve run serve.app:build_app adapters=...`, or `dpsynth serve`.
 
 build_app(args) validates the args (dpsynth.config.ServeConfig), refuses adapters whose certificate is not in the
-privacy ledger, and wires Ray Serve LLM: our Ingress (OpenAiIngress + /v1/corpus) -> one LLM deployment per run.
+privacy ledger, and wires Ray Serve LLM: our Ingress (OpenAiIngress + /v1/corpus) -> one LLM deployment per run
+(merged into its base), or per base model serving its runs as LoRA adapters from `lora_store` (serve/lora.py).
 
 The ledger is the server's own (`ledger` in the args, else DPSYNTH_LEDGER, else ~/.dpsynth/ledger.sqlite), resolved
 once here and handed to every replica; never the ledger a run directory's config names.
@@ -80,24 +81,27 @@ def autoscaling(cfg: ServeConfig) -> dict:
             "initial_replicas": cfg.min_replicas, "target_ongoing_requests": cfg.target_ongoing_requests}
 
 
-def llm_config(adapter, model_dir: str, cfg: ServeConfig):
-    """Ray Serve LLM's `LLMConfig` for one certified run, merged into its base weights: Serve loads LoRA adapters only
-    from an object store, so each local run is its own model. `cfg.llm_config` is merged over it, key by key."""
+def llm_config(model_id: str, model_dir: str, adapters: list, cfg: ServeConfig, lora: dict | None = None):
+    """Ray Serve LLM's `LLMConfig` for one engine deployment: a run merged into its base weights (`lora` None), or a
+    base model serving `adapters` as LoRA from the store (`lora`: {suffix: sha256 of its files}). `cfg.llm_config`
+    is merged over it, key by key."""
     from ray.serve.llm import LLMConfig
 
     from dpsynth.sample.batch import ENGINE_ENV
     from dpsynth.sample.engines import vllm_engine_kwargs
 
+    from .lora import CERTIFIED, ray_location
+
     if cfg.cpus_per_replica <= 0 and cfg.gpus_per_replica <= 0:
         raise UserError("cpus_per_replica: the vllm engine needs some CPU or GPU per replica (cpus_per_replica > 0)")
-    engine = vllm_engine_kwargs(model_dir, dtype=adapter.model.dtype, lora_ranks=None, max_model_len=cfg.max_model_len,
-                                max_num_seqs=cfg.max_num_seqs, enforce_eager=cfg.enforce_eager)
+    engine = vllm_engine_kwargs(model_dir, dtype=adapters[0].model.dtype, lora_ranks=[a.rank for a in adapters] if lora else None,
+                                max_model_len=cfg.max_model_len, max_num_seqs=cfg.max_num_seqs, enforce_eager=cfg.enforce_eager)
     del engine["model"]  # Ray sets it from model_source
     # generation_config "vllm": no sampling defaults read from the model's files; every request says what it samples.
     engine.update(disable_log_stats=False, generation_config="vllm")
     bundle = {"CPU": cfg.cpus_per_replica, "GPU": cfg.gpus_per_replica}
     base = {
-        "model_loading_config": {"model_id": adapter.name, "model_source": model_dir},
+        "model_loading_config": {"model_id": model_id, "model_source": model_dir},
         "placement_group_config": {"bundle_per_worker": bundle},  # without it the replica asks for a GPU
         "engine_kwargs": engine,
         "runtime_env": {"env_vars": dict(ENGINE_ENV)},
@@ -106,19 +110,50 @@ def llm_config(adapter, model_dir: str, cfg: ServeConfig):
             "autoscaling_config": autoscaling(cfg),
             "ray_actor_options": {"num_cpus": 0}, "health_check_period_s": 10, "graceful_shutdown_timeout_s": 5},
     }
+    if lora:
+        path, env = ray_location(cfg.lora_store)
+        base["lora_config"] = {"dynamic_lora_loading_path": path, "max_num_adapters_per_replica": len(lora)}
+        base["runtime_env"]["env_vars"].update(env)
+        base["experimental_configs"] = {CERTIFIED: lora}
     try:
         return LLMConfig.model_validate(merge_trees(base, cfg.llm_config))
     except ValidationError as e:
         raise UserError(describe_validation_error(e, "llm_config")) from None
 
 
+def vllm_deployments(adapters: dict, cfg: ServeConfig) -> tuple[dict, dict[str, str]]:
+    """({engine model id: LLM deployment}, {run name: the model id it is asked for by}). Local runs: one merged model
+    per run. `lora_store`: the certified adapters are published there, and each base model is one deployment serving
+    its runs as `<base id>:<name>-<sha12>` (Ray Serve LLM multi-LoRA), loaded by CertifiedLoraLoader only."""
+    from ray.serve.llm import build_llm_deployment
+
+    from dpsynth.models import cache_dir, resolve_base
+    from dpsynth.sample.adapters import merged_model_dir
+
+    from .lora import CertifiedLoraLoader, LoraVLLMEngine, publish
+
+    if cfg.lora_store is None:
+        deployments = {name: build_llm_deployment(llm_config(name, str(merged_model_dir(a, cache_dir())), [a], cfg))
+                       for name, a in adapters.items()}
+        return deployments, {name: name for name in adapters}
+    groups: dict[tuple, list] = {}
+    for a in adapters.values():  # one engine per base model (its weights' digest and dtype)
+        groups.setdefault((a.certificate.base_model.sha256, a.model.dtype), []).append(a)
+    deployments, routes = {}, {}
+    for (sha, dtype), group in groups.items():
+        base_id = f"base-{sha[:12]}-{dtype}"
+        published = dict(publish(a, cfg.lora_store) for a in group)
+        c = llm_config(base_id, str(resolve_base(group[0].model.base)), group, cfg, lora=published)
+        deployments[base_id] = build_llm_deployment(c, bind_kwargs={"model_downloader": CertifiedLoraLoader,
+                                                                   "engine_cls": LoraVLLMEngine})
+        routes.update({a.name: f"{base_id}:{suffix}" for a, suffix in zip(group, published)})
+    return deployments, routes
+
+
 def build_app(args: dict):
     """Ingress -> one LLM deployment per served run: Ray's LLMServer (vllm) or TransformersServer (transformers)."""
     from ray import serve
     from ray.llm._internal.serve.core.configs.openai_api_models import ModelCard  # not re-exported by ray.serve.llm
-
-    from dpsynth.models import cache_dir
-    from dpsynth.sample.adapters import merged_model_dir
 
     from .ingress import Ingress
     from .transformers_server import TransformersServer
@@ -127,19 +162,18 @@ def build_app(args: dict):
     on = auth_on(cfg)
     specs = [(name, str(a.run_dir)) for name, a in adapters.items()]
     if cfg.engine == "vllm":
-        from ray.serve.llm import build_llm_deployment
-
-        configs = {name: llm_config(a, str(merged_model_dir(a, cache_dir())), cfg) for name, a in adapters.items()}
-        deployments = {name: build_llm_deployment(c) for name, c in configs.items()}
+        deployments, routes = vllm_deployments(adapters, cfg)
     else:
         server = TransformersServer.options(
             autoscaling_config=autoscaling(cfg),
             ray_actor_options={"num_cpus": cfg.cpus_per_replica, "num_gpus": cfg.gpus_per_replica},
         ).bind(specs, str(cfg.ledger), cfg.merged, cfg.max_num_seqs)
         deployments = dict.fromkeys(adapters, server)  # one engine holds every adapter (LoRA switched per batch)
-    cards = {name: ModelCard(id=name, object="model", owned_by="dpsynth", permission=[], metadata=a.public_info())
-             for name, a in adapters.items()}
-    ingress_cfg = {**cfg.model_dump(mode="json"), "_adapters": specs, "_auth_on": on}
+        routes = {name: name for name in adapters}
+    # Ray's ingress wants a card per deployment; /v1/models is ours (one entry per certified run)
+    cards = {model_id: ModelCard(id=model_id, object="model", owned_by="dpsynth", permission=[], metadata={})
+             for model_id in deployments}
+    ingress_cfg = {**cfg.model_dump(mode="json"), "_adapters": specs, "_routes": routes, "_auth_on": on}
     # CPU generation can take longer than Ray's 600 s router timeout for one request.
     env = {"RAY_SERVE_LLM_ROUTER_HTTP_TIMEOUT": str(int(cfg.retry_timeout_s + 3600))}
     return serve.deployment(Ingress, name="Ingress", num_replicas=1, max_ongoing_requests=cfg.limits.max_concurrent_requests + 32,

@@ -3,8 +3,9 @@
 `DpsynthIngress` is `ray.serve.llm`'s `OpenAiIngress`: `/v1/completions` and `/v1/chat/completions` are Ray's
 (vLLM's OpenAI server behind them), after our limits. dpsynth adds `/v1/corpus` (exact per-label counts, attribute
 filters, JSONL/CSV), `/v1/models` with each adapter's certificate, `/healthz`, bearer-token auth, the
-concurrent-request limit (429) and 4xx messages naming the field. Behind it, one LLM deployment per model id:
-Ray's `LLMServer` (vLLM), or `TransformersServer`, which speaks the same protocol.
+concurrent-request limit (429) and 4xx messages naming the field. Behind it, LLM deployments: Ray's `LLMServer`
+(vLLM; a run merged into its base, or a base serving runs as LoRA `<base>:<name>-<sha12>`, which `routes` maps
+each run's name to), or `TransformersServer`, which speaks the same protocol. Clients only ever name runs.
 
 A corpus is a set of (label, index) jobs, each with its own seed. Jobs of one label go to the engine in chunks, one
 request for n completions (a record of several fields: one completion per field and job); Serve spreads the
@@ -81,6 +82,24 @@ async def _bad_body(_: Request, e: RequestValidationError):
     return error_response(400, f"{where}: {err['msg']}")
 
 
+def named(response, model_id: str, name: str):
+    """Ray's response with the engine's model id (`<base>:<suffix>` under multi-LoRA) back to the run's name."""
+    if model_id == name:
+        return response
+    old, new = json.dumps(model_id).encode(), json.dumps(name).encode()
+    if isinstance(response, StreamingResponse):
+        async def renamed(chunks):
+            async for chunk in chunks:  # one SSE event per chunk: the id never straddles two
+                yield (chunk.encode() if isinstance(chunk, str) else chunk).replace(old, new)
+
+        response.body_iterator = renamed(response.body_iterator)
+        return response
+    body = json.loads(response.body)
+    if isinstance(body, dict) and body.get("model") == model_id:
+        body["model"] = name
+    return JSONResponse(body, status_code=response.status_code)
+
+
 class Guard:
     """ASGI middleware: bearer-token auth and the concurrent-request limit, for the whole life of a (streamed) response.
     Ray's ingress turns Serve's own back-pressure off (max_ongoing_requests 1e9), so the limit lives here."""
@@ -130,7 +149,7 @@ class DpsynthIngress(OpenAiIngress):
         from transformers import AutoTokenizer
 
         cfg = dict(cfg)
-        specs, on = cfg.pop("_adapters"), cfg.pop("_auth_on")
+        specs, self.routes, on = cfg.pop("_adapters"), cfg.pop("_routes"), cfg.pop("_auth_on")
         self.cfg = ServeConfig.model_validate(cfg)
         self.token = self.cfg.token if on else None
         self.adapters = {name: load_certified(path, name, self.cfg.ledger) for name, path in specs}
@@ -169,8 +188,8 @@ class DpsynthIngress(OpenAiIngress):
     @app.get("/healthz")
     async def healthz(self):
         try:
-            for name in self.adapters:
-                await asyncio.wait_for(self._default_serve_handles[name].check_health.remote(), timeout=30)
+            for handle in self._default_serve_handles.values():
+                await asyncio.wait_for(handle.check_health.remote(), timeout=30)
         except Exception as e:  # noqa: BLE001 -- any failure is "not healthy", reported as such
             return error_response(503, f"engine unavailable: {type(e).__name__}", "unavailable")
         return {"status": "ok", "engine": self.cfg.engine, "adapters": list(self.adapters)}
@@ -258,12 +277,13 @@ class DpsynthIngress(OpenAiIngress):
 
     async def _complete(self, adapter: str, prompt: list[int], body: dict, seed: int, n: int = 1) -> list[str]:
         """n seeded completions (seeds seed .. seed + n - 1) in one engine request, asked again if its replica dies."""
-        request = CompletionRequest(model=adapter, prompt=prompt, seed=seed, n=n, stop_token_ids=self.stop_ids,
+        model = self.routes[adapter]
+        request = CompletionRequest(model=model, prompt=prompt, seed=seed, n=n, stop_token_ids=self.stop_ids,
                                     skip_special_tokens=True, **body)
         deadline, delay = time.monotonic() + self.cfg.retry_timeout_s, 0.5
         while True:
             try:
-                async for out in self._get_configured_serve_handle(adapter).completions.remote(request, None):
+                async for out in self._get_configured_serve_handle(model).completions.remote(request, None):
                     if isinstance(out, ErrorResponse):
                         raise RuntimeError(f"engine refused a corpus job: {out.error.message}")
                     self.tokens.inc(out.usage.completion_tokens, tags={"adapter": adapter})
@@ -316,13 +336,15 @@ class DpsynthIngress(OpenAiIngress):
         longest = max(len(p) for p in prompts)
         if longest + max_tokens > self.cfg.max_model_len:
             raise ApiError(400, f"prompt: {longest} tokens + max_tokens {max_tokens} exceed the context {self.cfg.max_model_len}")
-        return await super().completions(body.model_copy(update={"max_tokens": max_tokens}), request)
+        routed = body.model_copy(update={"max_tokens": max_tokens, "model": self.routes[body.model]})
+        return named(await super().completions(routed, request), routed.model, body.model)
 
     async def chat(self, body: ChatCompletionRequest, request: Request):
         self._adapter(body.model)
         self._check_count(body.n or 1)
         max_tokens = self._max_tokens(body.max_completion_tokens or body.max_tokens or 16)
-        return await super().chat(body.model_copy(update={"max_tokens": max_tokens, "max_completion_tokens": None}), request)
+        routed = body.model_copy(update={"max_tokens": max_tokens, "max_completion_tokens": None, "model": self.routes[body.model]})
+        return named(await super().chat(routed, request), routed.model, body.model)
 
 
 Ingress = make_fastapi_ingress(DpsynthIngress, endpoint_map=ENDPOINTS, app=app)

@@ -119,7 +119,8 @@ def test_dp_generator_resists_the_loss_attack(tiny_model_dir):
     stays at chance and within the certified epsilon; with sigma=1e-3 (no privacy) the same attack catches the
     members. A test that passed with any sigma would not be testing the noise."""
     rows = toy(128, seed=30)
-    mem, non = rows[:64], rows[64:]
+    order = np.random.default_rng(30).permutation(len(rows))  # members by a seeded draw, not by id (#0-#63 vs #64-)
+    mem, non = [rows[i] for i in order[:64]], [rows[i] for i in order[64:]]
     q, steps, delta = 0.25, 100, 1e-5
     sigma = calibrate(lambda s: (SampledGaussian(s, q, steps),), 1.0, delta, accountant="prv")
     eps = epsilon([SampledGaussian(sigma, q, steps)], delta, "prv")
@@ -132,7 +133,7 @@ def test_dp_generator_resists_the_loss_attack(tiny_model_dir):
         auc[name] = reps["loss"]["auc"]
         if name == "dp":
             for k, rep in reps.items():
-                assert 0.35 < rep["auc"] < 0.65, (k, rep)
+                assert 0.3 < rep["auc"] < 0.7, (k, rep)  # chance: an AUC's sd on 64 vs 64 is about 0.05
                 assert rep["epsilon_lower_bound"] <= eps, (k, rep)
     assert sigma > 5  # a real privacy noise level...
     assert auc["no_noise"] > 0.7 and auc["no_noise"] > auc["dp"] + 0.15, auc  # ...that is what stops the attack

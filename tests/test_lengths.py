@@ -26,10 +26,11 @@ def test_the_dp_length_histogram_is_stable_for_a_small_dataset():
     sigma = calibrate_histogram(0.02, 8.0, 1e-5, "prv")
     units = [[bin_of(int(n))] for n in np.random.default_rng(0).integers(130, 190, size=128)]
     cats = [str(b) for b in LENGTH_BINS]
-    found = {covering_length(release(units, cats, sigma, floor=LENGTH_FLOOR), 95) for _ in range(200)}
+    rng = np.random.default_rng(1)  # seeded: a rare draw (about 1e-4 per release) may cross a bin edge
+    found = {covering_length(release(units, cats, sigma, rng=rng, floor=LENGTH_FLOOR), 95) for _ in range(200)}
     assert found == {192}
     # without the floor the same noise would wander off
-    loose = {covering_length(release(units, cats, sigma), 95) for _ in range(50)}
+    loose = {covering_length(release(units, cats, sigma, rng=rng), 95) for _ in range(50)}
     assert max(loose) > 192
 
 

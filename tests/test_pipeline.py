@@ -19,7 +19,7 @@ from dpsynth.privacy.secret import ledger_secret
 from dpsynth.privacy import Ledger, epsilon, from_dict
 from dpsynth.privacy.certificate import Certificate
 
-from conftest import make_rows
+from conftest import TEST_SECRET, make_rows
 
 
 def cli(*args: str) -> subprocess.CompletedProcess:
@@ -307,19 +307,17 @@ def test_long_documents_keep_their_length_and_cuts_are_reported(tiny_job, tmp_pa
     ov = overrides_dict(tiny_job)
     for key in ("model.max_length", "sampling.max_new_tokens"):
         ov.pop(key)
+    # length share 0.1 (not the default 0.02): two runs' noisy lengths then agree but for about 1e-4 of draws
     ov.update({"data.source": str(path), "sampling.num_examples": "6", "privacy.epsilon": "8",
-               "evaluation.zero_shot_examples": "0", "evaluation.attack_examples": "10"})
+               "privacy.length_budget_share": "0.1", "evaluation.zero_shot_examples": "0", "evaluation.attack_examples": "10"})
     job = [f"{k}={v}" for k, v in ov.items()]
-    # one text far past the 95th percentile, in train: the split is a keyed hash under the owner's key (made here,
-    # before the run), so the outlier is picked among a few variants to be one the key puts in train
-    key = ledger_secret(ov["privacy.ledger"])
-    for extra in range(50):
-        rows[0]["review"] = " ".join(["epilogue"] * (400 + extra))
-        path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-        if any(ex.text.startswith("epilogue") for ex in prepare(load_config(None, job).data, key).train):
-            break
-    else:
-        raise AssertionError("no outlier variant fell in train")
+    rows[0]["review"] = " ".join(["epilogue"] * 400)  # one text far past the 95th percentile
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    # The split is a keyed hash under the owner's key: pinned (for this run and the second one below), so the outlier
+    # is in train and the test split is not empty whatever the draw; the lengths' DP noise is what varies.
+    for ledger in (ov["privacy.ledger"], tmp_path / "ledger2.sqlite"):
+        Path(f"{ledger}.key").write_bytes(TEST_SECRET)
+    assert any(ex.text.startswith("epilogue") for ex in prepare(load_config(None, job).data, TEST_SECRET).train)
     res = cli("run", "--quiet", *sets(job))
     assert res.returncode == 0, res.stderr[-3000:]
     run_dir = Path(ov["output_dir"])
@@ -327,7 +325,7 @@ def test_long_documents_keep_their_length_and_cuts_are_reported(tiny_job, tmp_pa
     released = load_config(run_dir / "config.yaml")
     assert released.model.max_length > 128 and released.sampling.max_new_tokens >= 128  # from the data, not 64
     assert cert["lengths"] == {"max_length": released.model.max_length, "max_new_tokens": released.sampling.max_new_tokens}
-    assert cert["length_histogram"]["budget_share"] == 0.02
+    assert cert["length_histogram"]["budget_share"] == 0.1
     lengths = json.loads(owner_path(run_dir, "metrics.json").read_text())["lengths"]
     assert lengths["source"] == "dp histogram" and lengths["truncated"] >= 1  # the outlier was cut, and counted
     assert f"cut to {lengths['text_tokens']} tokens" in _flat(res.stdout)

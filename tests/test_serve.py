@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import csv
+import hashlib
 import io
 import json
 import os
@@ -27,19 +28,20 @@ import pytest
 from dpsynth.config import SamplingConfig, load_config
 from dpsynth.errors import UserError
 
-from conftest import free_port, make_rows
+from conftest import TEST_SECRET, free_port, make_rows
 
 TOKEN = "s3cret-test-token"
 
 
 @pytest.fixture(scope="module")
-def ray_local():
+def ray_local(s3):
     import ray
 
     if ray.is_initialized():
         ray.shutdown()  # a Ray left by an earlier module
     port = free_port()
-    # logical CPUs: two vLLM engines (one per run), two transformers servers and a Ray Data job side by side
+    # logical CPUs: two vLLM engines (alpha + beta as LoRA on one base; alpha merged), two transformers servers and a
+    # Ray Data job side by side. After the s3 fixture: the workers inherit its credentials.
     ray.init(address="local", num_cpus=6, include_dashboard=False, _metrics_export_port=port,
              _system_config={"metrics_report_interval_ms": 1000})
     yield port
@@ -52,6 +54,9 @@ def runs(ray_local, tmp_path_factory, vllm_tiny_model_dir):
     from dpsynth.train.driver import train
 
     root = tmp_path_factory.mktemp("serve-runs")
+    # the owner's key pinned: these small datasets group into ~30 units, and a random key leaves the long one's test
+    # split empty about one time in 25
+    (root / "ledger.sqlite.key").write_bytes(TEST_SECRET)
     data = root / "reviews.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in make_rows(240)))
     common = [f"data.source={data}", "data.text_column=review", "data.label_column=sentiment",
@@ -93,16 +98,23 @@ def runs(ray_local, tmp_path_factory, vllm_tiny_model_dir):
 
 
 @pytest.fixture(scope="module")
-def server(ray_local, runs):
+def lora_store(s3, tmp_path_factory):
+    return s3(f"lora-{tmp_path_factory.getbasetemp().name}")  # a prefix of its own per session
+
+
+@pytest.fixture(scope="module")
+def server(ray_local, runs, lora_store):
     from ray import serve
 
     from serve.app import build_app
 
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
-    main = {"adapters": [str(runs["dirs"]["alpha"]), str(runs["dirs"]["beta"])], "ledger": str(runs["ledger"]),
-            "engine": "vllm", "enforce_eager": True, "max_model_len": 128, "chunk_size": 16,
-            "limits": {"max_examples_per_request": 500, "max_tokens": 64}}
+    vllm = {"ledger": str(runs["ledger"]), "engine": "vllm", "enforce_eager": True, "max_model_len": 128}
+    # both runs as LoRA adapters on one vLLM engine, loaded from the object store (Ray Serve LLM multi-LoRA)
+    main = {**vllm, "adapters": [str(runs["dirs"]["alpha"]), str(runs["dirs"]["beta"])], "lora_store": lora_store,
+            "chunk_size": 16, "limits": {"max_examples_per_request": 500, "max_tokens": 64}}
+    merged = {**vllm, "adapters": [str(runs["dirs"]["alpha"])]}  # a local run: merged into its base weights
     secure = {"adapters": [f"gamma={runs['dirs']['alpha']}"], "ledger": str(runs["ledger"]), "engine": "transformers",
               "auth": "on", "token": TOKEN, "max_model_len": 128, "cpus_per_replica": 0.5,
               "limits": {"max_concurrent_requests": 2, "max_tokens": 32}}
@@ -110,6 +122,7 @@ def server(ray_local, runs):
             "cpus_per_replica": 0.5}  # max_model_len and limits.max_tokens auto: from the run's lengths
     serve.run(build_app(secure), name="secure", route_prefix="/secure")
     serve.run(build_app(long), name="long", route_prefix="/long")
+    serve.run(build_app(merged), name="merged", route_prefix="/merged")
     serve.run(build_app(main), name="dpsynth", route_prefix="/")
     yield f"http://127.0.0.1:{port}"
     serve.shutdown()
@@ -226,6 +239,82 @@ def test_openai_streaming_completion(server):
     chunks = list(openai_client(server).completions.create(model="alpha", prompt="[reviews][neg]: ", max_tokens=6, stream=True))
     assert len(chunks) >= 2 and chunks[-1].choices[0].finish_reason in ("stop", "length")
     assert "".join(c.choices[0].text for c in chunks).strip()
+
+
+def test_runs_of_one_base_share_one_engine_loaded_from_the_lora_store(server, runs, lora_store):
+    """lora_store: alpha and beta are one LLMServer (their base) with each run a LoRA adapter Ray loads from the
+    store; the store holds exactly each certificate's files, under <name>-<sha12>; answers name the run."""
+    from ray import serve
+
+    from dpsynth.storage import Storage
+
+    deployments = serve.status().applications["dpsynth"].deployments
+    engines = [d for d in deployments if d.startswith("LLMServer:")]
+    assert len(engines) == 1 and engines[0].startswith("LLMServer:base-")
+    store, expected = Storage(lora_store), set()
+    for name, run in runs["dirs"].items():
+        sha = json.loads((run / "certificate.json").read_text())["artefacts"]["adapter"]
+        folder = f"{name}-{sha[:12]}"
+        expected |= {f"{folder}/adapter_model.safetensors", f"{folder}/adapter_config.json"}
+        assert hashlib.sha256(store.read_bytes(f"{folder}/adapter_model.safetensors")).hexdigest() == sha
+    listed = {f"{d}/{f}" for d in store.listdir() for f in store.listdir(d)}
+    assert listed == expected  # nothing of the owner's beside the certified files
+    out = openai_client(server).completions.create(model="beta", prompt="[reviews][neg]: ", max_tokens=4, seed=1)
+    assert out.model == "beta"
+    with pytest.raises(Exception, match="not served"):  # the engine's own ids are not a way around the check
+        openai_client(server).completions.create(model=f"{engines[0].split(':', 1)[1]}:{folder}", prompt="x", max_tokens=2)
+
+
+def test_a_replica_loads_only_certified_adapters_and_checks_their_bytes(runs, s3, monkeypatch):
+    """CertifiedLoraLoader, the replica's downloader, on Ray's real download path: an id the builder did not certify
+    is refused before any download, and files changed in the store are refused after it (the store is shared
+    storage, not part of the certificate)."""
+    from dpsynth.sample.adapters import load_certified
+    from dpsynth.storage import Storage
+    from serve.app import llm_config, parse_config
+    from serve.lora import CertifiedLoraLoader, publish, ray_location
+
+    store = s3(f"lora-check-{os.getpid()}")
+    cfg = parse_config({"adapters": [str(runs["dirs"]["alpha"])], "ledger": str(runs["ledger"]), "lora_store": store,
+                        "max_model_len": 128})
+    adapter = load_certified(runs["dirs"]["alpha"], None, cfg.ledger)
+    suffix, digests = publish(adapter, store)
+    llm = llm_config("base", str(runs["dirs"]["alpha"]), [adapter], cfg, lora={suffix: digests})
+    assert llm.engine_kwargs["enable_lora"] and llm.engine_kwargs["max_lora_rank"] >= 2
+    for key, value in ray_location(store)[1].items():  # what the replicas get in their runtime_env
+        monkeypatch.setenv(key, value)
+        assert llm.runtime_env["env_vars"][key] == value
+    disk = asyncio.run(CertifiedLoraLoader().load_model_from_config(f"base:{suffix}", llm))
+    assert hashlib.sha256((Path(disk.local_path) / "adapter_model.safetensors").read_bytes()).hexdigest() == digests["adapter_model.safetensors"]
+    with pytest.raises(ValueError, match="not one this server certified"):
+        asyncio.run(CertifiedLoraLoader().load_model_from_config("base:beta-000000000000", llm))
+    Storage(store).child(suffix).write_bytes("adapter_model.safetensors", b"not the certified weights")
+    with pytest.raises(ValueError, match="do not match its certificate"):
+        asyncio.run(CertifiedLoraLoader().load_model_from_config(f"base:{suffix}", llm))
+    assert not Path(disk.local_path).exists()  # the bad copy is not left in Ray's node-wide cache
+
+
+def test_a_local_run_is_served_merged_into_its_base(server):
+    """Without lora_store, a run is its own vLLM model: its weights merged into the base."""
+    from ray import serve
+
+    assert [d for d in serve.status().applications["merged"].deployments if d.startswith("LLMServer:")] == ["LLMServer:alpha"]
+    oc = openai_client(f"{server}/merged")
+    assert [m.id for m in oc.models.list().data] == ["alpha"]
+    out = oc.completions.create(model="alpha", prompt="[reviews][pos]: ", max_tokens=5, seed=3)
+    assert out.model == "alpha" and out.choices[0].text
+    with httpx.Client(base_url=f"{server}/merged", timeout=300) as c:
+        assert len(rows_of(corpus(c, num_examples=4))) == 4
+
+
+def test_lora_store_must_be_an_object_store_on_the_vllm_engine(runs):
+    from serve.app import parse_config
+
+    args = {"adapters": [str(runs["dirs"]["alpha"])], "ledger": str(runs["ledger"])}
+    with pytest.raises(UserError, match="lora_store: .*must be an object-store URI"):
+        parse_config({**args, "lora_store": "/tmp/adapters"})
+    with pytest.raises(UserError, match="only the vllm engine"):
+        parse_config({**args, "lora_store": "s3://bucket/lora", "engine": "transformers"})
 
 
 def test_corpus_has_exactly_the_size_and_label_mix_asked_for(client, runs):
@@ -384,7 +473,7 @@ def test_the_serve_config_yaml_is_a_valid_ray_serve_llm_application(runs):
     cfg = parse_config(args)
     adapter = load_certified(runs["dirs"]["alpha"], "demo", cfg.ledger)
     merged = str(merged_model_dir(adapter, cache_dir()))
-    llm = llm_config(adapter, merged, cfg.model_copy(update={"max_model_len": 128}))
+    llm = llm_config("demo", merged, [adapter], cfg.model_copy(update={"max_model_len": 128}))
     assert llm.model_id == "demo" and llm.model_loading_config.model_source == merged
     assert llm.engine_kwargs["kv_cache_memory_bytes"] == 2 << 30 and llm.engine_kwargs["max_num_seqs"] == 256
     assert llm.engine_kwargs["max_model_len"] == 128 and "model" not in llm.engine_kwargs
@@ -392,7 +481,7 @@ def test_the_serve_config_yaml_is_a_valid_ray_serve_llm_application(runs):
     assert llm.deployment_config["graceful_shutdown_timeout_s"] == 30  # the yaml's key, merged over ours
     assert llm.deployment_config["autoscaling_config"]["max_replicas"] == 4
     with pytest.raises(UserError, match="llm_config"):
-        llm_config(adapter, merged, cfg.model_copy(update={"max_model_len": 128, "llm_config": {"placement_group_config": 3}}))
+        llm_config("demo", merged, [adapter], cfg.model_copy(update={"max_model_len": 128, "llm_config": {"placement_group_config": 3}}))
 
 
 # --- privacy ----------------------------------------------------------------------------------------------
@@ -569,15 +658,16 @@ def _engine_replica_pids(app: str, model: str) -> set[int]:
     of model id m `LLMServer:m`."""
     import psutil
 
-    title = f"ray::ServeReplica:{app}:LLMServer:{model}"
+    title = f"ray::ServeReplica:{app}:LLMServer:{model}"  # a prefix: the multi-LoRA engine's id is base-<sha>-<dtype>
     return {p.pid for p in psutil.process_iter(["cmdline"]) if (p.info["cmdline"] or [""])[0].startswith(title)}
 
 
 @pytest.mark.slow
 def test_engine_replica_killed_mid_load_recovers(server, ray_local):
-    """SIGKILL alpha's vLLM LLMServer replica while clients stream corpora: Serve replaces it, the ingress asks
-    again only for the jobs that were on it (same seeds), and every corpus still comes back exact."""
-    (victim,) = _engine_replica_pids("dpsynth", "alpha")
+    """SIGKILL the vLLM LLMServer replica serving alpha (and beta, as LoRA) while clients stream corpora: Serve
+    replaces it, the new replica loads the adapters from the store again, the ingress asks again only for the jobs
+    that were on it (same seeds), and every corpus still comes back exact."""
+    (victim,) = _engine_replica_pids("dpsynth", "base-")
 
     async def scenario():
         load = asyncio.ensure_future(_load(server, clients=6, per_client=1, examples=60))
@@ -588,7 +678,7 @@ def test_engine_replica_killed_mid_load_recovers(server, ray_local):
     results = asyncio.run(scenario())
     _assert_exact(results, 60)
     assert httpx.get(f"{server}/healthz", timeout=60).json()["status"] == "ok"
-    assert _engine_replica_pids("dpsynth", "alpha") - {victim}  # a new replica took over
+    assert _engine_replica_pids("dpsynth", "base-") - {victim}  # a new replica took over
     deadline, retried = time.monotonic() + 60, 0.0
     while time.monotonic() < deadline and not retried:
         text = httpx.get(f"http://127.0.0.1:{ray_local}/metrics", timeout=10).text

@@ -163,10 +163,11 @@ def unlabelled_verdict(mauve: dict | None, lm: dict | None = None) -> dict:
     """Unlabelled data has no classifier utility: the verdict is MAUVE beside the real data's own, and the LM
     utility test's perplexities beside the zero-shot base's."""
     parts = []
-    if mauve:
-        syn, real = mauve["synthetic_vs_test"]["mauve"], mauve["real_train_vs_test"]["mauve"]
+    syn = (mauve or {}).get("synthetic_vs_test", {}).get("mauve")
+    if syn is not None:  # None: too few test texts to score
+        real = mauve["real_train_vs_test"]["mauve"]
         zs = mauve.get("zero_shot_vs_test", {}).get("mauve")
-        parts.append(f"MAUVE {syn:.3f} vs the test split (real train {real:.3f}"
+        parts.append(f"MAUVE {syn:.3f} vs the test split (real train {'n/a' if real is None else f'{real:.3f}'}"
                      + (f", zero-shot floor {zs:.3f}" if zs is not None else "") + ")")
     if lm:
         parts.append(f"an LM fine-tuned on it has test perplexity {lm['synthetic']['perplexity']:.1f} (on the real "
