@@ -384,8 +384,9 @@ class ServeConfig(_Section):
     """vllm engine: an object store (s3://, gs://; dpsynth URI options such as ?endpoint_override= are honoured) the
     runs are served from as LoRA adapters: every run of one base model on one engine (Ray Serve LLM multi-LoRA, per
     replica LRU and adapter-aware routing). dpsynth publishes each certified adapter's weights and config there under
-    `<name>-<sha256[:12]>/`, and a replica loads only those, re-hashed. Unset: each run is merged into its own model
-    (Ray Serve LLM loads LoRA adapters only from an object store)."""
+    `<name>-<sha256[:12]>/`, and a replica loads only those two files, checked against the certificate's pins
+    (serve/lora.py). Unset: each run is merged into its own model (Ray Serve LLM loads LoRA adapters only from an
+    object store)."""
     merged: bool = False
     """transformers engine: serve one adapter merged into the base weights instead of LoRA on the base."""
     host: str = "127.0.0.1"

@@ -10,6 +10,7 @@ once here and handed to every replica; never the ledger a run directory's config
 
 from __future__ import annotations
 
+import hashlib
 import ipaddress
 from pathlib import Path
 
@@ -17,7 +18,8 @@ from pydantic import ValidationError
 
 from dpsynth.config import ServeConfig, describe_validation_error, merge_trees
 from dpsynth.errors import UserError
-from dpsynth.sample.adapters import load_certified, server_ledger
+from dpsynth.sample import with_base
+from dpsynth.sample.adapters import load_certified, same_base, server_ledger
 
 
 def is_loopback(host: str) -> bool:
@@ -68,6 +70,9 @@ def certified_adapters(cfg: ServeConfig) -> tuple[dict, ServeConfig]:
     names = [a.name for a in loaded]
     if len(set(names)) != len(names):
         raise UserError(f"adapters: names must be unique, got {names} (use name=path)")
+    model = same_base(loaded)  # one base: the ingress tokenizes every prompt with its tokenizer
+    # the base a run's config.yaml names must be the certified one (the config is not pinned by the certificate)
+    with_base(model, model.base, loaded[0].certificate, key=f"{loaded[0].run_dir}/config.yaml model.base")
     if cfg.merged and len(loaded) != 1:
         raise UserError(f"merged: the merged-weights mode serves exactly one adapter, not {len(loaded)}")
     limits = cfg.limits.model_copy(update={"max_tokens": max(256, new_tokens)}) if cfg.limits.max_tokens == "auto" else cfg.limits
@@ -83,14 +88,14 @@ def autoscaling(cfg: ServeConfig) -> dict:
 
 def llm_config(model_id: str, model_dir: str, adapters: list, cfg: ServeConfig, lora: dict | None = None):
     """Ray Serve LLM's `LLMConfig` for one engine deployment: a run merged into its base weights (`lora` None), or a
-    base model serving `adapters` as LoRA from the store (`lora`: {suffix: sha256 of its files}). `cfg.llm_config`
-    is merged over it, key by key."""
+    base model serving `adapters` as LoRA from the store (`lora`: {"store": URI, "adapters": {suffix: pins}}).
+    `cfg.llm_config` is merged over it, key by key, except for what decides which weights load."""
     from ray.serve.llm import LLMConfig
 
     from dpsynth.sample.batch import ENGINE_ENV
     from dpsynth.sample.engines import vllm_engine_kwargs
 
-    from .lora import CERTIFIED, ray_location
+    from .lora import CERTIFIED, ray_path
 
     if cfg.cpus_per_replica <= 0 and cfg.gpus_per_replica <= 0:
         raise UserError("cpus_per_replica: the vllm engine needs some CPU or GPU per replica (cpus_per_replica > 0)")
@@ -111,10 +116,15 @@ def llm_config(model_id: str, model_dir: str, adapters: list, cfg: ServeConfig, 
             "ray_actor_options": {"num_cpus": 0}, "health_check_period_s": 10, "graceful_shutdown_timeout_s": 5},
     }
     if lora:
-        path, env = ray_location(cfg.lora_store)
-        base["lora_config"] = {"dynamic_lora_loading_path": path, "max_num_adapters_per_replica": len(lora)}
-        base["runtime_env"]["env_vars"].update(env)
+        base["lora_config"] = {"dynamic_lora_loading_path": ray_path(lora["store"]),
+                               "max_num_adapters_per_replica": len(lora["adapters"])}
         base["experimental_configs"] = {CERTIFIED: lora}
+    for path in (("model_loading_config",), ("lora_config", "dynamic_lora_loading_path"), ("experimental_configs", CERTIFIED)):
+        node = cfg.llm_config
+        for key in path:
+            node = node.get(key) if isinstance(node, dict) else None
+        if node is not None:  # what a replica loads is decided by the certified runs, never by the config
+            raise UserError(f"llm_config.{'.'.join(path)}: set by dpsynth from the certified runs; remove it")
     try:
         return LLMConfig.model_validate(merge_trees(base, cfg.llm_config))
     except ValidationError as e:
@@ -123,31 +133,28 @@ def llm_config(model_id: str, model_dir: str, adapters: list, cfg: ServeConfig, 
 
 def vllm_deployments(adapters: dict, cfg: ServeConfig) -> tuple[dict, dict[str, str]]:
     """({engine model id: LLM deployment}, {run name: the model id it is asked for by}). Local runs: one merged model
-    per run. `lora_store`: the certified adapters are published there, and each base model is one deployment serving
-    its runs as `<base id>:<name>-<sha12>` (Ray Serve LLM multi-LoRA), loaded by CertifiedLoraLoader only."""
+    per run. `lora_store`: the certified adapters are published there and the base is one deployment serving each
+    run as `<base id>:<name>-<sha12>` (Ray Serve LLM multi-LoRA), loaded only through CertifiedLoraLoader."""
     from ray.serve.llm import build_llm_deployment
 
     from dpsynth.models import cache_dir, resolve_base
     from dpsynth.sample.adapters import merged_model_dir
 
-    from .lora import CertifiedLoraLoader, LoraVLLMEngine, publish
+    from .lora import CertifiedLoraLoader, LoraVLLMEngine, publish, ray_path
 
     if cfg.lora_store is None:
         deployments = {name: build_llm_deployment(llm_config(name, str(merged_model_dir(a, cache_dir())), [a], cfg))
                        for name, a in adapters.items()}
         return deployments, {name: name for name in adapters}
-    groups: dict[tuple, list] = {}
-    for a in adapters.values():  # one engine per base model (its weights' digest and dtype)
-        groups.setdefault((a.certificate.base_model.sha256, a.model.dtype), []).append(a)
-    deployments, routes = {}, {}
-    for (sha, dtype), group in groups.items():
-        base_id = f"base-{sha[:12]}-{dtype}"
-        published = dict(publish(a, cfg.lora_store) for a in group)
-        c = llm_config(base_id, str(resolve_base(group[0].model.base)), group, cfg, lora=published)
-        deployments[base_id] = build_llm_deployment(c, bind_kwargs={"model_downloader": CertifiedLoraLoader,
-                                                                   "engine_cls": LoraVLLMEngine})
-        routes.update({a.name: f"{base_id}:{suffix}" for a, suffix in zip(group, published)})
-    return deployments, routes
+    ray_path(cfg.lora_store)  # refused before anything is published
+    runs = list(adapters.values())  # one base (certified_adapters)
+    pins = dict(publish(a, cfg.lora_store) for a in runs)
+    base = runs[0].certificate.base_model
+    base_id = f"base-{(base.sha256 or hashlib.sha256(base.name.encode()).hexdigest())[:16]}"
+    lora = {"store": cfg.lora_store, "adapters": pins}
+    c = llm_config(base_id, str(resolve_base(runs[0].model.base)), runs, cfg, lora=lora)
+    deployment = build_llm_deployment(c, bind_kwargs={"model_downloader": CertifiedLoraLoader, "engine_cls": LoraVLLMEngine})
+    return {base_id: deployment}, {a.name: f"{base_id}:{suffix}" for a, suffix in zip(runs, pins)}
 
 
 def build_app(args: dict):

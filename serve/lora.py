@@ -1,11 +1,14 @@
 """Multi-LoRA serving from an object store (`lora_store`): publish certified adapters, load only those.
 
-Ray Serve LLM serves a LoRA adapter asked for as `<base model id>:<suffix>` by downloading everything under
-`<dynamic_lora_loading_path>/<suffix>/` into a node-wide cache keyed by the suffix, then loading it into vLLM. So:
-- `publish` writes exactly the two files a certificate covers (the LoRA weights it pins by sha256, and their config)
-  under `<name>-<sha256[:12]>/`: a changed adapter is a new suffix, never a stale cache entry;
-- `CertifiedLoraLoader` (the replica's downloader) loads only the suffixes the builder certified, and re-hashes what
-  arrived before vLLM sees it: the object store is shared storage, not part of the certificate;
+Ray Serve LLM serves a LoRA adapter asked for as `<base model id>:<suffix>` through the replica's downloader and
+then loads the local copy into vLLM. dpsynth replaces both ends of that path:
+- `publish` writes exactly the two files of a certified adapter under `<name>-<sha256[:12]>/`: the LoRA weights, whose
+  bytes must be the ones the certificate pins, and their config, which must name the certificate's base model only
+  (no local path). The pins (the certificate's digest, the config's) go to the replicas in the LLMConfig.
+- `CertifiedLoraLoader` (the replica's downloader) loads only pinned suffixes. It never syncs a folder (Ray's would
+  copy every object under the prefix, with keys that can climb out of its cache): it reads the two objects, checks
+  them in memory against the pins, and writes them to a private directory named by their digests, which is what
+  vLLM loads. Nothing that failed a check is written, and nothing another server or replica wrote is trusted.
 - `LoraVLLMEngine` loads one adapter into vLLM at a time: Ray's engine checks "loaded?" and then awaits the load, so
   the first concurrent requests for an adapter on a fresh replica (after a restart, say) failed with vLLM's "has
   already been loaded".
@@ -16,85 +19,108 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-import shutil
+import json
+import os
+import tempfile
 from pathlib import Path
 from urllib.parse import parse_qsl, urlsplit, urlunsplit
 
+from ray.llm._internal.serve.core.configs.llm_config import DiskMultiplexConfig
 from ray.llm._internal.serve.engines.vllm.vllm_engine import VLLMEngine
+from ray.llm._internal.common.models import global_id_manager
 from ray.llm._internal.serve.utils.lora_serve_utils import LoraModelLoader
 
 from dpsynth.errors import UserError
 from dpsynth.storage import Storage
 
-FILES = ("adapter_model.safetensors", "adapter_config.json")  # the weights first: Ray 404s until the config exists
+WEIGHTS, CONFIG = "adapter_model.safetensors", "adapter_config.json"
 CERTIFIED = "dpsynth_certified_adapters"
-"""LLMConfig.experimental_configs key: {suffix: {file: sha256}} of the adapters a replica may load."""
+"""LLMConfig.experimental_configs key: {"store": the lora_store URI, "adapters": {suffix: {file: sha256}}}."""
+SECRET_OPTIONS = ("access_key", "secret_key", "session_token")
 
 
-def suffix(adapter) -> str:
-    return f"{adapter.name}-{adapter.certificate.artefacts['adapter'][:12]}"
-
-
-def digests(adapter_dir: Path) -> dict[str, str]:
-    return {f: hashlib.sha256((Path(adapter_dir) / f).read_bytes()).hexdigest() for f in FILES}
+def _sha(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
 
 
 def publish(adapter, store: str) -> tuple[str, dict[str, str]]:
-    """Write one certified adapter's files to the store; (its suffix, their sha256). Rewritten on every start, so a
-    tampered copy is repaired rather than trusted."""
-    if "adapter" not in adapter.certificate.artefacts:
+    """Write one certified adapter's two files to the store; (its suffix, their sha256). Each file is read once, and
+    what is checked is what is uploaded. Rewritten on every start, so a tampered copy is repaired, never trusted."""
+    pinned = adapter.certificate.artefacts.get("adapter")
+    if pinned is None:
         raise UserError(f"{adapter.run_dir}: its certificate pins no adapter weights; it cannot be served from lora_store")
-    name = suffix(adapter)
+    weights, config = (adapter.adapter_dir / WEIGHTS).read_bytes(), (adapter.adapter_dir / CONFIG).read_bytes()
+    if _sha(weights) != pinned:
+        raise UserError(f"{adapter.run_dir}: adapter/ does not match its certificate (sha256 differs); refusing to serve it")
+    doc = json.loads(config)
+    if doc.get("base_model_name_or_path") != adapter.certificate.base_model.name or int(doc.get("r", -1)) != adapter.rank:
+        raise UserError(f"{adapter.run_dir}: adapter/{CONFIG} does not describe the certified adapter (base model "
+                        f"'{adapter.certificate.base_model.name}', rank {adapter.rank}); refusing to publish it")
+    name = f"{adapter.name}-{pinned[:12]}"
     target = Storage(store).child(name)
-    for f in FILES:
-        target.write_bytes(f, (adapter.adapter_dir / f).read_bytes())
-    return name, digests(adapter.adapter_dir)
+    target.write_bytes(WEIGHTS, weights)  # the weights first: the config is what marks an adapter as present
+    target.write_bytes(CONFIG, config)
+    return name, {WEIGHTS: pinned, CONFIG: _sha(config)}
 
 
-def ray_location(store: str) -> tuple[str, dict[str, str]]:
-    """(the store as Ray's loader names it, the environment its S3 client needs): Ray reads no URI options, so
-    dpsynth's ?endpoint_override=&scheme=&region= become the AWS SDK's variables in the replicas."""
+def ray_path(store: str) -> str:
+    """The store as Ray's LoRA config names it (s3:// or gs://, no query). Credentials belong in the environment."""
     parts = urlsplit(store)
-    options = dict(parse_qsl(parts.query))
-    env = {}
-    if parts.scheme == "s3":
-        if "endpoint_override" in options:
-            env["AWS_ENDPOINT_URL_S3"] = f"{options.pop('scheme', 'https')}://{options.pop('endpoint_override')}"
-        if "region" in options:
-            env["AWS_DEFAULT_REGION"] = options.pop("region")
-    if options:
-        raise UserError(f"lora_store: option(s) {', '.join(sorted(options))} are not understood by Ray's adapter "
-                        "loader; set them in the replicas' environment instead")
+    secrets = [k for k, _ in parse_qsl(parts.query) if k in SECRET_OPTIONS]
+    if secrets:
+        raise UserError(f"lora_store: put {', '.join(secrets)} in the environment (AWS_* variables), not in the URI: "
+                        "the URI travels in the replicas' config")
     scheme = "gs" if parts.scheme == "gcs" else parts.scheme
-    return urlunsplit((scheme, parts.netloc, parts.path.rstrip("/"), "", "")), env
+    return urlunsplit((scheme, parts.netloc, parts.path.rstrip("/"), "", ""))
+
+
+def fetch_verified(store: str, suffix: str, pins: dict[str, str], root: str) -> str:
+    """The two pinned files of `suffix`, read from the store, checked in memory, and written to a private directory
+    named by their digests (the directory vLLM loads); an existing one is used only if its files still match."""
+    target = Path(root) / "dpsynth" / "-".join(pins[f] for f in (WEIGHTS, CONFIG))
+    if all((target / f).is_file() and _sha((target / f).read_bytes()) == pins[f] for f in pins):
+        return str(target)
+    source = Storage(store).child(suffix)
+    files = {f: source.read_bytes(f) for f in (WEIGHTS, CONFIG)}
+    for f, data in files.items():
+        if data is None or _sha(data) != pins[f]:
+            raise ValueError(f"adapter {suffix!r}: {f} in the store is {'missing' if data is None else 'not the certified file'} "
+                             "(sha256 differs); refusing to load it")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=".partial-"))
+    for f, data in files.items():
+        (tmp / f).write_bytes(data)
+    try:
+        os.replace(tmp, target)  # whole or not at all; a concurrent replica wrote the same bytes
+    except OSError:
+        for f in files:
+            (tmp / f).unlink(missing_ok=True)
+        tmp.rmdir()
+        if not all(_sha((target / f).read_bytes()) == pins[f] for f in pins):
+            raise ValueError(f"adapter {suffix!r}: {target} holds other files; refusing to load it") from None
+    return str(target)
 
 
 class CertifiedLoraLoader(LoraModelLoader):
-    """Ray's LoRA downloader, limited to the certified adapters and checking their bytes after download."""
+    """The replica's LoRA downloader: only pinned adapters, fetched file by file and verified (module docstring)."""
 
-    async def load_model_from_config(self, lora_model_id: str, llm_config):
-        allowed = llm_config.experimental_configs.get(CERTIFIED, {})
-        name = lora_model_id.partition(":")[2]
-        if name not in allowed:
+    async def load_model_from_config(self, lora_model_id: str, llm_config) -> DiskMultiplexConfig:
+        certified = llm_config.experimental_configs.get(CERTIFIED, {})
+        suffix = lora_model_id.partition(":")[2]
+        pins = certified.get("adapters", {}).get(suffix)
+        if pins is None:
             raise ValueError(f"adapter {lora_model_id!r} is not one this server certified")
-        disk = await super().load_model_from_config(lora_model_id, llm_config)
-        try:
-            got = digests(Path(disk.local_path))
-        except FileNotFoundError:  # Ray's download logs a failed file and goes on
-            got = {}
-        if got != allowed[name]:
-            self.disk_cache.pop(lora_model_id, None)
-            shutil.rmtree(disk.local_path, ignore_errors=True)
-            raise ValueError(f"adapter {lora_model_id!r}: the files in the store do not match its certificate "
-                             "(sha256 differs); refusing to load them")
-        return disk
+        if lora_model_id not in self.disk_cache:
+            path = await asyncio.to_thread(fetch_verified, certified["store"], suffix, pins, self.lora_root)
+            self.disk_cache[lora_model_id] = DiskMultiplexConfig(
+                model_id=lora_model_id, max_total_tokens=None, local_path=path, lora_assigned_int_id=global_id_manager.next())
+        return self.disk_cache[lora_model_id]
 
 
 class LoraVLLMEngine(VLLMEngine):
-    """Ray's vLLM engine with adapter loading serialised (see the module docstring)."""
+    """Ray's vLLM engine with each adapter's load into vLLM done once (see the module docstring)."""
 
     async def resolve_lora(self, disk_lora_model) -> None:
-        if not hasattr(self, "_lora_lock"):
-            self._lora_lock = asyncio.Lock()  # made on the replica's event loop
-        async with self._lora_lock:
+        locks = self.__dict__.setdefault("_lora_locks", {})  # made on the replica's event loop
+        async with locks.setdefault(disk_lora_model.model_id, asyncio.Lock()):
             await super().resolve_lora(disk_lora_model)  # returns at once when it is loaded

@@ -265,33 +265,68 @@ def test_runs_of_one_base_share_one_engine_loaded_from_the_lora_store(server, ru
         openai_client(server).completions.create(model=f"{engines[0].split(':', 1)[1]}:{folder}", prompt="x", max_tokens=2)
 
 
-def test_a_replica_loads_only_certified_adapters_and_checks_their_bytes(runs, s3, monkeypatch):
-    """CertifiedLoraLoader, the replica's downloader, on Ray's real download path: an id the builder did not certify
-    is refused before any download, and files changed in the store are refused after it (the store is shared
-    storage, not part of the certificate)."""
+def test_a_replica_loads_only_certified_adapters_and_checks_their_bytes(runs, s3, tmp_path):
+    """CertifiedLoraLoader, the replica's downloader, against the real store: an id the builder did not pin is refused,
+    only the two pinned files are fetched (never the rest of the prefix), and files changed in the store are refused
+    before anything is written (the store is shared storage, not part of the certificate)."""
     from dpsynth.sample.adapters import load_certified
     from dpsynth.storage import Storage
     from serve.app import llm_config, parse_config
-    from serve.lora import CertifiedLoraLoader, publish, ray_location
+    from serve.lora import CertifiedLoraLoader, publish
 
     store = s3(f"lora-check-{os.getpid()}")
     cfg = parse_config({"adapters": [str(runs["dirs"]["alpha"])], "ledger": str(runs["ledger"]), "lora_store": store,
                         "max_model_len": 128})
     adapter = load_certified(runs["dirs"]["alpha"], None, cfg.ledger)
-    suffix, digests = publish(adapter, store)
-    llm = llm_config("base", str(runs["dirs"]["alpha"]), [adapter], cfg, lora={suffix: digests})
+    suffix, pins = publish(adapter, store)
+    assert pins["adapter_model.safetensors"] == adapter.certificate.artefacts["adapter"]  # the certificate's own pin
+    llm = llm_config("base", str(runs["dirs"]["alpha"]), [adapter], cfg, lora={"store": store, "adapters": {suffix: pins}})
     assert llm.engine_kwargs["enable_lora"] and llm.engine_kwargs["max_lora_rank"] >= 2
-    for key, value in ray_location(store)[1].items():  # what the replicas get in their runtime_env
-        monkeypatch.setenv(key, value)
-        assert llm.runtime_env["env_vars"][key] == value
-    disk = asyncio.run(CertifiedLoraLoader().load_model_from_config(f"base:{suffix}", llm))
-    assert hashlib.sha256((Path(disk.local_path) / "adapter_model.safetensors").read_bytes()).hexdigest() == digests["adapter_model.safetensors"]
+    Storage(store).child(suffix).write_bytes("extra.bin", b"anyone with write access to the bucket")
+
+    def load(model_id: str, node: str):
+        return asyncio.run(CertifiedLoraLoader(lora_root=str(tmp_path / node)).load_model_from_config(model_id, llm))
+
+    disk = load(f"base:{suffix}", "node-a")
+    assert sorted(p.name for p in Path(disk.local_path).iterdir()) == ["adapter_config.json", "adapter_model.safetensors"]
+    assert hashlib.sha256((Path(disk.local_path) / "adapter_model.safetensors").read_bytes()).hexdigest() == pins["adapter_model.safetensors"]
     with pytest.raises(ValueError, match="not one this server certified"):
-        asyncio.run(CertifiedLoraLoader().load_model_from_config("base:beta-000000000000", llm))
+        load("base:beta-000000000000", "node-a")
     Storage(store).child(suffix).write_bytes("adapter_model.safetensors", b"not the certified weights")
-    with pytest.raises(ValueError, match="do not match its certificate"):
-        asyncio.run(CertifiedLoraLoader().load_model_from_config(f"base:{suffix}", llm))
-    assert not Path(disk.local_path).exists()  # the bad copy is not left in Ray's node-wide cache
+    with pytest.raises(ValueError, match="not the certified file"):
+        load(f"base:{suffix}", "node-b")
+    assert not list((tmp_path / "node-b").rglob("*.safetensors"))  # nothing unverified reached the disk
+    assert load(f"base:{suffix}", "node-a").local_path == disk.local_path  # a verified copy is still the certified one
+
+
+def test_only_the_certified_bytes_are_published(runs, s3, tmp_path):
+    """publish checks what it uploads, read once: weights swapped after the server's start-up check, or a config
+    naming another base (or a local path), are refused; so are llm_config keys that would choose the weights, and
+    credentials in the store's URI (it travels in the replicas' config)."""
+    from dpsynth.sample.adapters import load_certified
+    from serve.app import llm_config, parse_config
+    from serve.lora import publish, ray_path
+
+    store = s3(f"lora-publish-{os.getpid()}")
+    run = tmp_path / "alpha"
+    shutil.copytree(runs["dirs"]["alpha"], run)
+    adapter = load_certified(run, None, runs["ledger"])  # passes the check...
+    shutil.copy(runs["dirs"]["beta"] / "adapter" / "adapter_model.safetensors", run / "adapter" / "adapter_model.safetensors")
+    with pytest.raises(UserError, match="does not match its certificate"):  # ...then the weights are swapped
+        publish(adapter, store)
+    shutil.copy(runs["dirs"]["alpha"] / "adapter" / "adapter_model.safetensors", run / "adapter" / "adapter_model.safetensors")
+    conf = json.loads((run / "adapter" / "adapter_config.json").read_text())
+    (run / "adapter" / "adapter_config.json").write_text(json.dumps({**conf, "base_model_name_or_path": "/home/owner/models/x"}))
+    with pytest.raises(UserError, match="does not describe the certified adapter"):
+        publish(adapter, store)
+    cfg = parse_config({"adapters": [str(run)], "ledger": str(runs["ledger"]), "lora_store": store, "max_model_len": 128})
+    for bad in ({"experimental_configs": {"dpsynth_certified_adapters": {}}}, {"model_loading_config": {"model_source": "/x"}},
+                {"lora_config": {"dynamic_lora_loading_path": "s3://elsewhere/x"}}):
+        with pytest.raises(UserError, match="set by dpsynth from the certified runs"):
+            llm_config("base", str(run), [adapter], cfg.model_copy(update={"llm_config": bad}))
+    with pytest.raises(UserError, match="secret_key in the environment"):
+        ray_path("s3://bucket/lora?secret_key=abc")
+    assert ray_path("s3://bucket/lora/?endpoint_override=127.0.0.1:9000&scheme=http") == "s3://bucket/lora"
 
 
 def test_a_local_run_is_served_merged_into_its_base(server):

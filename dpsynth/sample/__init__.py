@@ -34,13 +34,13 @@ CANDIDATES = "synthetic.candidates.jsonl"
 """Every candidate label sharpening scored, kept or not (post-processing too): what the evaluation measures it by."""
 
 
-def with_base(model_cfg, base: str, cert):
+def with_base(model_cfg, base: str, cert, key: str = "--base"):
     """model_cfg with `base` as the base model, refused unless its weights are the ones the certificate names."""
     from dpsynth.models import resolve_base, weights_digest
 
     digest = weights_digest(resolve_base(base))
     if cert.base_model.sha256 is not None and digest != cert.base_model.sha256:
-        raise UserError(f"--base: {base} is not the base model this adapter was trained on ('{cert.base_model.name}', "
+        raise UserError(f"{key}: {base} is not the base model this adapter was trained on ('{cert.base_model.name}', "
                         "sha256 differs)")
     return model_cfg.model_copy(update={"base": base})
 
