@@ -49,15 +49,9 @@ def auth_on(cfg: ServeConfig) -> bool:
     return on
 
 
-def adapter_specs(cfg: ServeConfig) -> tuple[list[tuple[str, str]], ServeConfig]:
-    """(name, absolute run dir) per adapter, each certified in the ledger; and the config with `auto` lengths set
-    from the runs (their max_length + max_new_tokens: long documents fit the engine's context)."""
-    adapters, cfg = certified_adapters(cfg)
-    return [(name, str(a.run_dir)) for name, a in adapters.items()], cfg
-
-
 def certified_adapters(cfg: ServeConfig) -> tuple[dict, ServeConfig]:
-    """adapter_specs' work: {name: CertifiedAdapter}, each checked against the ledger, and the config with lengths."""
+    """{name: CertifiedAdapter}, each checked against the ledger, and the config with `auto` lengths set from the runs
+    (their max_length + max_new_tokens: long documents fit the engine's context)."""
     loaded, longest, new_tokens = [], 0, 0
     for item in cfg.adapters:
         name, _, path = item.rpartition("=") if "=" in item else (None, "", item)

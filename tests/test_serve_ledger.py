@@ -50,7 +50,7 @@ def forged(tmp_path):
 
 def test_a_run_directory_cannot_name_the_ledger_it_is_checked_against(forged, monkeypatch):
     from dpsynth.sample.adapters import load_certified
-    from serve.app import adapter_specs, parse_config
+    from serve.app import certified_adapters, parse_config
 
     load_certified(forged["run"], ledger=forged["fake"])  # the forgery is consistent with its own ledger...
     with pytest.raises(UserError, match="not in the ledger"):
@@ -61,7 +61,7 @@ def test_a_run_directory_cannot_name_the_ledger_it_is_checked_against(forged, mo
     cfg = parse_config({"adapters": [str(forged["run"])]})
     assert str(cfg.ledger) == str(forged["server"])
     with pytest.raises(UserError, match="not in the ledger"):
-        adapter_specs(cfg)
+        certified_adapters(cfg)
     monkeypatch.delenv("DPSYNTH_LEDGER")
     monkeypatch.setenv("HOME", str(forged["run"].parent / "home"))  # ~/.dpsynth/ledger.sqlite: there is none
     with pytest.raises(UserError, match="not found"):
@@ -70,13 +70,13 @@ def test_a_run_directory_cannot_name_the_ledger_it_is_checked_against(forged, mo
 
 def test_a_run_the_servers_own_ledger_certified_is_served(forged, monkeypatch):
     from dpsynth.sample.adapters import load_certified
-    from serve.app import adapter_specs, parse_config
+    from serve.app import certified_adapters, parse_config
 
     certify(Ledger(forged["server"]), forged["cert"])
     assert load_certified(forged["run"], ledger=forged["server"]).certificate == forged["cert"]
     monkeypatch.setenv("DPSYNTH_LEDGER", str(forged["server"]))
-    specs, _ = adapter_specs(parse_config({"adapters": [f"a={forged['run']}"]}))
-    assert specs == [("a", str(forged["run"].resolve()))]
+    adapters, _ = certified_adapters(parse_config({"adapters": [f"a={forged['run']}"]}))
+    assert [(name, str(a.run_dir)) for name, a in adapters.items()] == [("a", str(forged["run"].resolve()))]
 
 
 def test_dpsynth_sample_checks_the_ledger_it_is_given(forged):
