@@ -226,7 +226,9 @@ def test_uncertified_run_cannot_be_sampled(tiny_job, capsys):
 def test_real_bundled_model_and_data(tmp_path):
     run_dir = tmp_path / "real"
     overrides = ["data.subset_fraction=0.0627", "training.batch_size=16", "training.steps=4", "sampling.num_examples=16",
-                 "sampling.batch_size=8", "sampling.max_new_tokens=24", f"privacy.ledger={tmp_path / 'ledger.sqlite'}"]
+                 "sampling.batch_size=8", "sampling.max_new_tokens=24", f"privacy.ledger={tmp_path / 'ledger.sqlite'}",
+                 # the evaluation's own corpora kept small: the real model generates at ~10 tokens/s on a CPU
+                 "evaluation.zero_shot_examples=16", "evaluation.attack_examples=32"]
     res = cli("run", "--quiet", "--output", str(run_dir), *sets(overrides))
     assert res.returncode == 0, res.stderr[-3000:]
     cert = json.loads((run_dir / "certificate.json").read_text())
@@ -307,16 +309,15 @@ def test_long_documents_keep_their_length_and_cuts_are_reported(tiny_job, tmp_pa
     ov = overrides_dict(tiny_job)
     for key in ("model.max_length", "sampling.max_new_tokens"):
         ov.pop(key)
-    # length share 0.1 (not the default 0.02): two runs' noisy lengths then agree but for about 1e-4 of draws
+    # a length budget share other than the default 0.02: the certificate must report the one that ran
     ov.update({"data.source": str(path), "sampling.num_examples": "6", "privacy.epsilon": "8",
                "privacy.length_budget_share": "0.1", "evaluation.zero_shot_examples": "0", "evaluation.attack_examples": "10"})
     job = [f"{k}={v}" for k, v in ov.items()]
     rows[0]["review"] = " ".join(["epilogue"] * 400)  # one text far past the 95th percentile
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    # The split is a keyed hash under the owner's key: pinned (for this run and the second one below), so the outlier
-    # is in train and the test split is not empty whatever the draw; the lengths' DP noise is what varies.
-    for ledger in (ov["privacy.ledger"], tmp_path / "ledger2.sqlite"):
-        Path(f"{ledger}.key").write_bytes(TEST_SECRET)
+    # The split is a keyed hash under the owner's key: pinned, so the outlier is in train and the test split is not
+    # empty whatever the draw; the lengths' DP noise is what varies.
+    Path(f"{ov['privacy.ledger']}.key").write_bytes(TEST_SECRET)
     assert any(ex.text.startswith("epilogue") for ex in prepare(load_config(None, job).data, TEST_SECRET).train)
     res = cli("run", "--quiet", *sets(job))
     assert res.returncode == 0, res.stderr[-3000:]
@@ -334,14 +335,10 @@ def test_long_documents_keep_their_length_and_cuts_are_reported(tiny_job, tmp_pa
     ev = json.loads(owner_path(run_dir, "evaluation.json").read_text())
     assert ev["fidelity"]["lengths"]["ks"] is not None and ev["fidelity"]["lengths"]["real_words_mean"] > 64
 
-    # auto lengths are the same for the same dataset (a second run, another ledger); nothing cut, nothing reported
-    again = [o for o in job if not o.startswith(("output_dir", "privacy.ledger"))] + [
-        f"output_dir={tmp_path / 'again'}", f"privacy.ledger={tmp_path / 'ledger2.sqlite'}", "sampling.num_examples=2"]
-    assert cli("train", "--quiet", *sets(again)).returncode == 0
-    assert load_config(tmp_path / "again" / "config.yaml").model.max_length == released.model.max_length
+    # without the outlier (another ledger): nothing cut, nothing reported
     short = tmp_path / "no-outlier.jsonl"
     short.write_text("".join(json.dumps(r) + "\n" for r in rows[1:]))
-    whole = [o for o in again if not o.startswith(("output_dir", "privacy.ledger", "data.source"))] + [
+    whole = [o for o in job if not o.startswith(("output_dir", "privacy.ledger", "data.source"))] + [
         f"output_dir={tmp_path / 'whole'}", f"privacy.ledger={tmp_path / 'ledger3.sqlite'}", f"data.source={short}",
         "model.max_length=256", "data.near_duplicates=keep"]  # 159 units: these 12-word texts group into ~35, and
     # with test_fraction 0.1 a key then leaves the test split empty 2.5 % of the time

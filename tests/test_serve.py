@@ -25,7 +25,7 @@ import httpx
 import numpy as np
 import pytest
 
-from dpsynth.config import SamplingConfig, load_config
+from dpsynth.config import load_config
 from dpsynth.errors import UserError
 
 from conftest import TEST_SECRET, free_port, make_rows
@@ -551,50 +551,68 @@ def test_serving_spends_nothing_and_needs_no_private_data(client, runs):
 
 # --- the Ray Data batch job and engine choice -------------------------------------------------------------
 
-@pytest.mark.slow
-def test_sample_with_vllm_runs_as_a_ray_data_job(runs):
+VLLM_SAMPLING = {"engine": "vllm", "num_examples": 24, "label_proportions": {"neg": 10, "pos": 14}, "max_new_tokens": 6,
+                 "batch_size": 4, "seed": 3}
+
+
+@pytest.fixture(scope="module")
+def ray_data_corpus(runs):
+    """`dpsynth sample --engine vllm` on beta, uninterrupted: a Ray Data LLM job through the production path, with the
+    run's own sampling settings otherwise (label sharpening at keep rate 0.5 included). One engine start, shared by
+    the tests below (each start costs minutes on the CPU)."""
     from dpsynth.sample import load_run_config, sample
 
     run_dir = runs["dirs"]["beta"]
-    params = SamplingConfig.model_validate({
-        **load_run_config(run_dir).sampling.model_dump(), "engine": "vllm", "num_examples": 30,
-        "label_proportions": {"pos": 2, "neg": 1}, "max_new_tokens": 6, "batch_size": 8})
+    params = load_run_config(run_dir).sampling.model_copy(update=VLLM_SAMPLING)
+    assert params.keep_rate == 0.5
     path = sample(run_dir, params, show_progress=False)
-    rows = [json.loads(line) for line in path.read_text().splitlines()]
-    assert len(rows) == 30 and sum(r["label"] == "pos" for r in rows) == 20 and all(r["text"] for r in rows)
-    cert = json.loads((run_dir / "synthetic.jsonl.certificate.json").read_text())
-    assert cert["corpus"]["engine"] == "vllm" and cert["corpus"]["examples"] == 30
+    return {"run_dir": run_dir, "params": params, "rows": [json.loads(line) for line in path.read_text().splitlines()],
+            "candidates": [json.loads(line) for line in (run_dir / "synthetic.candidates.jsonl").read_text().splitlines()],
+            "certificate": json.loads((run_dir / "synthetic.jsonl.certificate.json").read_text())}
 
 
 @pytest.mark.slow
-def test_the_ray_data_llm_job_resumes_after_a_stop_and_makes_the_uninterrupted_corpus(runs, tmp_path):
+def test_sample_with_vllm_runs_as_a_ray_data_job(ray_data_corpus):
+    rows, cert = ray_data_corpus["rows"], ray_data_corpus["certificate"]
+    assert len(rows) == 24 and sum(r["label"] == "pos" for r in rows) == 14 and all(r["text"] for r in rows)
+    assert cert["corpus"]["engine"] == "vllm" and cert["corpus"]["examples"] == 24
+    assert len(ray_data_corpus["candidates"]) == 48  # sharpening kept 24 of 2 x 24 candidates
+
+
+@pytest.mark.slow
+def test_the_ray_data_llm_job_resumes_after_a_stop_and_makes_the_uninterrupted_corpus(ray_data_corpus, tmp_path):
     """ray.data.llm rows stream into the owner-side scratch as they finish: stopped, the same job continues after
-    them (each job its own seed), and the corpus is the one an uninterrupted job makes."""
+    them (each job its own seed), and the corpus is the one the uninterrupted job (`sample`, above) made."""
+    import dataclasses
+
     from dpsynth.interrupt import Interrupted
+    from dpsynth.records import RecordSchema
+    from dpsynth.sample import load_run_config
     from dpsynth.sample.adapters import read_adapter
     from dpsynth.sample.batch import sample_ray_data
+    from dpsynth.sample.sharpen import candidates_needed
 
-    adapter = read_adapter(runs["dirs"]["alpha"])
-    params = SamplingConfig(engine="vllm", num_examples=24, max_new_tokens=6, batch_size=4, seed=3)
-    counts = {"neg": 10, "pos": 14}
-    stats: dict = {}
-    whole = sample_ray_data(adapter, counts, params, show_progress=False, stats=stats)
-    assert [r["label"] for r in whole] == ["neg"] * 10 + ["pos"] * 14 and all(r["text"] for r in whole)
-    assert stats["drawn"] - stats["rejected"] == 24
+    run_dir, params = ray_data_corpus["run_dir"], ray_data_corpus["params"]
+    cfg = load_run_config(run_dir)
+    adapter = dataclasses.replace(read_adapter(run_dir), model=cfg.model)  # as `sample` reads it
+    wanted = {lab: candidates_needed(n, params.keep_rate) for lab, n in {"neg": 10, "pos": 14}.items()}
+    whole = [{"text": r["text"], "label": r["label"]} for r in ray_data_corpus["candidates"]]
+    assert [r["label"] for r in whole] == ["neg"] * wanted["neg"] + ["pos"] * wanted["pos"]
     partial, calls = tmp_path / "owner" / "sampling" / "k.partial.jsonl", [0]
 
     def stop():
         calls[0] += 1
         return signal.SIGINT if calls[0] >= 9 else None
 
+    job = {"show_progress": False, "schema": RecordSchema.of(cfg.data), "partial": partial}
     with pytest.raises(Interrupted) as stopped:
-        sample_ray_data(adapter, counts, params, show_progress=False, partial=partial, stop=stop)
+        sample_ray_data(adapter, wanted, params, stop=stop, **job)
     assert "run the same command again" in str(stopped.value)
     kept = [json.loads(line) for line in partial.read_text().splitlines()]
-    assert 0 < len(kept) < 24 and all({"text", "label", "index"} <= set(r) for r in kept)
+    assert 0 < len(kept) < 48 and all({"text", "label", "index"} <= set(r) for r in kept)
     again: dict = {}
-    assert sample_ray_data(adapter, counts, params, show_progress=False, partial=partial, stats=again) == whole
-    assert again["drawn"] - again["rejected"] == 24 - len(kept)  # only what was missing was drawn
+    assert sample_ray_data(adapter, wanted, params, stats=again, **job) == whole
+    assert again["drawn"] - again["rejected"] == 48 - len(kept)  # only what was missing was drawn
 
 
 @pytest.mark.slow
