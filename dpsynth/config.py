@@ -349,6 +349,9 @@ class SamplingConfig(_Section):
     """vllm: sample from the adapter merged into the base weights (faster than LoRA for one adapter)."""
     replicas: PositiveInt = 1
     """vllm: number of engine actors in the Ray Data job."""
+    enforce_eager: bool = False
+    """vllm: run without torch.compile. Compiling costs each engine actor a minute or more at start-up on a CPU and
+    pays back only on long jobs; a record schema starts engines once per text field and redraw pass."""
 
     @field_validator("label_proportions")
     @classmethod

@@ -552,7 +552,7 @@ def test_serving_spends_nothing_and_needs_no_private_data(client, runs):
 # --- the Ray Data batch job and engine choice -------------------------------------------------------------
 
 VLLM_SAMPLING = {"engine": "vllm", "num_examples": 24, "label_proportions": {"neg": 10, "pos": 14}, "max_new_tokens": 6,
-                 "batch_size": 4, "seed": 3}
+                 "batch_size": 4, "seed": 3, "enforce_eager": True}  # no torch.compile: engines start in seconds
 
 
 @pytest.fixture(scope="module")
@@ -621,7 +621,8 @@ def test_the_ray_data_llm_job_writes_records_field_by_field_with_the_lora_on_the
 
     run_dir = runs["tickets"]
     params = load_run_config(run_dir).sampling.model_copy(update={"engine": "vllm", "num_examples": 8, "max_new_tokens": 6,
-                                                                  "keep_rate": 1.0, "merge_lora": False})  # LoRA rows
+                                                                  "keep_rate": 1.0, "merge_lora": False,  # LoRA rows
+                                                                  "enforce_eager": True})
     path = sample(run_dir, params, show_progress=False)
     rows = [json.loads(line) for line in path.read_text().splitlines()]
     assert len(rows) == 8 and all(set(r) == {"subject", "body", "queue", "priority"} for r in rows)

@@ -43,7 +43,8 @@ def processor_config(adapter: CertifiedAdapter, params: SamplingConfig, *, model
     from ray.data.llm import vLLMEngineProcessorConfig
 
     kwargs = vllm_engine_kwargs(model_source, dtype=adapter.model.dtype, lora_ranks=[adapter.rank] if lora else None,
-                                max_model_len=max_model_len, max_num_seqs=params.batch_size, enforce_eager=False)
+                                max_model_len=max_model_len, max_num_seqs=params.batch_size,
+                                enforce_eager=params.enforce_eager)
     kwargs.pop("model")  # Ray's model_source
     return vLLMEngineProcessorConfig(
         model_source=model_source, engine_kwargs=kwargs, batch_size=params.batch_size, concurrency=params.replicas,
