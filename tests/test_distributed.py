@@ -22,7 +22,7 @@ from dpsynth.release import owner_path
 from dpsynth.config import load_config
 from dpsynth.data import dataset_block, prepare
 from dpsynth.errors import UserError
-from dpsynth.privacy import Ledger, SampledGaussian, epsilon
+from dpsynth.privacy import Ledger, SampledGaussian
 from dpsynth.privacy.ledger import Budget
 from dpsynth.privacy.run import Plan, PrivateRun
 from dpsynth.privacy.sampling import schedule
@@ -202,55 +202,9 @@ def train_and_kill_a_worker(cfg, when) -> Path:
     return box["dir"]
 
 
-@pytest.mark.slow
-def test_worker_killed_mid_run_resumes_and_certificate_counts_every_charged_step(local_ray, tiny_job, tmp_path):
-    from dpsynth.models import load_adapter
-
-    steps = 120
-    cfg = _cfg(tiny_job, f"training.steps={steps}", "scaling.checkpoint_every=5", "scaling.max_failures=2",
-               "sampling.label_proportions=uniform", "model.max_length=48")
-    ledger = Ledger(cfg.privacy.ledger)
-
-    def eight_steps_charged() -> bool:
-        return sum(e.count for r in ledger.runs() for e in r["charged"]) >= 8
-
-    run_dir = train_and_kill_a_worker(cfg, when=eight_steps_charged)
-    cert = json.loads((run_dir / "certificate.json").read_text())
-    mech = cert["mechanism"]
-    metrics = json.loads(owner_path(run_dir, "metrics.json").read_text())
-    (run,) = Ledger(cfg.privacy.ledger).runs()
-    charged_steps = sum(e.count for e in run["charged"])
-    assert metrics["restarts"] >= 1
-    assert mech["steps"] == charged_steps == steps  # every charged step counts, including those lost in the crash
-    assert mech["steps_applied"] <= steps and metrics["train"][-1]["step"] == mech["steps_applied"]
-    assert cert["epsilon"] == pytest.approx(epsilon([SampledGaussian(mech["noise_multiplier"], mech["sampling_rate"], steps)],
-                                                     cert["delta"], cert["accountant"]))
-    assert run["status"] == "closed" and run["certificate"] == cert
-    model, _ = load_adapter(run_dir, cfg.model)
-    assert any("lora_A" in n for n, _ in model.named_parameters())
-    assert not (run_dir / ".checkpoints").exists()  # private scratch (optimizer state, history) is not left in the release
-
-
-@pytest.mark.slow
-def test_two_node_cluster_places_workers_on_both_nodes(tiny_job, tmp_path):
-    from ray.cluster_utils import Cluster
-
-    from dpsynth.train.driver import train
-
-    ray.shutdown()
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})
-    cluster.add_node(num_cpus=1)
-    try:
-        ray.init(address=cluster.address)
-        cfg = _cfg(tiny_job, "scaling.num_workers=2", "sampling.label_proportions=uniform")
-        run_dir = train(cfg, show_progress=False)
-        metrics = json.loads(owner_path(run_dir, "metrics.json").read_text())
-        cert = json.loads((run_dir / "certificate.json").read_text())
-        assert len(set(metrics["worker_nodes"])) == 2
-        assert cert["mechanism"]["workers"] == 2 and cert["mechanism"]["steps"] == cfg.training.steps
-    finally:
-        ray.shutdown()
-        cluster.shutdown()
+# A Ray Train worker killed mid-run: test_storage.py::test_training_with_checkpoints_and_ledger_on_s3_resumes_after_a_worker_is_killed
+# (the restarted group resumes from the last checkpoint; the certificate counts every charged step).
+# Workers on two nodes: test_cluster.py::test_two_node_local_cluster_runs_a_training_job_through_ray_job_submit.
 
 
 # ---------------------------------------------------------------- interruptions: the same command resumes

@@ -16,7 +16,7 @@ import pytest
 
 from dpsynth.release import owner_path
 from dpsynth.config import ConfigError, load_config
-from dpsynth.privacy import Budget, MirroredLedger, SampledGaussian, ledger_exists, open_ledger
+from dpsynth.privacy import Budget, MirroredLedger, SampledGaussian, epsilon, ledger_exists, open_ledger
 from dpsynth.storage import Storage
 
 pafs = pytest.importorskip("pyarrow.fs")
@@ -144,6 +144,7 @@ def test_ledger_actor_restart_reloads_charges_from_the_object_store(s3):
 def test_training_with_checkpoints_and_ledger_on_s3_resumes_after_a_worker_is_killed(s3, tiny_job, tmp_path):
     from test_distributed import train_and_kill_a_worker
 
+    from dpsynth.models import load_adapter
     from dpsynth.runtime import ensure_ray
 
     ensure_ray(None)
@@ -164,7 +165,13 @@ def test_training_with_checkpoints_and_ledger_on_s3_resumes_after_a_worker_is_ki
     assert metrics["restarts"] >= 1  # the restarted worker group resumed from the checkpoint on S3
     (run,) = open_ledger(ledger_uri, readonly=True).runs()
     assert run["status"] == "closed" and run["certificate"] == cert
-    assert cert["mechanism"]["steps"] == sum(e.count for e in run["charged"]) == steps
+    mech = cert["mechanism"]
+    assert mech["steps"] == sum(e.count for e in run["charged"]) == steps  # every charged step, those lost in the crash too
+    assert mech["steps_applied"] <= steps and metrics["train"][-1]["step"] == mech["steps_applied"]
+    assert cert["epsilon"] == pytest.approx(epsilon([SampledGaussian(mech["noise_multiplier"], mech["sampling_rate"], steps)],
+                                                     cert["delta"], cert["accountant"]))
+    model, _ = load_adapter(run_dir, cfg.model)
+    assert any("lora_A" in n for n, _ in model.named_parameters())
     assert _objects(s3, "e2e/checkpoints") == []  # private scratch removed from the bucket after release
     assert not (run_dir / ".checkpoints").exists()
 
