@@ -62,9 +62,12 @@ def _fit(cfg, tmp: Path, name: str, *, sigma: float, steps: int, full_batch: boo
     log. Batches and noise are drawn from OS entropy, so only a full batch (q = 1: every unit, every step) with a
     negligible sigma makes two fits comparable update for update."""
     splits = prepare(cfg.data, ledger_secret(cfg.privacy.ledger))
+    # Poisson sampling is over units, as in production (dpsynth.train.plan): near-duplicate records share one, so a
+    # split's record count can exceed its unit count, by how many depends on the owner's key
+    units = len(splits.train_units())
     if full_batch:
-        cfg = cfg.model_copy(update={"training": cfg.training.model_copy(update={"batch_size": len(splits.train)})})
-    sched = schedule(len(splits.train), cfg.training.batch_size, steps=steps)
+        cfg = cfg.model_copy(update={"training": cfg.training.model_copy(update={"batch_size": units})})
+    sched = schedule(units, cfg.training.batch_size, steps=steps)
     dataset = dataset_block(splits)
     # composed with RDP: PRV cannot compute an epsilon for SIGMA_0
     Ledger(cfg.privacy.ledger).set_budget(dataset.fingerprint, Budget(1e10, 1e-5, dataset.unit, "rdp"))
@@ -77,7 +80,7 @@ def _fit(cfg, tmp: Path, name: str, *, sigma: float, steps: int, full_batch: boo
     assert run.charged_count(SampledGaussian) == steps  # rank 0 charged every step, once
     with local_checkpoint(plan.scratch) as ckpt:
         return {"adapter": load_file(str(ckpt / "adapter" / "adapter_model.safetensors")),
-                "state": json.loads((ckpt / STATE).read_text()), "n": len(splits.train), "q": sched.q,
+                "state": json.loads((ckpt / STATE).read_text()), "n": units, "q": sched.q,
                 "batches": [json.loads((ckpt / BATCHES.format(r)).read_text()) for r in range(cfg.scaling.num_workers)]}
 
 
