@@ -350,8 +350,9 @@ class SamplingConfig(_Section):
     replicas: PositiveInt = 1
     """vllm: number of engine actors in the Ray Data job."""
     enforce_eager: bool = False
-    """vllm: run without torch.compile. Compiling costs each engine actor a minute or more at start-up on a CPU and
-    pays back only on long jobs; a record schema starts engines once per text field and redraw pass."""
+    """vllm: run without torch.compile. Compiling costs each engine start about a minute on a 2-core CPU (54-76 s,
+    BENCHMARKS.md) and pays back only on long jobs; a record schema starts engines once per text field and redraw
+    pass."""
 
     @field_validator("label_proportions")
     @classmethod
