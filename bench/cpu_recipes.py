@@ -36,7 +36,7 @@ t_all = time.time()
 cfg = load_config(None, ["model.max_length=64", "sampling.max_new_tokens=40", f"model.prefix_template={a.template!r}", f"training.batch_size={a.batch}", f"training.steps={a.steps}", f"privacy.epsilon={a.eps}",
                          f"lora.last_layers={a.layers}", f"lora.r={a.r}", f"lora.target_modules=[{a.modules}]"])
 splits = prepare(cfg.data, ledger_secret(cfg.privacy.ledger))
-n = len(splits.train)
+n = len(splits.train_units())  # the population plan_training takes: units
 delta = 1 / splits.dataset_size ** 1.1
 tp = plan_training(cfg, n, delta); sigma, q, steps = tp.sigma, tp.schedule.q, tp.schedule.steps
 res = {"args": vars(a), "sigma": sigma, "q": q, "steps": steps}

@@ -44,8 +44,9 @@ def plain_loop(cfg, splits, private: bool, q: float, steps: int, seed: int) -> l
     torch.manual_seed(0)
     model, tok, _ = load_base(cfg.model)
     model = wrap_lora(model, cfg.lora)
-    enc = [encode(tok, label_prompt(cfg, tok, splits.name, ex.label), ex.text, cfg.model.max_length)
-           for ex in splits.train]
+    # one row per unit, as the worker samples units (a unit's first record: near-duplicates share a unit)
+    enc = [encode(tok, label_prompt(cfg, tok, splits.name, unit[0].label), unit[0].text, cfg.model.max_length)
+           for unit in splits.train_units()]
     t = cfg.training
     step = (DPLoRAStep(model, noise_multiplier=1.0, max_grad_norm=t.max_grad_norm, expected_batch_size=t.batch_size,
                        learning_rate=t.learning_rate) if private else
@@ -68,7 +69,7 @@ def ray_fit(cfg, splits, private: bool, q: float, steps: int, seed: int, tmp: Pa
     from dpsynth.train.driver import fit, worker_plan
     from dpsynth.train.worker import STATE
 
-    sched = schedule(len(splits.train), cfg.training.batch_size, steps=steps)
+    sched = schedule(len(splits.train_units()), cfg.training.batch_size, steps=steps)  # units, as the worker samples
     run = PrivateRun.open(LedgerClient(tmp / "ledger.sqlite"), dataset=dataset_block(splits),
                           plan=Plan((SampledGaussian(1.0, sched.q, steps),), "rdp", 1e-6), total_epsilon=1e9, kind=name,
                           config_hash=name) if private else None
@@ -102,7 +103,7 @@ def main() -> None:
     cfg2 = load_config(None, [f"training.batch_size={args.batch}", f"data.subset_fraction={min(1.0, args.max_examples / 12752)}",
                               "scaling.num_workers=2"])
     splits = prepare(cfg1.data, ledger_secret(cfg1.privacy.ledger))
-    q = args.batch / len(splits.train)
+    q = args.batch / len(splits.train_units())  # Poisson sampling is over units
     configs = {
         "plain_loop_nondp": lambda s, tmp: plain_loop(cfg1, splits, False, q, args.steps, s),
         "plain_loop_dp": lambda s, tmp: plain_loop(cfg1, splits, True, q, args.steps, s),
