@@ -480,6 +480,8 @@ class InContextConfig(_Section):
     engine: Literal["auto", "transformers", "vllm"] = "auto"
     """`vllm`: one batched `generate` of all group prompts per token (prefix caching); `transformers`: one
     batched forward with a KV cache; `auto`: vLLM when importable, else transformers. Same votes, same charges."""
+    enforce_eager: bool = False
+    """vllm: no torch.compile; the engine starts about a minute sooner on a 2-core CPU (BENCHMARKS.md, enforce_eager)."""
 
 
 ClassifierName = Literal["tfidf_logreg", "minilm_logreg", "transformer"]

@@ -175,7 +175,8 @@ def make_voter(cfg: JobConfig, splits: Splits) -> tuple[GroupVoter | VLLMVoter, 
                                     prefixes)
         try:
             voter = VLLMVoter(where, tok, mc.prefix_template, splits.name, mc.max_length, dtype=mc.dtype,
-                              max_model_len=longest + ic.max_new_tokens + 8, max_num_seqs=ic.groups + 1, prefixes=prefixes)
+                              max_model_len=longest + ic.max_new_tokens + 8, max_num_seqs=ic.groups + 1, prefixes=prefixes,
+                              enforce_eager=ic.enforce_eager)
             return voter, {"name": mc.base, "sha256": weights_digest(where)}
         except Exception as e:  # vLLM raises bare RuntimeErrors from its engine process
             why = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
