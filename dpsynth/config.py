@@ -481,7 +481,7 @@ class InContextConfig(_Section):
     """`vllm`: one batched `generate` of all group prompts per token (prefix caching); `transformers`: one
     batched forward with a KV cache; `auto`: vLLM when importable, else transformers. Same votes, same charges."""
     enforce_eager: bool = False
-    """vllm: no torch.compile; the engine starts about a minute sooner on a 2-core CPU (BENCHMARKS.md, enforce_eager)."""
+    """vllm: no torch.compile, which cost a sampling engine 54-76 s of start-up on a 2-core CPU (BENCHMARKS.md)."""
 
 
 ClassifierName = Literal["tfidf_logreg", "minilm_logreg", "transformer"]
