@@ -25,10 +25,11 @@ def _job(run: str, examples: int, eager: bool) -> None:
     from dpsynth.config import SamplingConfig
     from dpsynth.sample.adapters import read_adapter
     from dpsynth.sample.batch import sample_ray_data
+    from dpsynth.sample.corpus import label_counts
 
     adapter = read_adapter(run)
-    labels = sorted(adapter.prompts)
-    counts = {lab: examples // len(labels) + (k < examples % len(labels)) for k, lab in enumerate(labels)}
+    labels = tuple(sorted(adapter.prompts))
+    counts = label_counts(labels, dict.fromkeys(labels, 1.0), examples)  # uniform, exactly `examples`
     params = SamplingConfig(engine="vllm", num_examples=examples, max_new_tokens=16, batch_size=8, enforce_eager=eager)
     rows = sample_ray_data(adapter, counts, params, show_progress=False)
     assert len(rows) == examples

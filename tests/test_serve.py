@@ -552,7 +552,7 @@ def test_serving_spends_nothing_and_needs_no_private_data(client, runs):
 # --- the Ray Data batch job and engine choice -------------------------------------------------------------
 
 VLLM_SAMPLING = {"engine": "vllm", "num_examples": 24, "label_proportions": {"neg": 10, "pos": 14}, "max_new_tokens": 6,
-                 "batch_size": 4, "seed": 3, "enforce_eager": True}  # no torch.compile: engines start in seconds
+                 "batch_size": 4, "seed": 3, "enforce_eager": True}  # no torch.compile: about a minute less per engine start
 
 
 @pytest.fixture(scope="module")
