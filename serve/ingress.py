@@ -30,7 +30,7 @@ from ray.llm._internal.serve.core.ingress.ingress import DEFAULT_ENDPOINTS, init
 from ray.serve import metrics
 from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError, ReplicaUnavailableError
 from ray.serve.llm.ingress import OpenAiIngress, make_fastapi_ingress
-from ray.serve.llm.openai_api_models import ChatCompletionRequest, CompletionRequest, ErrorResponse
+from ray.serve.llm.openai_api_models import ChatCompletionRequest, CompletionRequest
 
 from dpsynth.config import ServeConfig
 from dpsynth.errors import UserError
@@ -100,6 +100,18 @@ def named(response, model_id: str, name: str):
     return JSONResponse(body, status_code=response.status_code)
 
 
+def as_json_body(scope: dict) -> dict:
+    """Every body this API takes is JSON: a POST sent as `curl -d` (form-encoded) or with no content type is read as
+    JSON, instead of FastAPI answering "Input should be a valid dictionary" to a body that is valid JSON."""
+    if scope["method"] != "POST":
+        return scope
+    headers = [(k, v) for k, v in scope["headers"] if k != b"content-type"]
+    kind = dict(scope["headers"]).get(b"content-type", b"").split(b";")[0].strip().lower()
+    if kind not in (b"", b"application/x-www-form-urlencoded"):
+        return scope
+    return {**scope, "headers": [*headers, (b"content-type", b"application/json")]}
+
+
 class Guard:
     """ASGI middleware: bearer-token auth and the concurrent-request limit, for the whole life of a (streamed) response.
     Ray's ingress turns Serve's own back-pressure off (max_ongoing_requests 1e9), so the limit lives here."""
@@ -114,6 +126,7 @@ class Guard:
         path, root = scope["path"], scope.get("root_path", "")
         if root and path.startswith(root):  # an application under a route prefix
             path = path[len(root):]
+        scope = as_json_body(scope)
         started, status = time.monotonic(), [500]
         if path != "/healthz" and gw.token is not None:
             given = dict(scope["headers"]).get(b"authorization", b"").decode("latin-1")
@@ -212,14 +225,25 @@ class DpsynthIngress(OpenAiIngress):
                    "X-Label-Counts": json.dumps(counts)}
         media = "application/x-ndjson" if req.format == "jsonl" else "text/csv"
         body = {"temperature": req.temperature, "top_p": req.top_p, "max_tokens": max_tokens}
-        return StreamingResponse(self._stream_corpus(a.name, jobs_for(counts), body, req.seed, req.format),
-                                 media_type=media, headers=headers)
+        jobs = jobs_for(counts)
+        rows = (self._records if len(a.schema.text_columns) > 1 else self._texts)(a.name, jobs, body, req.seed)
+        try:  # the first row before the headers: a corpus that cannot start is an HTTP error, not an empty 200
+            first = await anext(rows)
+        except ApiError:
+            await rows.aclose()
+            raise
+        except Exception as e:  # noqa: BLE001 -- the engine's failure, reported to the client as such
+            await rows.aclose()
+            log.error("corpus request failed before its first row: %r", e)
+            raise ApiError(503, f"engine unavailable: {type(e).__name__}", "unavailable") from None
+        return StreamingResponse(self._stream_corpus(a.name, first, rows, req.format), media_type=media, headers=headers)
 
-    async def _stream_corpus(self, adapter: str, jobs: list, body: dict, seed: int, fmt: str):
+    async def _stream_corpus(self, adapter: str, first: dict, rows, fmt: str):
         schema = self.adapters[adapter].schema
         if fmt == "csv":
             yield ",".join(schema.output_columns) + "\r\n"
-        rows = self._records(adapter, jobs, body, seed) if len(schema.text_columns) > 1 else self._texts(adapter, jobs, body, seed)
+        self.examples.inc(tags={"adapter": adapter})
+        yield serialize_row(first, fmt, schema=schema)
         try:
             async for row in rows:
                 self.examples.inc(tags={"adapter": adapter})
@@ -284,8 +308,11 @@ class DpsynthIngress(OpenAiIngress):
         while True:
             try:
                 async for out in self._get_configured_serve_handle(model).completions.remote(request, None):
-                    if isinstance(out, ErrorResponse):
-                        raise RuntimeError(f"engine refused a corpus job: {out.error.message}")
+                    # vLLM's own ErrorResponse, not Ray's subclass of it: told apart by its `error`. E.g. max_tokens
+                    # past the engine's context, the client's to fix.
+                    if getattr(out, "error", None) is not None:
+                        code = out.error.code if 400 <= out.error.code < 500 else 502
+                        raise ApiError(code, f"engine refused a corpus job: {out.error.message}", out.error.type)
                     self.tokens.inc(out.usage.completion_tokens, tags={"adapter": adapter})
                     return [c.text for c in sorted(out.choices, key=lambda c: c.index)]
                 raise RuntimeError("engine returned no completion")

@@ -399,6 +399,31 @@ def test_corpus_streams_rows_as_they_are_generated(server):
     assert stamps[-1] - stamps[0] > 0.05  # the first rows arrived before the last were generated
 
 
+def test_a_corpus_the_engine_refuses_is_an_http_error_not_an_empty_200(server):
+    """A corpus that fails before its first row is sent (here max_tokens within our limit of 256 but past the engine's
+    128-token context) answers 4xx with the engine's reason: the headers wait for the first row."""
+    with httpx.Client(base_url=f"{server}/merged", timeout=300) as c:
+        resp = c.post("/v1/corpus", json={"adapter": "alpha", "num_examples": 2, "max_tokens": 200})
+    assert resp.status_code == 400, resp.text
+    assert "engine refused a corpus job" in resp.json()["error"]["message"]
+    assert "X-DP-Epsilon" not in resp.headers
+
+
+def test_a_curl_style_body_is_read_as_json(client):
+    """`curl -d` sends JSON as form-encoded, and a bare client sends no content type: both are read as the JSON they are."""
+    corpus = json.dumps({"adapter": "alpha", "num_examples": 3, "max_tokens": 4, "seed": 1}).encode()
+    resp = client.post("/v1/corpus", content=corpus, headers={"content-type": "application/x-www-form-urlencoded"})
+    assert resp.status_code == 200, resp.text
+    assert len(resp.text.splitlines()) == 3
+    completion = json.dumps({"model": "alpha", "prompt": "a", "max_tokens": 2}).encode()
+    resp = client.post("/v1/completions", content=completion)
+    assert "content-type" not in resp.request.headers
+    assert resp.status_code == 200, resp.text
+    assert resp.json()["model"] == "alpha"
+    resp = client.post("/v1/corpus", content=corpus, headers={"content-type": "text/plain"})
+    assert resp.status_code == 400  # a body that says it is something else is not guessed at
+
+
 # --- bad input ---------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("body,status,words", [
