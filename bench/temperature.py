@@ -4,8 +4,8 @@ Temperature is post-processing of the adapter, so one trained run (made by bench
 temperature through the real CLI, `dpsynth sample RUN --set sampling.temperature=T`, then `dpsynth evaluate RUN`;
 each evaluation is copied aside before the next temperature. Every temperature sees the same adapter, the same
 test split and the same seed, so the differences are the temperature's alone (and MAUVE's sampling noise: compare
-against the spread between seeds, `--seeds`). The run's own corpus is resampled at its configured temperature (seed 0)
-last, so the run directory ends as `dpsynth run` made it.
+against the spread between seeds, `--seeds`). The run's corpus is resampled last at its configured temperature, seed
+0 (with the same --set overrides), unless that was the last one drawn.
 
     python bench/genres.py --corpora sms --variant described --set training.time_budget=15m --work runs/genres
     python bench/temperature.py --work runs/genres --runs sms-described --temperatures 0.6,0.7,0.8 \\
@@ -28,6 +28,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from genres import dpsynth_command, git_state, log, read_results  # noqa: E402
+
+from dpsynth.sample import load_run_config  # noqa: E402
 
 
 def cli(args: list[str], log_file: Path) -> float:
@@ -88,7 +90,7 @@ def main() -> None:
         run_dir, ledger = args.work / "runs" / name, args.work / "ledgers" / f"{name}.sqlite"
         if not (run_dir / "certificate.json").is_file():
             raise SystemExit(f"--runs: {run_dir} is not a finished run (make it with bench/genres.py first)")
-        configured = float(__import__("yaml").safe_load((run_dir / "config.yaml").read_text())["sampling"]["temperature"])
+        configured = load_run_config(run_dir).sampling.temperature
         log_file = args.work / "logs" / f"{name}-temperature.log"
         log_file.parent.mkdir(parents=True, exist_ok=True)
         for seed in seeds:

@@ -105,10 +105,10 @@ def as_json_body(scope: dict) -> dict:
     JSON, instead of FastAPI answering "Input should be a valid dictionary" to a body that is valid JSON."""
     if scope["method"] != "POST":
         return scope
-    headers = [(k, v) for k, v in scope["headers"] if k != b"content-type"]
     kind = dict(scope["headers"]).get(b"content-type", b"").split(b";")[0].strip().lower()
     if kind not in (b"", b"application/x-www-form-urlencoded"):
         return scope
+    headers = [(k, v) for k, v in scope["headers"] if k != b"content-type"]
     return {**scope, "headers": [*headers, (b"content-type", b"application/json")]}
 
 
