@@ -20,8 +20,8 @@ files are only read, never imported; --no-install refuses instead). Each run get
 work dir, so every variant spends the full budget, and one owner key per corpus, so every variant splits the data
 the same way (same test records). Read from each run: certificate.json (epsilon, mechanism.steps) and the
 owner-only owner/evaluation.json: utility.<classifier>.{real,synthetic}.accuracy (tfidf_logreg, minilm_logreg),
-baselines.majority_class.accuracy, baselines.zero_shot.accuracy, fidelity.mauve.synthetic_vs_test.mauve,
-fidelity.label_fidelity.agreement (else sharpening.sharpened.label_fidelity), fidelity.out_of_genre.share (where
+baselines.majority_class.accuracy, baselines.zero_shot.accuracy, fidelity.mauve.*_vs_test (mauve at the fixed
+size, sd, all_texts), fidelity.label_fidelity.agreement (else sharpening.sharpened.label_fidelity), fidelity.out_of_genre.share (where
 the evaluation has it), verdict.level, samples.
 
 Variants are named groups of extra `--set` overrides (VARIANTS below; `{description}` is the corpus's own public
@@ -234,6 +234,10 @@ def read_results(run_dir: Path) -> dict:
             "zero_shot_floor": dig(ev, "baselines", "zero_shot", "accuracy"),
             "mauve": dig(ev, "fidelity", "mauve", "synthetic_vs_test", "mauve"),
             "mauve_real": dig(ev, "fidelity", "mauve", "real_train_vs_test", "mauve"),
+            "mauve_sd": dig(ev, "fidelity", "mauve", "synthetic_vs_test", "sd"),
+            "mauve_texts": dig(ev, "fidelity", "mauve", "synthetic_vs_test", "texts"),
+            "mauve_all_texts": dig(ev, "fidelity", "mauve", "synthetic_vs_test", "all_texts", "mauve"),
+            "mauve_zero_shot": dig(ev, "fidelity", "mauve", "zero_shot_vs_test", "mauve"),
             "label_fidelity": label_fidelity,
             "sharpened_label_fidelity": dig(ev, "sharpening", "sharpened", "label_fidelity"),
             "out_of_genre_share": dig(ev, "fidelity", "out_of_genre", "share"),
@@ -302,6 +306,15 @@ def fmt(x, spec=".3f") -> str:
     return "-" if x is None else format(x, spec)
 
 
+def mauve_cell(r: dict) -> str:
+    """MAUVE at the evaluation's fixed size (mean ± sd over draws), then the real train split's and the zero-shot
+    corpus's at that size, and the synthetic corpus's on all its texts (not comparable across corpus sizes)."""
+    if r.get("mauve_sd") is None:  # an evaluation from before the fixed size: all texts only
+        return fmt(r.get("mauve"))
+    return (f"{fmt(r['mauve'])} ± {fmt(r['mauve_sd'])} @{r.get('mauve_texts')} (real {fmt(r.get('mauve_real'))}, "
+            f"zero-shot {fmt(r.get('mauve_zero_shot'))}; all texts {fmt(r.get('mauve_all_texts'))})")
+
+
 def table(results: list[dict]) -> str:
     head = ("| corpus | variant | steps | wall | out-of-genre | MAUVE | label fidelity | TF-IDF acc (real) "
             "| MiniLM acc (real) | majority | zero-shot floor | verdict |")
@@ -316,7 +329,7 @@ def table(results: list[dict]) -> str:
                for c in ("tfidf_logreg", "minilm_logreg")}
         wall = "reused" if r.get("reused") else f"{fmt(r.get('wall_s'), '.0f')} s"
         lines.append(f"| {r['corpus']} | {r['variant']} | {r.get('steps', '-')} | {wall} | "
-                     f"{fmt(r.get('out_of_genre_share'))} | {fmt(r.get('mauve'))} | {fmt(r.get('label_fidelity'))} | "
+                     f"{fmt(r.get('out_of_genre_share'))} | {mauve_cell(r)} | {fmt(r.get('label_fidelity'))} | "
                      f"{acc['tfidf_logreg']} | {acc['minilm_logreg']} | {fmt(r.get('majority'))} | "
                      f"{fmt(r.get('zero_shot_floor'))} | {dig(r, 'verdict', 'level') or '-'} |")
     return "\n".join(lines)

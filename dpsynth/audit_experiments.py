@@ -83,7 +83,8 @@ def point_utility(ev: EvaluationConfig, ctx, embedder, splits: Splits, synthetic
         out = {"classifier": ev.classifier, "real": metrics(truth, predict(ev.classifier, real, texts, ctx)),
                "synthetic": metrics(truth, predict(ev.classifier, synthetic, texts, ctx))}
     if ev.mauve:
-        out["mauve"] = fidelity.mauve_score(embedder([e.text for e in synthetic]), embedder(texts), ev.seed)["mauve"]
+        out["mauve"] = fidelity.mauve_score(embedder([e.text for e in synthetic]), embedder(texts), ev.seed,
+                                             ev.mauve_texts, ev.mauve_draws)["mauve"]
     return out
 
 

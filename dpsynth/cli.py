@@ -110,9 +110,14 @@ def _summary(run_dir: Path, evaluation: dict | None = None) -> None:
             table.add_row("label sharpening", f"accuracy {sharp['unsharpened']['accuracy']:.3f} -> "
                           f"{sharp['sharpened']['accuracy']:.3f}, label fidelity {sharp['unsharpened']['label_fidelity']:.3f} -> "
                           f"{sharp['sharpened']['label_fidelity']:.3f} ({sharp['kept']} of {sharp['candidates']} kept)")
-        mauve = evaluation.get("fidelity", {}).get("mauve", {}).get("synthetic_vs_test", {}).get("mauve")
-        if mauve is not None:
-            table.add_row("MAUVE, synthetic vs real test", f"{mauve:.3f}")
+        mauve = evaluation.get("fidelity", {}).get("mauve", {})
+        syn = mauve.get("synthetic_vs_test", {})
+        if syn.get("mauve") is not None:
+            real = mauve.get("real_train_vs_test", {}).get("mauve")
+            size = (f"{syn['texts']} texts a side, {syn['draws']} draws" if "texts" in syn else "all texts")
+            table.add_row("MAUVE, synthetic vs real test", f"{syn['mauve']:.3f}" + (f" ± {syn['sd']:.3f}" if "sd" in syn else "")
+                          + f" ({size}; real train {'n/a' if real is None else f'{real:.3f}'})"
+                          + ("" if syn.get("comparable", True) else " [not comparable: fewer texts than evaluation.mauve_texts]"))
         genre = evaluation.get("fidelity", {}).get("out_of_genre", {})
         if genre.get("share") is not None:
             real = f" (real held out: {genre['real_share']:.0%})" if genre.get("real_share") is not None else ""

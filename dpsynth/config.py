@@ -521,6 +521,10 @@ class EvaluationConfig(_Section):
     tuning: bool = True
     """Rank correlation of classifier hyperparameter rankings tuned on synthetic vs real data."""
     mauve: bool = True
+    mauve_texts: int = Field(100, ge=10)
+    """MAUVE's fixed size: each score is the mean over `mauve_draws` seeded subsamples of this many texts per side
+    (fidelity.mauve_score), so corpora of different sizes compare; 100 is the smallest corpus the plan samples."""
+    mauve_draws: PositiveInt = 5
     attack_examples: PositiveInt = 128
     """Members and non-members (each) scored by the membership-inference attacks."""
     audit_epsilons: tuple[PositiveFloat | Literal["inf"], ...] = ()

@@ -131,6 +131,24 @@ def test_mauve_with_minilm_features_high_for_same_distribution_low_for_disjoint(
     assert same > 0.8 and disjoint < 0.2
 
 
+def test_mauve_headline_is_at_a_fixed_size_so_corpora_of_different_sizes_compare(embedder):
+    """The headline MAUVE subsamples both sides to `texts` (10 buckets) whatever the corpus size; all texts (buckets
+    growing with the corpus) is kept beside it; a corpus below the size is flagged not comparable."""
+    real = embedder([ex.text for ex in examples(500, seed=2)])
+    rng = random.Random(0)
+    junk = embedder([" ".join(str(rng.randint(0, 10**6)) for _ in range(6)) + " invoice total EUR" for _ in range(250)])
+    half_junk = np.concatenate([embedder([ex.text for ex in examples(250, seed=1)]), junk])
+    half_junk = half_junk[np.random.default_rng(0).permutation(len(half_junk))]
+    small, large = fidelity.mauve_score(half_junk[:100], real), fidelity.mauve_score(half_junk, real)
+    for r in (small, large):
+        assert (r["texts"], r["draws"], r["buckets"], r["comparable"]) == (100, 5, 10, True) and r["sd"] >= 0
+    assert large["all_texts"]["buckets"] == 50 and small["all_texts"]["buckets"] == 10
+    assert abs(small["mauve"] - large["mauve"]) < 0.1 and small["mauve"] < 0.5  # the same corpus, half junk, at any size
+    assert fidelity.mauve_score(half_junk, real) == large  # seeded draws
+    few = fidelity.mauve_score(half_junk[:60], real)
+    assert few["texts"] == 60 and few["comparable"] is False
+
+
 # --- utility -------------------------------------------------------------------------------------
 
 def test_utility_real_copy_matches_real_and_shuffled_labels_fall_to_chance(embedder):

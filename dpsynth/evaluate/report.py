@@ -211,8 +211,9 @@ def render_html(res: dict, cert, run_dir: Path, comparison: dict | None = None) 
     fid = res["fidelity"]
     parts.append("<h2>Fidelity</h2>")
     if "mauve" in fid:
-        parts.append(_table(["MAUVE (MiniLM features)", "score"], [[k.replace("_", " "), v.get("mauve")] for k, v in fid["mauve"].items()
-                                                                   if isinstance(v, dict)]))
+        parts.append(_table(["MAUVE (MiniLM features)", "score", "sd over draws", "texts a side", "all texts"],
+                            [[k.replace("_", " "), v.get("mauve"), v.get("sd"), v.get("texts"), v.get("all_texts", {}).get("mauve")]
+                             for k, v in fid["mauve"].items() if isinstance(v, dict)]))
     genre = fid.get("out_of_genre", {})
     if genre.get("share") is not None:
         limit = res.get("evaluation_config", {}).get("out_of_genre_threshold", 0.10)
