@@ -93,7 +93,7 @@ def test_a_tight_budget_cuts_the_evaluation_after_the_corpus_and_says_so():
     cfg = load_config(None, ["training.time_budget=900", "sampling.num_examples=500", "evaluation.zero_shot_examples=200",
                              "evaluation.attack_examples=128"])
     # long texts on a slow CPU: sampling and the evaluation alone are over budget at the 40-step floor
-    speeds = Speeds(6.0, 180.0, 2000.0)
+    speeds = Speeds(5.0, 180.0, 2000.0)
     plan = plan_run(cfg, speeds, prompt_tokens=40, text_tokens=200, labels=5, new_tokens=192)
     assert plan.steps == cfg.training.min_steps
     assert (plan.num_examples, plan.zero_shot_examples) == (100, MIN_ZERO_SHOT)  # the corpus first, then the floor's
