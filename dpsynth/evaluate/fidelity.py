@@ -39,11 +39,12 @@ def mauve_score(p_features: np.ndarray, q_features: np.ndarray, seed: int = 0, t
     for d in range(draws if max(len(p_all), len(q_all)) > size else 1):  # one draw when every text is in it
         p_sub = p_all[np.sort(rng.choice(len(p_all), size, replace=False))]
         q_sub = q_all[np.sort(rng.choice(len(q_all), size, replace=False))]
-        scores.append(one(p_sub, q_sub, seed + d)[0])
-    everything, buckets = one(p_all, q_all, seed)
+        score, buckets = one(p_sub, q_sub, seed + d)
+        scores.append(score)
+    everything, all_buckets = one(p_all, q_all, seed)
     return {"mauve": float(np.mean(scores)), "sd": float(np.std(scores)), "texts": size, "draws": len(scores),
-            "buckets": max(2, round(size / 10)), "comparable": size == texts, "p": len(p_all), "q": len(q_all),
-            "all_texts": {"mauve": everything, "buckets": buckets}}
+            "buckets": buckets, "comparable": size == texts, "p": len(p_all), "q": len(q_all),
+            "all_texts": {"mauve": everything, "buckets": all_buckets}}
 
 
 def text_stats(texts: Sequence[str]) -> dict:
