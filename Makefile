@@ -34,8 +34,11 @@ $(STAMP): pyproject.toml Makefile
 demo: $(STAMP)
 	$(BIN)/dpsynth run --output runs/demo
 
+# Two test processes, a file each at a time (pytest-xdist): much of a test's wall time is waiting on Ray, engine
+# start-up and subprocesses, so a second process fills the idle core. Failures print as they happen (instafail).
+TEST_WORKERS ?= 2
 test: $(STAMP)
-	$(BIN)/python -m pytest -q --durations=25 tests
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder --instafail --durations=25 tests
 
 clean:
 	rm -rf $(VENV) runs

@@ -255,7 +255,9 @@ def test_unlabelled_data_trains_on_the_dataset_prompt_alone(tiny_job, tmp_path):
     ev = json.loads(owner_path(run_dir, "evaluation.json").read_text())
     assert "synthetic" not in ev and ev["verdict"]["level"] in ("unlabelled", "out_of_genre")
     mauve = ev["fidelity"]["mauve"]["synthetic_vs_test"]  # 12 texts: below MAUVE's fixed size, and flagged so
-    assert (mauve["texts"], mauve["comparable"], mauve["p"]) == (12, False, 12) and "all_texts" in mauve
+    # (the keyed split's test side has about 24 of the 240 notes, whatever the owner's key drew)
+    assert mauve["p"] == 12 and mauve["texts"] == min(12, mauve["q"]) and mauve["comparable"] is False
+    assert "all_texts" in mauve
     lm = ev["lm_utility"]  # a fresh LoRA trained on each corpus, measured on the real test texts, beside the base
     for name in ("zero_shot", "real", "synthetic"):
         assert lm[name]["perplexity"] > 1 and 0 <= lm[name]["next_token_accuracy"] <= 1 and lm[name]["tokens"] > 0
