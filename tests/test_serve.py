@@ -43,7 +43,7 @@ def ray_local(s3):
     # logical CPUs: two vLLM engines (alpha + beta as LoRA on one base; alpha merged), two transformers servers and a
     # Ray Data job side by side. After the s3 fixture: the workers inherit its credentials.
     ray.init(address="local", num_cpus=6, include_dashboard=False, _metrics_export_port=port,
-             _system_config={"metrics_report_interval_ms": 1000})
+             _system_config={"metrics_report_interval_ms": 5000})  # metrics every 5 s (the test waits up to 90 s): every 1 s cost CPU all module long
     yield port
     ray.shutdown()
 
