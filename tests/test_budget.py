@@ -118,8 +118,9 @@ def test_a_tight_budget_cuts_the_evaluation_after_the_corpus_and_says_so():
 
 @pytest.mark.slow
 def test_a_resumed_auto_run_repeats_the_plan_of_its_first_attempt(tiny_job, tmp_path):
-    """SIGTERM mid-training; the same command resumes with the first attempt's plan (its steps and the sizes it
-    cut), not a new probe's: the admitted DP-SGD plan and the corpus are the ones planned."""
+    """kill -9 mid-training; the same command resumes with the first attempt's plan (its steps and the sizes it
+    cut), not a new probe's: the admitted DP-SGD plan and the corpus are the ones planned, and every step charged
+    (those lost with the killed process included) is certified."""
     import signal
     import time
 
@@ -144,9 +145,10 @@ def test_a_resumed_auto_run_repeats_the_plan_of_its_first_attempt(tiny_job, tmp_
         assert first.poll() is None, first.communicate()[1][-2000:]
         assert time.time() < deadline, "training did not start"
         time.sleep(0.2)
-    first.send_signal(signal.SIGTERM)
+    first.send_signal(signal.SIGKILL)
     _, err = first.communicate(timeout=600)
-    assert first.returncode == 128 + signal.SIGTERM, err[-2000:]
+    assert first.returncode == -signal.SIGKILL, err[-2000:]
+    assert not (run_dir / "certificate.json").exists()
     (saved,) = list(run_dir.rglob(RUN_PLAN))
     plan = json.loads(saved.read_text())
     assert plan["steps"] == 40

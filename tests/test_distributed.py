@@ -241,14 +241,34 @@ def _charged_steps(ledger_path: Path) -> int:
     return sum(e.count for r in Ledger(ledger_path).runs() for e in r["charged"] if isinstance(e, SampledGaussian))
 
 
+def test_sigterm_and_sigint_both_stop_at_a_step_boundary():
+    """graceful_stop: SIGTERM and Ctrl-C set the same flag and call on_stop once; a second signal stops at once; the
+    previous handlers come back after the block. (Ctrl-C mid-training end to end is the test below; kill -9 mid-training
+    is test_budget.py::test_a_resumed_auto_run_repeats_the_plan_of_its_first_attempt.)"""
+    from dpsynth.interrupt import graceful_stop
+
+    before = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        stops: list[int] = []
+        with graceful_stop(stops.append) as received:
+            assert received() is None
+            os.kill(os.getpid(), sig)
+            time.sleep(0.1)  # the handler runs on the main thread between bytecodes
+            assert received() == sig and stops == [sig]
+            with pytest.raises(KeyboardInterrupt):
+                os.kill(os.getpid(), sig)
+                time.sleep(0.1)
+        assert {s: signal.getsignal(s) for s in before} == before
+
+
 @pytest.mark.slow
-# SIGTERM takes the path SIGINT takes (dpsynth.interrupt.graceful_stop); it is sent mid-training in
-# test_budget.py::test_a_resumed_auto_run_repeats_the_plan_of_its_first_attempt
-@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGKILL], ids=["SIGINT", "SIGKILL"])
-def test_an_interrupted_driver_loses_no_spend_and_the_same_command_resumes_it(sig, tiny_job, tmp_path):
+def test_an_interrupted_driver_loses_no_spend_and_the_same_command_resumes_it(tiny_job, tmp_path):
+    """Ctrl-C mid-training (Ray Train would abort at once on the main thread; dpsynth fits off it): the run stays open
+    with its charges, and the same command finishes it with every charged step applied and certified."""
     import subprocess
     import sys
 
+    sig = signal.SIGINT
     steps = 40
     args = [sys.executable, "-m", "dpsynth", "train", "--quiet",
             *[a for o in [*tiny_job, "training.batch_size=16", f"training.steps={steps}", "scaling.checkpoint_every=4",
@@ -263,11 +283,8 @@ def test_an_interrupted_driver_loses_no_spend_and_the_same_command_resumes_it(si
         time.sleep(0.2)
     first.send_signal(sig)
     _, err = first.communicate(timeout=600)
-    if sig == signal.SIGKILL:
-        assert first.returncode == -signal.SIGKILL
-    else:
-        assert first.returncode == 128 + sig, err[-2000:]
-        assert "stays open" in err and "run the same command" in err
+    assert first.returncode == 128 + sig, err[-2000:]
+    assert "stays open" in err and "run the same command" in err
     (run,) = Ledger(ledger_path).runs()
     stopped_at = _charged_steps(ledger_path)
     assert run["status"] == "open" and 10 <= stopped_at < steps  # stopped early, its charges kept
@@ -282,5 +299,4 @@ def test_an_interrupted_driver_loses_no_spend_and_the_same_command_resumes_it(si
     assert cert["mechanism"]["steps"] == _charged_steps(ledger_path) == steps, again.stderr[-3000:]  # every charged step certified
     metrics = json.loads(owner_path(run_dir, "metrics.json").read_text())
     assert [h["step"] for h in metrics["train"]] == list(range(1, cert["mechanism"]["steps_applied"] + 1))
-    if sig != signal.SIGKILL:  # a clean stop at a step boundary loses no work: every charged step was applied
-        assert cert["mechanism"]["steps_applied"] == steps
+    assert cert["mechanism"]["steps_applied"] == steps  # a clean stop at a step boundary loses no work
