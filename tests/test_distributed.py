@@ -247,18 +247,24 @@ def test_sigterm_and_sigint_both_stop_at_a_step_boundary():
     is test_budget.py::test_a_resumed_auto_run_repeats_the_plan_of_its_first_attempt.)"""
     from dpsynth.interrupt import graceful_stop
 
-    before = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        stops: list[int] = []
-        with graceful_stop(stops.append) as received:
-            assert received() is None
-            os.kill(os.getpid(), sig)
-            time.sleep(0.1)  # the handler runs on the main thread between bytecodes
-            assert received() == sig and stops == [sig]
-            with pytest.raises(KeyboardInterrupt):
+    caught: list[int] = []  # a signal graceful_stop failed to take lands here, instead of killing the test process
+    original = {s: signal.signal(s, lambda signum, frame: caught.append(signum)) for s in (signal.SIGINT, signal.SIGTERM)}
+    recorder = {s: signal.getsignal(s) for s in original}
+    try:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            stops: list[int] = []
+            with graceful_stop(stops.append) as received:
+                assert received() is None
                 os.kill(os.getpid(), sig)
-                time.sleep(0.1)
-        assert {s: signal.getsignal(s) for s in before} == before
+                time.sleep(0.1)  # the handler runs on the main thread between bytecodes
+                assert received() == sig and stops == [sig] and not caught
+                with pytest.raises(KeyboardInterrupt):
+                    os.kill(os.getpid(), sig)
+                    time.sleep(0.1)
+            assert {s: signal.getsignal(s) for s in original} == recorder  # the handlers before the block are back
+    finally:
+        for s, h in original.items():
+            signal.signal(s, h)
 
 
 @pytest.mark.slow
