@@ -236,7 +236,7 @@ class TrainingConfig(_Section):
     steps: PositiveInt | Literal["auto"] | None = "auto"
     """Number of DP-SGD steps; `auto`: as many as fit `time_budget` (dpsynth.train.budget: the whole run planned on
     a probe of public dummy tokens, at least `min_steps`); null: epochs / q."""
-    time_budget: Annotated[PositiveFloat, BeforeValidator(_seconds)] = 720.0
+    time_budget: Annotated[PositiveFloat, BeforeValidator(_seconds)] = 900.0
     """Wall-clock budget of the whole run (train + sample + evaluate) that `steps: auto` plans to: seconds, or
     "10m" / "1h"."""
     min_steps: PositiveInt = 40
