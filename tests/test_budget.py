@@ -167,3 +167,28 @@ def test_a_resumed_auto_run_repeats_the_plan_of_its_first_attempt(tiny_job, tmp_
     assert owner_cfg["training"]["steps"] == 40 and owner_cfg["sampling"]["num_examples"] == 7
     assert json.loads((run_dir / "certificate.json").read_text())["mechanism"]["steps"] == 40 == charged()
     assert "resuming with the plan of the first attempt" in owner_path(run_dir, "dpsynth.log").read_text()
+
+
+def test_the_probe_reads_the_slowest_of_its_timed_steps(tiny_job, monkeypatch):
+    """The budget is a bound, so the plan reads the machine on its slow side: one slow repetition among the probe's
+    timed steps (after the warm-up) sets the step time. The probe runs for real on the tiny model; only a delay is
+    added to one of its calls."""
+    import time
+
+    from dpsynth.train import step as step_module
+    from dpsynth.train.budget import PROBE_REPEATS, probe
+
+    real = step_module.DPLoRAStep._per_example_grads
+    calls = []
+
+    def timed(self, batch):
+        calls.append(len(batch))
+        if len(calls) == 3:  # the second timed repetition (neither the first nor the last): a slow moment
+            time.sleep(0.5)
+        return real(self, batch)
+
+    monkeypatch.setattr(step_module.DPLoRAStep, "_per_example_grads", timed)
+    cfg = load_config(None, tiny_job)
+    speeds = probe(cfg.model_dump(mode="json"), "sms text, label ham: ", 24, 4)
+    assert calls == [4] * (1 + PROBE_REPEATS)  # a warm-up, then the timed repetitions
+    assert PROBE_REPEATS >= 3 and speeds.step_s >= 0.5  # the slow one, not the first or the last
