@@ -1,8 +1,8 @@
 """How far one timing of the plan's probe step is from the next: the case for the slowest of PROBE_REPEATS.
 
 The run plan (dpsynth.train.budget.probe) times the DP step's forward/backward on public dummy tokens of the planned
-shape and scales it to the expected batch. This times that same call (`DPLoRAStep._per_example_grads` on PROBE_BATCH
-rows of `--tokens` random ids after the conditioning prompt) `--repeats` times in a row, in `--rounds` rounds
+shape and scales it to the expected batch. This times that same call (budget.step_timings on budget.dummy_rows: PROBE_BATCH
+rows of `--tokens` random ids after a conditioning prompt) `--repeats` times in a row, in `--rounds` rounds
 `--gap` seconds apart, and reports per round: min / median / max, the first timing after the warm-up (what the plan
 read before 3b2dc1d) and the slowest of the first PROBE_REPEATS (what it reads now), each relative to the round's
 median, and the spread of the medians across rounds (the machine's drift, which no probe of seconds can see).
@@ -34,13 +34,11 @@ def main() -> None:
     ap.add_argument("--out", type=Path)
     args = ap.parse_args()
 
-    import numpy as np
     import torch
 
     from dpsynth.config import JobConfig
     from dpsynth.models import load_base, wrap_lora
-    from dpsynth.prefixlm import Encoded, collate
-    from dpsynth.train.budget import PROBE_BATCH, PROBE_REPEATS
+    from dpsynth.train.budget import PROBE_BATCH, PROBE_REPEATS, dummy_rows, step_timings
     from dpsynth.train.step import DPLoRAStep
 
     cfg = JobConfig()
@@ -49,22 +47,14 @@ def main() -> None:
     model, tok, _ = load_base(cfg.model, device)
     model = wrap_lora(model, cfg.lora)
     head = tok("news text, label bbc: ", add_special_tokens=False).input_ids
-    rng = np.random.default_rng(0)
-    rows = [Encoded(tuple(head + rng.integers(0, len(tok), args.tokens - len(head)).tolist()),
-                    (0,) * len(head) + (1,) * (args.tokens - len(head))) for _ in range(PROBE_BATCH)]
+    rows = dummy_rows(tok, head, args.tokens, PROBE_BATCH)
     step = DPLoRAStep(model, noise_multiplier=1.0, max_grad_norm=1.0, expected_batch_size=PROBE_BATCH,
                       learning_rate=cfg.training.learning_rate)
     rounds = []
     for r in range(args.rounds):
         if r:
             time.sleep(args.gap)
-        timings = []
-        for _ in range(1 + args.repeats):  # the first is the warm-up, as in the probe
-            t0 = time.perf_counter()
-            step._per_example_grads(collate(rows, tok.pad_token_id, device))
-            step.optimizer.zero_grad(set_to_none=True)
-            timings.append(time.perf_counter() - t0)
-        t = timings[1:]
+        t = step_timings(step, rows, tok.pad_token_id, device, args.repeats)  # the probe's own timing, warm-up first
         med = statistics.median(t)
         rounds.append({"timings_s": t, "min": min(t), "median": med, "max": max(t), "first_over_median": t[0] / med,
                        "slowest_of_probe_over_median": max(t[:PROBE_REPEATS]) / med})

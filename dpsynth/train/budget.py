@@ -120,13 +120,39 @@ def coarse(speeds: Speeds) -> Speeds:
     return Speeds(q(speeds.step_s), q(speeds.generate_tokens_per_s), q(speeds.score_tokens_per_s))
 
 
+def dummy_rows(tok, head: list[int], tokens: int, batch: int) -> list:
+    """`batch` examples of `tokens` tokens: the prompt `head` (no loss), then random ids (the loss positions). Public
+    dummy inputs of the planned shape: nothing to protect."""
+    import numpy as np
+
+    from dpsynth.prefixlm import Encoded
+
+    rng = np.random.default_rng(0)
+    text = max(1, tokens - len(head))
+    return [Encoded(tuple(head + rng.integers(0, len(tok), text).tolist()), (0,) * len(head) + (1,) * text)
+            for _ in range(batch)]
+
+
+def step_timings(step, rows: list, pad_token_id: int, device, repeats: int) -> list[float]:
+    """Seconds of `repeats` forward/backward passes of the DP step over `rows`, after one untimed warm-up (kernels,
+    allocators)."""
+    from dpsynth.prefixlm import collate
+
+    timings = []
+    for _ in range(1 + repeats):
+        t0 = time.perf_counter()
+        step._per_example_grads(collate(rows, pad_token_id, device))
+        step.optimizer.zero_grad(set_to_none=True)
+        timings.append(time.perf_counter() - t0)
+    return timings[1:]
+
+
 def probe(cfg_json: dict, prompt: str, tokens: int, batch: int) -> Speeds:
     """Time the planned work on public dummy inputs (see the module docstring). Runs where a worker would."""
-    import numpy as np
     import torch
 
     from dpsynth.models import load_base, wrap_lora
-    from dpsynth.prefixlm import Encoded, collate
+    from dpsynth.prefixlm import collate
     from dpsynth.sample.engines import GenParams, TransformersEngine
     from dpsynth.train.step import DPLoRAStep
 
@@ -138,19 +164,11 @@ def probe(cfg_json: dict, prompt: str, tokens: int, batch: int) -> Speeds:
     model, tok, _ = load_base(cfg.model, device)
     model = wrap_lora(model, cfg.lora)
     head = tok(prompt, add_special_tokens=False).input_ids
-    rng = np.random.default_rng(0)  # dummy token ids: public, nothing to protect
-    rows = [Encoded(tuple(head + rng.integers(0, len(tok), max(1, tokens - len(head))).tolist()),
-                    (0,) * len(head) + (1,) * max(1, tokens - len(head))) for _ in range(batch)]
+    rows = dummy_rows(tok, head, tokens, batch)
     step = DPLoRAStep(model, noise_multiplier=1.0, max_grad_norm=1.0, expected_batch_size=batch,
                       learning_rate=cfg.training.learning_rate, grad_sample_mode=cfg.training.grad_sample_mode,
                       micro_batch_size=None if cfg.training.micro_batch_size == "auto" else cfg.training.micro_batch_size)
-    timings = []
-    for _ in range(1 + PROBE_REPEATS):  # the first call warms up kernels and allocators
-        t0 = time.perf_counter()
-        step._per_example_grads(collate(rows, tok.pad_token_id, device))
-        step.optimizer.zero_grad(set_to_none=True)
-        timings.append(time.perf_counter() - t0)
-    step_s = max(timings[1:])
+    step_s = max(step_timings(step, rows, tok.pad_token_id, device, PROBE_REPEATS))
     model.eval()
     engine, n, new = TransformersEngine(model, tok), 16, 16
     engine.generate_ids([head] * 4, GenParams(max_tokens=4))
