@@ -225,7 +225,10 @@ def test_uncertified_run_cannot_be_sampled(tiny_job, capsys):
 @pytest.mark.slow
 def test_real_bundled_model_and_data(tmp_path):
     run_dir = tmp_path / "real"
-    overrides = ["data.subset_fraction=0.0627", "training.batch_size=16", "training.steps=4", "sampling.num_examples=16",
+    # a quarter of the reviews: the real-data classifier's test accuracy then clears the majority rate by
+    # 0.11 +- 0.02 over random owner keys (40 keys, 2026-12-04); at 0.0627 (~80 test reviews) it fell below 0.5 in
+    # 3 % of keys, and CI met one
+    overrides = ["data.subset_fraction=0.25", "training.batch_size=16", "training.steps=4", "sampling.num_examples=16",
                  "sampling.batch_size=8", "sampling.max_new_tokens=24", f"privacy.ledger={tmp_path / 'ledger.sqlite'}",
                  # the evaluation's own corpora kept small: the real model generates at ~10 tokens/s on a CPU
                  "evaluation.zero_shot_examples=16", "evaluation.attack_examples=32"]
@@ -237,8 +240,9 @@ def test_real_bundled_model_and_data(tmp_path):
     rows = [json.loads(line) for line in (run_dir / "synthetic.jsonl").read_text().splitlines()]
     assert len(rows) == 16 and {r["label"] for r in rows} <= {"fresh", "rotten"}
     ev = json.loads(owner_path(run_dir, "evaluation.json").read_text())
-    # ~720 reviews kept at this rate, ~80 of them in the test split; a keyed subset's size is binomial (sd ~9)
-    assert ev["real"]["accuracy"] > 0.5 and 40 <= ev["test_examples"] <= 120
+    # ~2,900 reviews kept at this rate, ~320 of them in the test split; a keyed subset's size is binomial (sd ~17)
+    majority = ev["baselines"]["majority_class"]["accuracy"]
+    assert ev["real"]["accuracy"] >= majority + 0.03 and 240 <= ev["test_examples"] <= 400
 
 
 def test_single_label_synthetic_scores_as_a_constant_classifier():
