@@ -114,3 +114,29 @@ def test_left_pad_continues_every_row_from_its_own_last_token():
     ids, mask, pos = left_pad([[5, 6, 7], [9]], pad_id=0)
     assert ids.tolist() == [[5, 6, 7], [0, 0, 9]] and mask.tolist() == [[1, 1, 1], [0, 0, 1]]
     assert pos.tolist() == [[0, 1, 2], [0, 0, 0]]
+
+
+def test_a_frozen_models_head_is_handed_contiguous_rows(vllm_tiny_model_dir, tok):
+    """generate's prefill hands the head a strided slice (the last position); on a frozen model (a loaded adapter, the
+    sampler's case) torch then copies the head's weight once per row. The engine makes the head's input contiguous:
+    the texts are the same as generate's alone, and no input to the head is strided."""
+    from transformers import AutoModelForCausalLM
+
+    def frozen():
+        return AutoModelForCausalLM.from_pretrained(vllm_tiny_model_dir, dtype=torch.float32).eval().requires_grad_(False)
+
+    model, plain = frozen(), frozen()
+    engine = TransformersEngine(model, tok)
+    raw = TransformersEngine.__new__(TransformersEngine)  # the same engine over a model without the hook
+    raw.__dict__.update(engine.__dict__, model=plain)
+    seen: dict[str, list[bool]] = {"engine": [], "raw": []}
+    for name, m in (("engine", model), ("raw", plain)):
+        m.get_output_embeddings().register_forward_pre_hook(lambda _m, args, name=name: seen[name].append(
+            args[0].is_contiguous()))
+    ids, params = [prompt_ids(tok, p) for p in PROMPTS], GenParams(temperature=0.0, max_tokens=4)
+    assert [g.text for g in engine.generate_ids(ids, params)] == [g.text for g in raw.generate_ids(ids, params)]
+    assert not all(seen["raw"]), "generate no longer hands the head a strided slice: the hook may be unneeded"
+    assert seen["engine"] and all(seen["engine"])
+    hooks = len(model.get_output_embeddings()._forward_pre_hooks)
+    TransformersEngine(model, tok)  # a second engine over the same model adds no second hook
+    assert len(model.get_output_embeddings()._forward_pre_hooks) == hooks

@@ -184,6 +184,17 @@ def _finish(reason: str | None) -> str:
     return "length" if reason == "length" else "stop"
 
 
+def contiguous_head_input(model) -> None:
+    """Hand the output head a contiguous input. generate's prefill slices the last position (`hidden[:, -1:]`, a
+    strided view), and torch 2.13's linear on a strided 3-D input with a weight that does not require grad (a frozen
+    base, a loaded adapter) becomes a batched matmul over a copy of the weight per row: 8 s instead of 0.02 s for a
+    batch of 128 on SmolLM2's 49k-token head (2-core VM, 2026-12-04). Idempotent."""
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if head is not None and not getattr(head, "_dpsynth_contiguous", False):
+        head.register_forward_pre_hook(lambda _module, args: (args[0].contiguous(), *args[1:]))
+        head._dpsynth_contiguous = True
+
+
 class TransformersEngine:
     """Batched `generate` with HF transformers: the engine that runs everywhere, on the model's device.
 
@@ -197,6 +208,7 @@ class TransformersEngine:
         gen_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
         self.stop_ids = sorted(set(stop_token_ids(tokenizer)) | set(
             gen_eos if isinstance(gen_eos, (list, tuple)) else [gen_eos] if gen_eos is not None else []))
+        contiguous_head_input(model)
 
     @torch.inference_mode()
     def generate_ids(self, prompts: list[list[int]], params: GenParams,
