@@ -59,6 +59,23 @@ def test_a_run_far_over_its_budget_is_refused_naming_the_key():
     assert fits.steps == 40 and sum(fits.estimates_s.values()) <= 900
 
 
+def test_generation_is_costed_a_batch_at_a_time_to_the_cap():
+    """The sampler batches each label apart and a batch runs until its longest text ends (about the cap in a batch
+    of dozens): the SMS adapter ran at half the speed that the texts' mean length had planned."""
+    from dpsynth.train.budget import generation_s
+
+    sp = Speeds(1.0, 100.0, 1000.0, generate_step_fixed_s=0.5)
+    # one label, 300 texts in batches of 128: 128 + 128 + 44 rows, three fixed costs, 64 decode steps each
+    assert generation_s(sp, 300, (1.0,), 128, 64) == pytest.approx(64 * (3 * 0.5 + 300 / 100))
+    # 0.9 / 0.1: 270 = 128 + 128 + 14 and 30, a fourth batch
+    assert generation_s(sp, 300, (0.9, 0.1), 128, 64) == pytest.approx(64 * (4 * 0.5 + 300 / 100))
+    assert generation_s(sp, 0, (0.5, 0.5), 128, 64) == 0
+    cfg = load_config(None, ["training.time_budget=15m", "sampling.num_examples=200", "sampling.keep_rate=1"])
+    short, long_ = (plan_run(cfg, sp, prompt_tokens=40, text_tokens=t, labels=2, new_tokens=64, label_shares=(0.8, 0.2))
+                    for t in (20, 60))
+    assert short.estimates_s["sampling"] == long_.estimates_s["sampling"]  # short texts in a batch still wait on the cap
+
+
 def test_the_plan_reads_the_machine_speed_on_a_coarse_grid():
     from dpsynth.train.budget import coarse
 
@@ -192,3 +209,7 @@ def test_the_probe_reads_the_slowest_of_its_timed_steps(tiny_job, monkeypatch):
     speeds = probe(cfg.model_dump(mode="json"), "sms text, label ham: ", 24, 4)
     assert calls == [4] * (1 + PROBE_REPEATS)  # a warm-up, then the timed repetitions
     assert PROBE_REPEATS >= 3 and speeds.step_s >= 0.5  # the slow one, not the first or the last
+    # generation was timed at the sampler's batch and a quarter of it: a decode step of more rows costs more
+    batch = cfg.sampling.batch_size
+    assert speeds.generate_tokens_per_s > 0 and speeds.generate_step_fixed_s >= 0
+    assert speeds.decode_step_s(batch) > speeds.decode_step_s(batch // 4) > 0

@@ -16,6 +16,7 @@ import logging
 import math
 import os
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, fields
 
 from dpsynth.config import JobConfig
@@ -49,9 +50,11 @@ PROBE_REPEATS = 3
 timing read a news step at 0.59 of what training then took, and ten in a row ranged 1.09-4.11 s (bench/probe_noise.py,
 2026-12-03): a budget is a bound, so the plan reads the machine on its slow side."""
 PROBE_BATCH = 8
+"""Examples the probe times (a step's cost grows linearly with its batch): long documents stay cheap to probe."""
+GENERATE_PROBE_TOKENS = 16
+"""Decode steps the probe times per batch: the prefill is spread over them (a bound: a real batch spreads it wider)."""
 RUN_PLAN = "run_plan.json"
 """Where a run keeps its plan, so that a resume repeats it (its steps and what it cut)."""
-"""Examples the probe times (a step's cost grows linearly with its batch): long documents stay cheap to probe."""
 
 
 @dataclass(frozen=True)
@@ -59,7 +62,14 @@ class Speeds:
     step_s: float
     """One DP step (expected batch) on a training worker."""
     generate_tokens_per_s: float
+    """Rows a second that one more row of a generation batch costs: a decode step of n rows takes
+    generate_step_fixed_s + n / generate_tokens_per_s."""
     score_tokens_per_s: float
+    generate_step_fixed_s: float = 0.0
+    """A decode step's cost whatever its rows (the weights read, the kernels' start)."""
+
+    def decode_step_s(self, rows: int) -> float:
+        return self.generate_step_fixed_s + rows / self.generate_tokens_per_s
 
 
 @dataclass(frozen=True)
@@ -117,7 +127,8 @@ def coarse(speeds: Speeds) -> Speeds:
     def q(x: float) -> float:
         return 2.0 ** (round(math.log2(max(x, 1e-9)) * 8) / 8)
 
-    return Speeds(q(speeds.step_s), q(speeds.generate_tokens_per_s), q(speeds.score_tokens_per_s))
+    return Speeds(q(speeds.step_s), q(speeds.generate_tokens_per_s), q(speeds.score_tokens_per_s),
+                  q(speeds.generate_step_fixed_s) if speeds.generate_step_fixed_s > 0 else 0.0)
 
 
 def dummy_rows(tok, head: list[int], tokens: int, batch: int) -> list:
@@ -170,17 +181,37 @@ def probe(cfg_json: dict, prompt: str, tokens: int, batch: int) -> Speeds:
                       micro_batch_size=None if cfg.training.micro_batch_size == "auto" else cfg.training.micro_batch_size)
     step_s = max(step_timings(step, rows, tok.pad_token_id, device, PROBE_REPEATS))
     model.eval()
-    engine, n, new = TransformersEngine(model, tok), 16, 16
+    engine = TransformersEngine(model, tok)
     engine.generate_ids([head] * 4, GenParams(max_tokens=4))
-    t0 = time.perf_counter()
-    engine.generate_ids([head] * n, GenParams(max_tokens=new))
-    gen_tps = n * new / (time.perf_counter() - t0)
+    # a decode step at the sampler's batch and at a quarter of it: its fixed cost and its cost per row (a label's
+    # last batch is smaller)
+    big = cfg.sampling.batch_size
+    small = max(1, big // 4)
+    t_big, t_small = (decode_step_timing(engine, head, n, GENERATE_PROBE_TOKENS) for n in (big, small))
+    per_row = (t_big - t_small) / (big - small) if big > small else 0.0
+    if per_row <= 0:  # timing noise (or a batch of one): all of the step taken as per-row cost
+        gen_tps, fixed = big / t_big, 0.0
+    else:
+        gen_tps, fixed = 1.0 / per_row, max(0.0, t_big - big * per_row)
     with torch.inference_mode():
         batch_ids = collate(rows, tok.pad_token_id, device)
         t0 = time.perf_counter()
         model(input_ids=batch_ids.input_ids, attention_mask=batch_ids.attention_mask)
         score_tps = batch * tokens / (time.perf_counter() - t0)
-    return Speeds(step_s, gen_tps, score_tps)
+    return Speeds(step_s, gen_tps, score_tps, fixed)
+
+
+def decode_step_timing(engine, head: list[int], rows: int, steps: int) -> float:
+    """Seconds a decode step of `rows` copies of the prompt `head` takes in `engine` (prefill included, spread over
+    `steps` forced steps: no row may stop early, an untrained model's EOS would shorten the batch)."""
+    import torch
+
+    ids = torch.tensor([head] * rows, device=engine.model.device)
+    t0 = time.perf_counter()
+    with torch.inference_mode():
+        engine.model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=steps,
+                              min_new_tokens=steps, do_sample=True, top_k=0, pad_token_id=engine.tok.pad_token_id)
+    return (time.perf_counter() - t0) / steps
 
 
 def probe_on_ray(cfg: JobConfig, prompt: str, tokens: int, batch: int) -> Speeds:
@@ -206,12 +237,30 @@ def mean_text_tokens(length_distribution: dict[str, float] | None, text_tokens: 
     return min(float(text_tokens), max(1.0, mean))
 
 
+def generation_s(speeds: Speeds, texts: int, label_shares: Sequence[float], batch: int, new_tokens: int) -> float:
+    """Seconds to generate `texts` texts split over labels by `label_shares`. The sampler batches each label apart,
+    `batch` rows at a time, and a batch runs until its longest text ends: taken at `new_tokens`, the cap (a bound;
+    in a batch of dozens the longest text is about the cap: the SMS adapter's batches ran at half the speed that
+    counting the texts' mean length had planned, 2026-12-03)."""
+    from dpsynth.sample.corpus import label_counts
+
+    names = tuple(str(i) for i in range(len(label_shares)))
+    counts = label_counts(names, dict(zip(names, label_shares)), texts).values() if texts else ()
+    steps = 0.0
+    for count in counts:
+        full, rest = divmod(count, batch)
+        steps += full * speeds.decode_step_s(batch) + (speeds.decode_step_s(rest) if rest else 0.0)
+    return new_tokens * steps
+
+
 def plan_run(cfg: JobConfig, speeds: Speeds, *, prompt_tokens: int, text_tokens: float, labels: int,
-             new_tokens: int) -> RunPlan:
-    """Steps and corpus size that fit `training.time_budget` (see the module docstring)."""
+             new_tokens: int, label_shares: Sequence[float] | None = None) -> RunPlan:
+    """Steps and corpus size that fit `training.time_budget` (see the module docstring). `label_shares`: each
+    label's share of the corpus (public: the DP label histogram or uniform); uniform when None."""
     budget = cfg.training.time_budget
     s, ev = cfg.sampling, cfg.evaluation
     per_candidate = min(float(new_tokens), text_tokens)
+    shares = tuple(label_shares) if label_shares else (1.0,) * max(1, labels)
 
     def later(num_examples: int, zero_shot_examples: int, attack_examples: int) -> dict[str, float]:
         candidates = math.ceil(num_examples / s.keep_rate)
@@ -219,9 +268,11 @@ def plan_run(cfg: JobConfig, speeds: Speeds, *, prompt_tokens: int, text_tokens:
         sharpen = (candidates + zero_shot) * labels * (prompt_tokens + per_candidate) / speeds.score_tokens_per_s \
             if s.keep_rate < 1 else 0.0
         attacks = ATTACK_PASSES * attack_examples * (prompt_tokens + text_tokens) / speeds.score_tokens_per_s
-        return {"sampling": candidates * per_candidate / speeds.generate_tokens_per_s + sharpen * candidates /
+        return {"sampling": generation_s(speeds, candidates, shares, s.batch_size, new_tokens) + sharpen * candidates /
                 max(1, candidates + zero_shot),
-                "evaluation": EVAL_FIXED_S + zero_shot * per_candidate / speeds.generate_tokens_per_s + attacks +
+                # the zero-shot corpus splits its texts evenly over the labels (evaluate.corpora)
+                "evaluation": EVAL_FIXED_S + generation_s(speeds, zero_shot, (1.0,) * len(shares), s.batch_size,
+                                                          new_tokens) + attacks +
                 sharpen * zero_shot / max(1, candidates + zero_shot)}
 
     sizes = {"num_examples": s.num_examples, "zero_shot_examples": ev.zero_shot_examples,
@@ -234,11 +285,16 @@ def plan_run(cfg: JobConfig, speeds: Speeds, *, prompt_tokens: int, text_tokens:
     # The floor of steps does not fit: the corpus gives way first, then the evaluation's own corpus and attacks.
     for key, floor, section in (("num_examples", MIN_CORPUS, "sampling"), ("zero_shot_examples", MIN_ZERO_SHOT, "evaluation"),
                                 ("attack_examples", MIN_ATTACK, "evaluation")):
-        over = FIXED_OVERHEAD_S + steps * speeds.step_s + sum(rest.values()) - budget
-        if over <= 0 or sizes[key] <= floor:
+        def fits(size: int) -> bool:
+            return FIXED_OVERHEAD_S + steps * speeds.step_s + sum(later(**{**sizes, key: size}).values()) <= budget
+
+        if fits(sizes[key]) or sizes[key] <= floor:
             continue
-        per_unit = (sum(rest.values()) - sum(later(**{**sizes, key: 0}).values())) / sizes[key]
-        smaller = max(floor, int(sizes[key] - over / max(per_unit, 1e-9)))
+        lo, hi = floor, sizes[key]  # the largest size that fits, else the floor (time grows with the size)
+        while lo < hi:
+            mid = (lo + hi + 1) // 2
+            lo, hi = (mid, hi) if fits(mid) else (lo, mid - 1)
+        smaller = lo
         cuts.append(f"{section}.{key} cut from {sizes[key]} to {smaller}")
         sizes[key] = smaller
         rest = later(**sizes)

@@ -8,6 +8,7 @@ command resumes it.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -239,18 +240,21 @@ class TrainJob:
             probe_batch = min(cfg.training.batch_size, PROBE_BATCH)
             speeds = probe_on_ray(cfg, prompt, int(cfg.model.max_length), probe_batch)
             scale = cfg.training.batch_size / probe_batch / cfg.scaling.num_workers
-            speeds = coarse(type(speeds)(speeds.step_s * max(1.0, scale) * STEP_OVERHEAD, speeds.generate_tokens_per_s,
-                                         speeds.score_tokens_per_s))
+            speeds = coarse(dataclasses.replace(speeds, step_s=speeds.step_s * max(1.0, scale) * STEP_OVERHEAD))
             new_tokens = cfg.sampling.max_new_tokens if isinstance(cfg.sampling.max_new_tokens, int) else ctx.lengths.text_tokens
+            spec = cfg.sampling.label_proportions  # the corpus's label mix: public (the DP histogram, or declared)
+            mix = (ctx.label_distribution if spec == "dp" else None if spec == "uniform" else dict(spec)) or {}
+            shares = [float(mix.get(label, 0.0)) for label in ctx.splits.labels] if mix else None
             try:
                 run_plan = plan_run(cfg, speeds, prompt_tokens=prompt_tokens, text_tokens=text,
-                                    labels=len(ctx.splits.labels), new_tokens=new_tokens)
+                                    labels=len(ctx.splits.labels), new_tokens=new_tokens, label_shares=shares)
             except UserError as e:  # nothing trained: close the run (the histograms it released stay spent)
                 ctx.run.abandon()
                 raise UserError(f"{e}; the DP length histogram that measured this stays charged "
                                 f"(ledger run {ctx.run.run_id}, closed)") from None
-            log.info("%s (probe: a DP step %.1f s, generation %.0f tokens/s, scoring %.0f tokens/s)",
-                     run_plan.summary(cfg.training.time_budget), speeds.step_s, speeds.generate_tokens_per_s,
+            log.info("%s (probe: a DP step %.1f s, generation %.0f tokens/s at %d rows a batch, scoring %.0f tokens/s)",
+                     run_plan.summary(cfg.training.time_budget), speeds.step_s,
+                     cfg.sampling.batch_size / speeds.decode_step_s(cfg.sampling.batch_size), cfg.sampling.batch_size,
                      speeds.score_tokens_per_s)
             if run_plan.cut:
                 log.warning(run_plan.cut)
