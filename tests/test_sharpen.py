@@ -48,3 +48,32 @@ def test_select_fills_from_duplicates_rather_than_coming_short():
     rows = [{"text": "same", "label": "pos"}] * 3
     kept, _ = select(rows, {"pos": 2}, np.zeros((3, 1)), ["pos"], {"pos": 1.0})
     assert len(kept) == 2
+
+
+def test_scores_under_a_shared_prompt_equal_the_full_forward_pass(tiny_model_dir):
+    """score_texts runs each prompt once and scores its texts from the cached keys and values: the per-token NLL is
+    the full forward pass's, for every prompt, text length (empty, truncated), and with a LoRA adapter on top."""
+    import numpy as np
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from dpsynth.config import LoraConfig
+    from dpsynth.models import wrap_lora
+    from dpsynth.prefixlm import collate, encode, score_texts, token_nll
+
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    torch.manual_seed(1)
+    model = wrap_lora(AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32),
+                      LoraConfig(r=2, target_modules=["q_proj", "v_proj"], last_layers=None))
+    for name, p in model.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(p, std=0.5)  # an adapter that changes the scores
+    model.eval()
+    texts = ["", "ok", "the film was a quiet triumph of craft", "word " * 80, "short one", "another, longer text here"]
+    items = [(prefix, t) for prefix in ("[reviews][pos]: ", "<|im_start|>user\nWrite one review.<|im_end|>\n") for t in texts]
+    got = score_texts(model, tok, items, max_length=40, batch_size=4)
+    for (prefix, text), nll in zip(items, got):
+        enc = encode(tok, prefix, text, 40)
+        with torch.no_grad():  # the full forward pass, one text at a time
+            ref = token_nll(model, collate([enc], tok.pad_token_id))[0].double().numpy()
+        assert nll.shape == ref.shape and np.allclose(nll, ref, atol=1e-4), (prefix, text)

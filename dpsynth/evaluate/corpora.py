@@ -73,7 +73,7 @@ def zero_shot_corpus(path: Path, model_cfg, dataset: str, labels: list[str], n: 
     if path.is_file() and meta_path.is_file() and json.loads(meta_path.read_text()) == meta:
         return read_corpus(path)
     model, tok, _ = load_base(model_cfg)
-    model.eval()
+    model.eval().requires_grad_(False)  # nothing here trains; a frozen head lets sharpening score from the prompt's cache
     torch.manual_seed(params.seed)
     prompts = {lab: format_prefix(prompt, dataset, lab) if prompt else  # the run's own conditioning prompt by default
                render(model_cfg, tok, dataset=dataset, conditions=(schema or SHORTHAND).conditions(lab),

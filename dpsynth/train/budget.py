@@ -2,8 +2,9 @@
 
 The whole run is planned before training starts: a probe measures, on PUBLIC dummy tokens of the planned shape (the
 conditioning prompt and random token ids, as long as the DP length histogram says the texts are), one DP step's
-forward/backward, the generation speed and the scoring speed, where a training worker runs (a Ray task with a
-worker's resources). From those, sampling (candidates x expected length), label sharpening and the evaluation are
+forward/backward, a decode step at the sampler's batch and at a quarter of it, and the scoring speed, where a training
+worker runs (a Ray task with a worker's resources). From those, sampling (each label's batches, each run to the cap
+on new tokens, as a batch waits on its longest text), label sharpening and the evaluation are
 estimated first, and training gets what is left, never fewer than `training.min_steps` steps (a small dataset gets
 more epochs, not fewer steps). Nothing private is timed: a step time measured on the private batch would make the
 number of steps a function of the data. When even the floor does not fit, the corpus is scaled down (and the log
@@ -265,7 +266,9 @@ def plan_run(cfg: JobConfig, speeds: Speeds, *, prompt_tokens: int, text_tokens:
     def later(num_examples: int, zero_shot_examples: int, attack_examples: int) -> dict[str, float]:
         candidates = math.ceil(num_examples / s.keep_rate)
         zero_shot = math.ceil(zero_shot_examples / s.keep_rate) if zero_shot_examples else 0
-        sharpen = (candidates + zero_shot) * labels * (prompt_tokens + per_candidate) / speeds.score_tokens_per_s \
+        # every candidate scored under every label's prompt; a prompt runs once, its texts from its cache
+        # (prefixlm.score_after_prefix): a text's tokens and its EOS
+        sharpen = (candidates + zero_shot) * labels * (per_candidate + 1) / speeds.score_tokens_per_s \
             if s.keep_rate < 1 else 0.0
         attacks = ATTACK_PASSES * attack_examples * (prompt_tokens + text_tokens) / speeds.score_tokens_per_s
         return {"sampling": generation_s(speeds, candidates, shares, s.batch_size, new_tokens) + sharpen * candidates /
