@@ -76,6 +76,19 @@ def test_generation_is_costed_a_batch_at_a_time_to_the_cap():
     assert short.estimates_s["sampling"] == long_.estimates_s["sampling"]  # short texts in a batch still wait on the cap
 
 
+def test_the_evaluation_on_long_real_texts_is_planned_before_the_steps():
+    """The classifiers trained on the real data take longer on 900 news articles than on 3,500 questions: the plan
+    counts the real training tokens (N and the DP length histogram, both public) and gives training less."""
+    from dpsynth.train.budget import EVAL_PER_REAL_TOKEN_S
+
+    cfg = load_config(None, ["training.time_budget=15m"])
+    kw = dict(prompt_tokens=34, text_tokens=25, labels=9, new_tokens=25)
+    questions, news = (plan_run(cfg, Speeds(5.0, 300.0, 1000.0), **kw, real_tokens=t) for t in (45_000, 630_000))
+    assert news.estimates_s["evaluation"] - questions.estimates_s["evaluation"] == pytest.approx(
+        EVAL_PER_REAL_TOKEN_S * 585_000)
+    assert news.steps < questions.steps and sum(news.estimates_s.values()) <= 900
+
+
 def test_the_plan_reads_the_machine_speed_on_a_coarse_grid():
     from dpsynth.train.budget import coarse
 

@@ -32,6 +32,12 @@ and without the time before the plan, let a 15-minute SMS plan run 16.6 minutes.
 EVAL_FIXED_S = 60.0
 """Classifiers, MAUVE, the DP-SGD baseline and the corpus attacks of the default evaluation, the zero-shot corpus
 aside: 47 s on Rotten Tomatoes, 40 s on SMS (2-core VM, 2026-12-01, evaluation.json timings_s), rounded up."""
+EVAL_PER_REAL_TOKEN_S = 1.5e-4
+"""The evaluation's classifiers trained on the real data (the TF-IDF tuning grid, the utility table) grow with the
+real training texts: their tuning + utility seconds were about 45 + 1.2e-4 x (train texts x mean tokens, uncut) on
+questions (45k tokens: 49-55 s), SMS (84k: 36-48 s), Rotten Tomatoes (250k: 37-56 s) and news (630k: 97-135 s)
+(2-core VM, 2026-12-03/04, evaluation.json timings_s); rounded up. A news run that counted none of it ran 908 s on a
+900 s plan."""
 ATTACK_PASSES = 6
 """Forward passes per attack example in `dpsynth run`'s audit: the loss attack scores the records of attack_examples
 member and as many non-member units, each with and without the adapter (4), and the corpus attacks embed them (~2).
@@ -255,9 +261,10 @@ def generation_s(speeds: Speeds, texts: int, label_shares: Sequence[float], batc
 
 
 def plan_run(cfg: JobConfig, speeds: Speeds, *, prompt_tokens: int, text_tokens: float, labels: int,
-             new_tokens: int, label_shares: Sequence[float] | None = None) -> RunPlan:
+             new_tokens: int, label_shares: Sequence[float] | None = None, real_tokens: float = 0.0) -> RunPlan:
     """Steps and corpus size that fit `training.time_budget` (see the module docstring). `label_shares`: each
-    label's share of the corpus (public: the DP label histogram or uniform); uniform when None."""
+    label's share of the corpus (public: the DP label histogram or uniform); uniform when None. `real_tokens`: the
+    real training texts' tokens, uncut (public: the training units times the DP length histogram's mean)."""
     budget = cfg.training.time_budget
     s, ev = cfg.sampling, cfg.evaluation
     per_candidate = min(float(new_tokens), text_tokens)
@@ -274,7 +281,7 @@ def plan_run(cfg: JobConfig, speeds: Speeds, *, prompt_tokens: int, text_tokens:
         return {"sampling": generation_s(speeds, candidates, shares, s.batch_size, new_tokens) + sharpen * candidates /
                 max(1, candidates + zero_shot),
                 # the zero-shot corpus splits its texts evenly over the labels (evaluate.corpora)
-                "evaluation": EVAL_FIXED_S + generation_s(speeds, zero_shot, (1.0,) * len(shares), s.batch_size,
+                "evaluation": EVAL_FIXED_S + EVAL_PER_REAL_TOKEN_S * real_tokens + generation_s(speeds, zero_shot, (1.0,) * len(shares), s.batch_size,
                                                           new_tokens) + attacks +
                 sharpen * zero_shot / max(1, candidates + zero_shot)}
 

@@ -247,7 +247,9 @@ class TrainJob:
             shares = [float(mix.get(label, 0.0)) for label in ctx.splits.labels] if mix else None
             try:
                 run_plan = plan_run(cfg, speeds, prompt_tokens=prompt_tokens, text_tokens=text,
-                                    labels=len(ctx.splits.labels), new_tokens=new_tokens, label_shares=shares)
+                                    labels=len(ctx.splits.labels), new_tokens=new_tokens, label_shares=shares,
+                                    real_tokens=n * (mean_text_tokens(ctx.length_distribution, 1 << 30)
+                                                     if ctx.length_distribution else text))
             except UserError as e:  # nothing trained: close the run (the histograms it released stay spent)
                 ctx.run.abandon()
                 raise UserError(f"{e}; the DP length histogram that measured this stays charged "
