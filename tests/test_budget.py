@@ -108,8 +108,10 @@ def test_expected_length_reads_the_dp_histogram():
 def test_auto_steps_are_planned_charged_and_recorded(tiny_job, tmp_path):
     """Through the CLI: the plan is logged before training, the certificate's steps are the planned ones (admitted
     after the DP length histogram), and the owner's config records them so a resume or an audit repeats them."""
+    # 10 minutes: the plan's start-up (110 s) and the evaluation's fixed 60 s are a real run's, and on two busy cores
+    # the tiny model's sampling (nucleus over a 49k vocabulary, costed at the cap) read 72 s; 5 minutes was refused
     job = [o for o in tiny_job if not o.startswith(("training.steps", "model.max_length"))] + [
-        "training.steps=auto", "training.time_budget=300", "training.min_steps=3", "training.max_steps=6", "model.max_length=auto",
+        "training.steps=auto", "training.time_budget=600", "training.min_steps=3", "training.max_steps=6", "model.max_length=auto",
         "sampling.max_new_tokens=auto"]
     res = subprocess.run([sys.executable, "-m", "dpsynth", "train", "--quiet", *[a for o in job for a in ("--set", o)]],
                          capture_output=True, text=True, timeout=900)
