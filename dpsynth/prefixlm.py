@@ -205,7 +205,7 @@ def score_texts(model, tok, items: Sequence[tuple[str, str]], max_length: int, b
     """Per-token NLL of each `text` given its `prefix` (text tokens then EOS), batched by similar length. The texts
     of one prefix share its forward pass (`score_after_prefix`) where the model is one whose cache we know."""
     out: list[np.ndarray] = [np.zeros(0)] * len(items)
-    if lean_head(model) is not None:
+    if lean_head(model) is not None and all(prefix for prefix, _ in items):  # an empty prompt has no cache to share
         by_prefix: dict[str, list[int]] = {}
         for i, (prefix, _) in enumerate(items):
             by_prefix.setdefault(prefix, []).append(i)

@@ -89,6 +89,18 @@ def test_the_evaluation_on_long_real_texts_is_planned_before_the_steps():
     assert news.steps < questions.steps and sum(news.estimates_s.values()) <= 900
 
 
+def test_sharpening_is_planned_by_what_scoring_runs():
+    """Scoring from a prompt's cache costs the text's tokens; a model without that path pays the prompt per text.
+    A declared label mix that names none of the labels is planned uniform (the sampler refuses it later)."""
+    cfg = load_config(None, ["training.time_budget=1h", "sampling.num_examples=200", "sampling.keep_rate=0.5"])
+    kw = dict(prompt_tokens=34, text_tokens=15, labels=6, new_tokens=24)
+    cached, uncached = (plan_run(cfg, Speeds(5.0, 300.0, 1000.0, prompt_cached=c), **kw) for c in (True, False))
+    # the corpus's 400 candidates x 6 labels, each also paying its 34 prompt tokens at 1000 tokens/s
+    assert uncached.estimates_s["sampling"] - cached.estimates_s["sampling"] == pytest.approx(400 * 6 * 34 / 1000)
+    odd = plan_run(cfg, Speeds(5.0, 300.0, 1000.0), **kw, label_shares=[0.0] * 6)
+    assert odd.estimates_s == plan_run(cfg, Speeds(5.0, 300.0, 1000.0), **kw).estimates_s
+
+
 def test_the_plan_reads_the_machine_speed_on_a_coarse_grid():
     from dpsynth.train.budget import coarse
 

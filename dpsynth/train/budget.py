@@ -74,6 +74,9 @@ class Speeds:
     score_tokens_per_s: float
     generate_step_fixed_s: float = 0.0
     """A decode step's cost whatever its rows (the weights read, the kernels' start)."""
+    prompt_cached: bool = True
+    """Whether scoring runs each prompt once (prefixlm.score_after_prefix: a lean, frozen head); else every scored
+    text pays for its prompt too."""
 
     def decode_step_s(self, rows: int) -> float:
         return self.generate_step_fixed_s + rows / self.generate_tokens_per_s
@@ -135,7 +138,7 @@ def coarse(speeds: Speeds) -> Speeds:
         return 2.0 ** (round(math.log2(max(x, 1e-9)) * 8) / 8)
 
     return Speeds(q(speeds.step_s), q(speeds.generate_tokens_per_s), q(speeds.score_tokens_per_s),
-                  q(speeds.generate_step_fixed_s) if speeds.generate_step_fixed_s > 0 else 0.0)
+                  q(speeds.generate_step_fixed_s) if speeds.generate_step_fixed_s > 0 else 0.0, speeds.prompt_cached)
 
 
 def dummy_rows(tok, head: list[int], tokens: int, batch: int) -> list:
@@ -170,7 +173,7 @@ def probe(cfg_json: dict, prompt: str, tokens: int, batch: int) -> Speeds:
     import torch
 
     from dpsynth.models import load_base, wrap_lora
-    from dpsynth.prefixlm import collate
+    from dpsynth.prefixlm import collate, lean_head
     from dpsynth.sample.engines import GenParams, TransformersEngine
     from dpsynth.train.step import DPLoRAStep
 
@@ -194,10 +197,10 @@ def probe(cfg_json: dict, prompt: str, tokens: int, batch: int) -> Speeds:
     # last batch is smaller)
     big = cfg.sampling.batch_size
     small = max(1, big // 4)
-    t_big, t_small = (decode_step_timing(engine, head, n, GENERATE_PROBE_TOKENS) for n in (big, small))
+    t_big, t_small = (decode_step_timing(engine, head, n, GENERATE_PROBE_TOKENS, cfg.sampling) for n in (big, small))
     per_row = (t_big - t_small) / (big - small) if big > small else 0.0
-    if per_row <= 0:  # timing noise (or a batch of one): all of the step taken as per-row cost
-        gen_tps, fixed = big / t_big, 0.0
+    if per_row <= 0:  # no cost per row to see (a GPU; timing noise): every batch, however small, costs a full one
+        gen_tps, fixed = 1e12, max(t_big, t_small)
     else:
         gen_tps, fixed = 1.0 / per_row, max(0.0, t_big - big * per_row)
     with torch.inference_mode():
@@ -205,19 +208,21 @@ def probe(cfg_json: dict, prompt: str, tokens: int, batch: int) -> Speeds:
         t0 = time.perf_counter()
         model(input_ids=batch_ids.input_ids, attention_mask=batch_ids.attention_mask)
         score_tps = batch * tokens / (time.perf_counter() - t0)
-    return Speeds(step_s, gen_tps, score_tps, fixed)
+    return Speeds(step_s, gen_tps, score_tps, fixed, lean_head(model) is not None)
 
 
-def decode_step_timing(engine, head: list[int], rows: int, steps: int) -> float:
+def decode_step_timing(engine, head: list[int], rows: int, steps: int, sampling) -> float:
     """Seconds a decode step of `rows` copies of the prompt `head` takes in `engine` (prefill included, spread over
-    `steps` forced steps: no row may stop early, an untrained model's EOS would shorten the batch)."""
+    `steps` forced steps: no row may stop early, an untrained model's EOS would shorten the batch), with the
+    sampler's temperature and nucleus (top-p sorts the vocabulary of every row at every step)."""
     import torch
 
     ids = torch.tensor([head] * rows, device=engine.model.device)
     t0 = time.perf_counter()
     with torch.inference_mode():
         engine.model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=steps,
-                              min_new_tokens=steps, do_sample=True, top_k=0, pad_token_id=engine.tok.pad_token_id)
+                              min_new_tokens=steps, do_sample=True, top_k=0, temperature=max(sampling.temperature, 1e-3),
+                              top_p=sampling.top_p, pad_token_id=engine.tok.pad_token_id)
     return (time.perf_counter() - t0) / steps
 
 
@@ -244,17 +249,20 @@ def mean_text_tokens(length_distribution: dict[str, float] | None, text_tokens: 
     return min(float(text_tokens), max(1.0, mean))
 
 
-def generation_s(speeds: Speeds, texts: int, label_shares: Sequence[float], batch: int, new_tokens: int) -> float:
-    """Seconds to generate `texts` texts split over labels by `label_shares`. The sampler batches each label apart,
+def generation_s(speeds: Speeds, texts: int, label_shares: Sequence[float], batch: int, new_tokens: int,
+                 keep_rate: float = 1.0) -> float:
+    """Seconds to generate `texts` kept texts split over labels by `label_shares`, each label's ceil(count /
+    keep_rate) candidates (as the sampler and the zero-shot corpus draw them). The sampler batches each label apart,
     `batch` rows at a time, and a batch runs until its longest text ends: taken at `new_tokens`, the cap (a bound;
     in a batch of dozens the longest text is about the cap: the SMS adapter's batches ran at half the speed that
     counting the texts' mean length had planned, 2026-12-03)."""
     from dpsynth.sample.corpus import label_counts
+    from dpsynth.sample.sharpen import candidates_needed
 
     names = tuple(str(i) for i in range(len(label_shares)))
     counts = label_counts(names, dict(zip(names, label_shares)), texts).values() if texts else ()
     steps = 0.0
-    for count in counts:
+    for count in (candidates_needed(c, keep_rate) for c in counts):
         full, rest = divmod(count, batch)
         steps += full * speeds.decode_step_s(batch) + (speeds.decode_step_s(rest) if rest else 0.0)
     return new_tokens * steps
@@ -268,21 +276,24 @@ def plan_run(cfg: JobConfig, speeds: Speeds, *, prompt_tokens: int, text_tokens:
     budget = cfg.training.time_budget
     s, ev = cfg.sampling, cfg.evaluation
     per_candidate = min(float(new_tokens), text_tokens)
-    shares = tuple(label_shares) if label_shares else (1.0,) * max(1, labels)
+    # no weight on any label (a declared mix naming none of them, refused later by the sampler): plan it uniform
+    shares = tuple(label_shares) if label_shares and sum(label_shares) > 0 else (1.0,) * max(1, labels)
 
     def later(num_examples: int, zero_shot_examples: int, attack_examples: int) -> dict[str, float]:
         candidates = math.ceil(num_examples / s.keep_rate)
         zero_shot = math.ceil(zero_shot_examples / s.keep_rate) if zero_shot_examples else 0
         # every candidate scored under every label's prompt; a prompt runs once, its texts from its cache
-        # (prefixlm.score_after_prefix): a text's tokens and its EOS
-        sharpen = (candidates + zero_shot) * labels * (per_candidate + 1) / speeds.score_tokens_per_s \
+        # (prefixlm.score_after_prefix): a text's tokens and its EOS (and the prompt, where the model has no cache path)
+        scored = per_candidate + 1 + (0 if speeds.prompt_cached else prompt_tokens)
+        sharpen = (candidates + zero_shot) * labels * scored / speeds.score_tokens_per_s \
             if s.keep_rate < 1 else 0.0
         attacks = ATTACK_PASSES * attack_examples * (prompt_tokens + text_tokens) / speeds.score_tokens_per_s
-        return {"sampling": generation_s(speeds, candidates, shares, s.batch_size, new_tokens) + sharpen * candidates /
+        return {"sampling": generation_s(speeds, num_examples, shares, s.batch_size, new_tokens, s.keep_rate) +
+                sharpen * candidates /
                 max(1, candidates + zero_shot),
                 # the zero-shot corpus splits its texts evenly over the labels (evaluate.corpora)
-                "evaluation": EVAL_FIXED_S + EVAL_PER_REAL_TOKEN_S * real_tokens + generation_s(speeds, zero_shot, (1.0,) * len(shares), s.batch_size,
-                                                          new_tokens) + attacks +
+                "evaluation": EVAL_FIXED_S + EVAL_PER_REAL_TOKEN_S * real_tokens + generation_s(
+                    speeds, zero_shot_examples, (1.0,) * len(shares), s.batch_size, new_tokens, s.keep_rate) + attacks +
                 sharpen * zero_shot / max(1, candidates + zero_shot)}
 
     sizes = {"num_examples": s.num_examples, "zero_shot_examples": ev.zero_shot_examples,
