@@ -285,16 +285,14 @@ def plan_run(cfg: JobConfig, speeds: Speeds, *, prompt_tokens: int, text_tokens:
         # every candidate scored under every label's prompt; a prompt runs once, its texts from its cache
         # (prefixlm.score_after_prefix): a text's tokens and its EOS (and the prompt, where the model has no cache path)
         scored = per_candidate + 1 + (0 if speeds.prompt_cached else prompt_tokens)
-        sharpen = (candidates + zero_shot) * labels * scored / speeds.score_tokens_per_s \
-            if s.keep_rate < 1 else 0.0
+        sharpen_each = labels * scored / speeds.score_tokens_per_s if s.keep_rate < 1 else 0.0
         attacks = ATTACK_PASSES * attack_examples * (prompt_tokens + text_tokens) / speeds.score_tokens_per_s
-        return {"sampling": generation_s(speeds, num_examples, shares, s.batch_size, new_tokens, s.keep_rate) +
-                sharpen * candidates /
-                max(1, candidates + zero_shot),
+        return {"sampling": generation_s(speeds, num_examples, shares, s.batch_size, new_tokens, s.keep_rate)
+                + candidates * sharpen_each,
                 # the zero-shot corpus splits its texts evenly over the labels (evaluate.corpora)
-                "evaluation": EVAL_FIXED_S + EVAL_PER_REAL_TOKEN_S * real_tokens + generation_s(
-                    speeds, zero_shot_examples, (1.0,) * len(shares), s.batch_size, new_tokens, s.keep_rate) + attacks +
-                sharpen * zero_shot / max(1, candidates + zero_shot)}
+                "evaluation": EVAL_FIXED_S + EVAL_PER_REAL_TOKEN_S * real_tokens + attacks
+                + generation_s(speeds, zero_shot_examples, (1.0,) * len(shares), s.batch_size, new_tokens, s.keep_rate)
+                + zero_shot * sharpen_each}
 
     sizes = {"num_examples": s.num_examples, "zero_shot_examples": ev.zero_shot_examples,
              "attack_examples": ev.attack_examples}
